@@ -1,0 +1,1 @@
+"""mmserve's stateless API tier, and the in-process Python API."""

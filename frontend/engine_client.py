@@ -1,0 +1,143 @@
+"""The frontend's connection to one engine core: send requests, stream their TokenOutputs back.
+
+Liveness comes from the engine's heartbeats: silence for `engine_dead_after_s` marks the engine
+dead, fails every in-flight stream with EngineUnavailable (-> 503) and flips /health to 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import zmq.asyncio
+
+from frontend import env
+from frontend.errors import EngineUnavailable, RequestError
+from protocol.addresses import LOOPBACK, tcp
+from protocol.messages import (
+    Abort,
+    EngineStats,
+    ErrorMsg,
+    GenerateRequest,
+    Heartbeat,
+    Hello,
+    Ready,
+    TokenOutput,
+    TokenOutputs,
+)
+from protocol.sockets import AsyncReceiver, AsyncSender
+
+log = logging.getLogger(__name__)
+
+
+class EngineClient:
+    def __init__(self, engine_addr: str, host: str = LOOPBACK):
+        self.frontend_id = f"frontend-{uuid.uuid4().hex[:8]}"
+        self.ctx = zmq.asyncio.Context()
+        self.reply_to = tcp(host)
+        self.receiver = AsyncReceiver(self.ctx, self.reply_to, bind=True)
+        self.sender = AsyncSender(self.ctx, engine_addr, bind=False)
+        self.dead_after = env.engine_dead_after_s()
+        self.ready: Ready | None = None
+        self.stats = EngineStats()
+        self.last_beat = 0.0
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.ready_event = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._recv_loop(), name="engine-recv"),
+            asyncio.create_task(self._liveness_loop(), name="engine-liveness"),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self.receiver.close()
+        self.sender.close()
+        self.ctx.term()
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready is not None and time.monotonic() - self.last_beat < self.dead_after
+
+    async def wait_ready(self, timeout: float | None = None) -> Ready:
+        await asyncio.wait_for(self.ready_event.wait(), timeout)
+        assert self.ready is not None
+        return self.ready
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        """Yields the request's outputs until one has a finish_reason. Leaving early (client gone,
+        stop string hit) aborts the request in the engine, which frees its KV blocks."""
+        if not self.healthy:
+            raise EngineUnavailable("engine is not available")
+        q: asyncio.Queue = asyncio.Queue()
+        self.streams[req.request_id] = q
+        finished = False
+        try:
+            await self.sender.send(req)
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            self.streams.pop(req.request_id, None)
+            if not finished:
+                await self.abort([req.request_id])
+
+    async def abort(self, request_ids: list[str]) -> None:
+        if request_ids and self.ready is not None:
+            await self.sender.send(Abort(request_ids))
+
+    # -- background tasks -------------------------------------------------------------------
+
+    async def _recv_loop(self) -> None:
+        while True:
+            msg, _ = await self.receiver.recv()
+            if isinstance(msg, TokenOutputs):
+                for out in msg.outputs:
+                    q = self.streams.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(out)
+            elif isinstance(msg, Heartbeat):
+                self.last_beat = time.monotonic()
+                self.stats = msg.stats
+            elif isinstance(msg, ErrorMsg):
+                q = self.streams.get(msg.request_id)
+                if q is not None:
+                    err = (RequestError(msg.message) if 400 <= msg.status < 500
+                           else EngineUnavailable(msg.message))
+                    q.put_nowait(err)
+            elif isinstance(msg, Ready):
+                self.ready = msg
+                self.last_beat = time.monotonic()
+                self.ready_event.set()
+                log.info("engine %s ready (%s, max_model_len=%d)", msg.engine_id, msg.model,
+                         msg.max_model_len)
+
+    async def _liveness_loop(self) -> None:
+        """Say Hello until the engine answers (and again if it goes silent); fail streams on death."""
+        step = min(0.1, self.dead_after / 4)
+        last_hello = 0.0
+        while True:
+            now = time.monotonic()
+            alive = now - self.last_beat < self.dead_after
+            if (self.ready is None or not alive) and now - last_hello > 0.5:
+                await self.sender.send(Hello(frontend_id=self.frontend_id, reply_to=self.reply_to))
+                last_hello = now
+            if self.ready is not None and not alive and self.streams:
+                log.error("engine silent for %.1fs: failing %d requests", now - self.last_beat,
+                          len(self.streams))
+                for q in self.streams.values():
+                    q.put_nowait(EngineUnavailable("engine stopped responding"))
+            await asyncio.sleep(step)

@@ -1,0 +1,28 @@
+"""Every environment variable mmserve reads, in one place (prefix MMSERVE_)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MMSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mmserve"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def log_level() -> str:
+    return os.environ.get("MMSERVE_LOG_LEVEL", "INFO").upper()
+
+
+def heartbeat_interval_s() -> float:
+    return float(os.environ.get("MMSERVE_HEARTBEAT_INTERVAL", "0.2"))
+
+
+def engine_dead_after_s() -> float:
+    """No heartbeat for this long => the engine is considered dead (health 503, requests fail)."""
+    return float(os.environ.get("MMSERVE_ENGINE_TIMEOUT", "1.0"))

@@ -1,0 +1,137 @@
+"""Builds small random-weight checkpoints in the Hugging Face layout, offline.
+
+They serve two purposes: the placeholder default model of `mmserve serve` (until the trained demo
+model lands; its outputs are random text and it says so in its config), and the tiny models that the
+parity tests compare against transformers. The tokenizer is a byte-level BPE trained in about a
+second, so any UTF-8 text (emoji, CJK) round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if not (loop.last and continue_final_message) %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. A serving system answers requests.
+Hello world! How are you today? I am fine, thank you. What is the capital of France? Paris.
+Tokens, blocks, caches and schedulers: continuous batching keeps the accelerator busy.
+def main(): return 42  # code is text too
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000; punctuation , . ; : ! ? ' " ( ) [ ] { }
+Über café naïve — “quotes” 你好世界 こんにちは 🙂🚀
+"""
+
+DEFAULT_RANDOM_MODEL = "mmserve-random-llama"
+
+
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384) -> None:
+    """Train a byte-level BPE and save it as a transformers fast tokenizer with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def build_random_checkpoint(
+    out_dir: str | os.PathLike,
+    arch: str = "llama",
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+    std: float = 0.15,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **config_overrides,
+) -> Path:
+    """Write a tiny random `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM` checkpoint.
+
+    Weights are drawn with ``std`` (0.1-0.2): the HF default init gives near-tied logits, which
+    makes greedy parity flaky, while 0.3+ collapses generation into one repeated token.
+    """
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    config = config_cls(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **config_overrides,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
+        "This checkpoint has random weights: it produces arbitrary text.\n"
+    )
+    return out
+
+
+def default_model_path() -> Path:
+    """The random placeholder model, created on first use under the mmserve cache folder."""
+    from frontend.env import cache_dir
+
+    path = cache_dir() / DEFAULT_RANDOM_MODEL
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_random_checkpoint(tmp, num_layers=2, hidden_size=128, intermediate_size=256)
+        meta = {"note": "random weights, placeholder default model of mmserve"}
+        (tmp / "mmserve_model.json").write_text(json.dumps(meta))
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race; use its copy
+            pass
+    return path

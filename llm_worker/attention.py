@@ -1,0 +1,69 @@
+"""Paged attention: the per-step metadata and the pluggable backend that consumes it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    """What every attention layer of one step needs; built once per step by the runner."""
+
+    # [num_tokens] int64: block_id * block_size + offset, where each new token's K/V is written
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
+    # [num_seqs] int32: context length of each seq AFTER this step (cached + new)
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32 (padded)
+    query_start_loc_cpu: list[int]  # query_start_loc as a python list, for the reference loop
+    seq_lens_cpu: list[int]  # seq_lens as a python list
+    max_query_len: int
+    max_seq_len: int
+
+
+class AttentionBackend(ABC):
+    """Writes a step's new K/V into the paged cache, then attends over it.
+
+    One instance is shared by every layer; per-layer state lives in the kv_cache tensor passed in,
+    whose layout is [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
+    """
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Causal attention of each sequence's new tokens over its whole cached context.
+
+        The new tokens are the last q_len of each sequence's seq_len tokens; their K/V are
+        written at `meta.slot_mapping` before attending, so they see themselves.
+        """
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """The pure-torch reference: SDPA over each sequence's gathered blocks (CPU serving)."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        reference.write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        return reference.paged_attention(query, kv_cache, meta, scale)
+
+
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}

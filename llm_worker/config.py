@@ -1,0 +1,66 @@
+"""Configuration of the decoder role (engine core + executor + TP workers)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LLMWorkerConfig:
+    model: str  # local Hugging Face checkpoint folder
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb / GPU free memory
+    kv_cache_memory_gb: float = 1.0  # CPU only: memory for the KV cache
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    tensor_parallel_size: int = 1
+    executor: str = "uni"
+    attention_backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model: no config.json in {self.model!r} (a local HF checkpoint folder)")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be >= block_size")
+        if self.block_size not in (8, 16, 32, 64):
+            raise ValueError("block_size must be 8, 16, 32 or 64")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be auto or one of {DTYPES}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 needs the mp/ray executors (not yet built)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+    def hf_config_dict(self) -> dict:
+        return json.loads((Path(self.model) / "config.json").read_text())
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+    def resolved_max_model_len(self) -> int:
+        if self.max_model_len is not None:
+            return self.max_model_len
+        cfg = self.hf_config_dict()
+        cfg = cfg.get("text_config", cfg)
+        return int(cfg.get("max_position_embeddings", 2048))

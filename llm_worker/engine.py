@@ -1,0 +1,222 @@
+"""The engine core: scheduler + executor, and the busy loop that serves them over ZeroMQ.
+
+`EngineCore` is synchronous and socket-free (the offline `LLM` drives it directly);
+`EngineCoreProc` wraps it in the three-step loop: drain inputs, step, emit. Sockets live on
+two IO threads, so the loop never blocks on the network and the forward pass never waits on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import zmq
+
+from llm_worker.config import LLMWorkerConfig
+from llm_worker.executor import make_executor
+from llm_worker.kv_blocks import KVBlockManager
+from llm_worker.request import Request
+from llm_worker.scheduler import Scheduler, SchedulerConfig
+from protocol.messages import (
+    Abort,
+    EngineStats,
+    ErrorMsg,
+    GenerateRequest,
+    Heartbeat,
+    Hello,
+    Ready,
+    Shutdown,
+    TokenOutput,
+    TokenOutputs,
+)
+from protocol.sockets import Receiver, Sender
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: LLMWorkerConfig):
+        self.config = config
+        self.executor = make_executor(config)
+        self.max_model_len = self.executor.max_model_len
+        self.vocab_size = self.executor.vocab_size
+        num_blocks = self.executor.num_available_blocks()
+        self.executor.init_kv_cache(num_blocks)
+        self.kv = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                block_size=config.block_size,
+            ),
+            self.kv,
+        )
+
+    def validate(self, msg: GenerateRequest) -> str | None:
+        """Defence in depth: the frontend already validated, but the engine trusts no peer."""
+        n = len(msg.prompt_token_ids)
+        if n == 0:
+            return "prompt is empty"
+        if n >= self.max_model_len:
+            return f"prompt has {n} tokens; the maximum context length is {self.max_model_len}"
+        if any(t < 0 or t >= self.vocab_size for t in msg.prompt_token_ids):
+            return f"prompt token ids must be in [0, {self.vocab_size})"
+        if msg.sampling.max_tokens < 1:
+            return "max_tokens must be >= 1"
+        return None
+
+    def add_request(self, msg: GenerateRequest) -> str | None:
+        """Queue a request; returns an error message instead when it can't be served."""
+        err = self.validate(msg)
+        if err is None:
+            self.scheduler.add_request(Request.from_msg(msg))
+        return err
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[TokenOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.executor.execute(out)
+        return self.scheduler.update_from_output(out, result)
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+class EngineCoreProc:
+    """Serves one EngineCore: GenerateRequest/Abort/Hello in, TokenOutputs/Heartbeat out."""
+
+    def __init__(self, config: LLMWorkerConfig, input_addr: str, heartbeat_s: float = 0.2):
+        self.engine_id = f"engine-{uuid.uuid4().hex[:8]}"
+        self.core = EngineCore(config)
+        self.model_name = config.model
+        self.heartbeat_s = heartbeat_s
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        self.frontends: set[str] = set()  # reply_to addresses that said Hello
+        self.owner: dict[str, str] = {}  # request_id -> reply_to
+        self.ctx = zmq.Context()
+        self.running = True
+        # Bind before announcing readiness so no early message is lost.
+        self.receiver = Receiver(self.ctx, input_addr, bind=True)
+        threading.Thread(target=self._recv_loop, name="engine-in", daemon=True).start()
+        threading.Thread(target=self._send_loop, name="engine-out", daemon=True).start()
+
+    # -- IO threads (own their sockets; the busy loop only touches queues) -----------------
+
+    def _recv_loop(self) -> None:
+        while self.running:
+            got = self.receiver.recv(timeout_ms=100)
+            if got is not None:
+                self.inbox.put(got[0])
+
+    def _send_loop(self) -> None:
+        senders: dict[str, Sender] = {}
+        while True:
+            item = self.outbox.get()
+            if item is None:
+                break
+            addr, msg = item
+            if addr not in senders:
+                senders[addr] = Sender(self.ctx, addr, bind=False)
+            senders[addr].send(msg)
+        for s in senders.values():
+            s.close()
+
+    # -- busy loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("%s serving %s", self.engine_id, self.model_name)
+        next_beat = 0.0
+        while self.running:
+            self._drain_inputs(block=not self.core.has_work())
+            outputs = self.core.step() if self.core.has_work() else []
+            self._emit(outputs)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat(now)
+                next_beat = now + self.heartbeat_s
+        self.outbox.put(None)
+
+    def _drain_inputs(self, block: bool) -> None:
+        try:
+            if block:
+                self._handle(self.inbox.get(timeout=self.heartbeat_s))
+            while True:
+                self._handle(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, GenerateRequest):
+            if msg.request_id in self.owner:
+                err = f"duplicate request id {msg.request_id}"
+            else:
+                err = self.core.add_request(msg)
+            if err is not None:
+                log.info("rejected %s: %s", msg.request_id, err)
+                self.outbox.put((msg.reply_to, ErrorMsg(msg.request_id, 400, err)))
+            else:
+                self.owner[msg.request_id] = msg.reply_to
+        elif isinstance(msg, Abort):
+            ids = [r for r in msg.request_ids if r in self.owner]
+            self.core.abort(ids)
+            for r in ids:
+                del self.owner[r]
+            if ids:
+                log.info("aborted %s", ",".join(ids))
+        elif isinstance(msg, Hello):
+            self.frontends.add(msg.reply_to)
+            self.outbox.put((msg.reply_to, self._ready()))
+        elif isinstance(msg, Shutdown):
+            self.running = False
+        else:
+            log.warning("unexpected %s on the engine input", type(msg).__name__)
+
+    def _ready(self) -> Ready:
+        return Ready(
+            engine_id=self.engine_id,
+            model=self.model_name,
+            max_model_len=self.core.max_model_len,
+            vocab_size=self.core.vocab_size,
+            num_total_blocks=self.core.kv.num_total_blocks,
+            block_size=self.core.config.block_size,
+        )
+
+    def _emit(self, outputs: list[TokenOutput]) -> None:
+        by_dest: dict[str, list[TokenOutput]] = {}
+        for o in outputs:
+            dest = self.owner.get(o.request_id)
+            if dest is None:
+                continue
+            by_dest.setdefault(dest, []).append(o)
+            if o.finish_reason is not None:
+                del self.owner[o.request_id]
+        for dest, outs in by_dest.items():
+            self.outbox.put((dest, TokenOutputs(outs)))
+
+    def _heartbeat(self, now: float) -> None:
+        beat = Heartbeat(self.engine_id, time.time(), self.core.stats())
+        for dest in self.frontends:
+            self.outbox.put((dest, beat))
+
+
+def run_engine_core(config: LLMWorkerConfig, input_addr: str) -> None:
+    proc = EngineCoreProc(config, input_addr)
+    try:
+        proc.run()
+    finally:
+        proc.core.shutdown()

@@ -1,0 +1,24 @@
+"""RMSNorm module over the kernel reference (fused residual add when a residual is passed)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import reference
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        # Replicated on every rank; uninitialised because the checkpoint overwrites it.
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)  # [hidden]
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        residual: torch.Tensor | None = None,  # [T, hidden]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x), or (norm(x + residual), x + residual) when a residual is given."""
+        return reference.rms_norm(x, self.weight, self.eps, residual)

@@ -1,0 +1,130 @@
+"""Sampling on the device: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+
+The batch's parameters become [N] tensors once per step, so every rule is one vectorised op
+over the whole batch instead of a Python loop over requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from protocol.messages import Sampling, TokenLogprobs
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs of one request this step."""
+
+    params: Sampling
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None  # set when the request has a seed
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.device = device
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        # logits: [N, vocab] float32, one row per request that samples this step
+        logits = logits[:, : self.vocab_size].float()
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            # OpenAI semantics: logprobs of the model's distribution, before sampling transforms.
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, rows)
+        tokens = self._sample(logits, rows)
+        token_list = tokens.tolist()
+        lps: list[TokenLogprobs | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            lps = self._logprobs(raw_logprobs, tokens, rows)
+        return token_list, lps
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        p = [r.params for r in rows]
+        if all(
+            x.repetition_penalty == 1.0 and x.presence_penalty == 0.0 and x.frequency_penalty == 0.0
+            for x in p
+        ):
+            return logits
+        n, v = logits.shape
+        counts = torch.zeros(n, v, device=logits.device)  # [N, vocab] output-token counts
+        seen = torch.zeros(n, v, dtype=torch.bool, device=logits.device)  # prompt or output
+        for i, r in enumerate(rows):
+            if r.output_ids:
+                ids = torch.tensor(r.output_ids, device=logits.device)
+                counts[i].index_add_(0, ids, torch.ones(len(ids), device=logits.device))
+            if r.params.repetition_penalty != 1.0 and r.prompt_ids:
+                seen[i, torch.tensor(r.prompt_ids, device=logits.device)] = True
+        seen |= counts > 0
+        rep = self._col([x.repetition_penalty for x in p])
+        # HF/vLLM rule: divide positive logits, multiply negative ones, for tokens already seen.
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+        logits = logits - self._col([x.frequency_penalty for x in p]) * counts
+        logits = logits - self._col([x.presence_penalty for x in p]) * (counts > 0).float()
+        return logits
+
+    def _col(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        greedy_tokens = logits.argmax(dim=-1)
+        temps = [r.params.temperature for r in rows]
+        if all(t < _GREEDY_EPS for t in temps):
+            return greedy_tokens
+        t = self._col([t if t >= _GREEDY_EPS else 1.0 for t in temps])
+        logits = logits / t
+        top_k = [r.params.top_k for r in rows]
+        if any(0 < k < logits.shape[1] for k in top_k):
+            k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=self.device)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        min_p = [r.params.min_p for r in rows]
+        if any(m > 0 for m in min_p):
+            floor = self._col(min_p) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < floor, 0.0)
+        top_p = [r.params.top_p for r in rows]
+        if any(p < 1.0 for p in top_p):
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            # Drop a token when the mass strictly before it already reaches top_p.
+            drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= self._col(top_p)
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a CDF search.
+        noise = torch.empty_like(probs).exponential_()
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([x < _GREEDY_EPS for x in temps], device=self.device)
+        return torch.where(is_greedy, greedy_tokens, sampled)
+
+    def _logprobs(
+        self, logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
+    ) -> list[TokenLogprobs | None]:
+        k_max = max(r.params.logprobs or 0 for r in rows)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [N]
+        ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1  # [N]
+        top_v, top_i = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
+        chosen_l, ranks_l, tok_l = chosen.tolist(), ranks.tolist(), tokens.tolist()
+        top_vl = top_v.tolist() if top_v is not None else None
+        top_il = top_i.tolist() if top_i is not None else None
+        out: list[TokenLogprobs | None] = []
+        for i, r in enumerate(rows):
+            k = r.params.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            ids = [tok_l[i]] + (top_il[i][:k] if k else [])
+            vals = [chosen_l[i]] + (top_vl[i][:k] if k else [])
+            out.append(TokenLogprobs(token_ids=ids, logprobs=vals, ranks=[ranks_l[i]]))
+        return out

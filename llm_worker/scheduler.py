@@ -1,0 +1,283 @@
+"""Continuous batching with a token budget, chunked prefill, prefix caching and preemption.
+
+Each ``schedule()`` builds one step: running requests first (a decode token, or the next chunk
+of a prefill), then waiting ones in arrival order while the budget, ``max_num_seqs`` and the KV
+cache allow. ``update_from_output()`` applies the step's result: progress, sampled tokens, stop
+checks, freeing finished requests.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from llm_worker.kv_blocks import KVBlockManager
+from llm_worker.request import Request, RequestStatus
+from llm_worker.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from protocol.messages import EngineStats, TokenOutput
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int  # token budget of one step
+    max_model_len: int
+    block_size: int = 16
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a whole prompt must fit one step, or a long one never runs.
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len when chunked prefill is off"
+            )
+
+
+def _priority(req: Request) -> int:
+    return req.arrival_order  # FCFS: older first; the newest is the first to be preempted
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVBlockManager,
+        embeddings_ready: Callable[[str], bool] | None = None,
+    ) -> None:
+        if kv.block_size != config.block_size:
+            raise ValueError(f"block_size {config.block_size} != KV manager's {kv.block_size}")
+        if kv.num_total_blocks * kv.block_size < config.max_model_len:
+            # Otherwise one max-length request could preempt everyone and still not fit.
+            raise ValueError(
+                f"KV cache holds {kv.num_total_blocks * kv.block_size} tokens, less than one "
+                f"max_model_len={config.max_model_len} request; add blocks or lower max_model_len"
+            )
+        self.config = config
+        self.kv = kv
+        self.embeddings_ready = embeddings_ready  # mm key -> embedding present on this decoder
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # sorted by _priority
+        self._finished_ids: set[str] = set()  # reported to the workers in the next output
+        self.num_preemptions = 0
+        self.num_steps = 0
+
+    # -- queue management ---------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if req.num_prompt_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {req.num_prompt_tokens} tokens, max_model_len is "
+                f"{self.config.max_model_len}"
+            )
+        ready = self.request_ready(req) >= req.num_tokens
+        req.status = RequestStatus.WAITING if ready else RequestStatus.WAITING_FOR_EMBEDDINGS
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish the known ones as aborted and free their blocks now; unknown ids are ignored."""
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self.kv.free(req)
+            req.status = RequestStatus.FINISHED_ABORTED
+            self._finished_ids.add(rid)
+            aborted.append(req)
+        return aborted
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def request_ready(self, req: Request, num_computed: int | None = None) -> int:
+        """How many of the request's tokens may be computed now: all of them, or up to the first
+        mm item whose embedding is missing. Items already in the KV (ending at or before
+        ``num_computed``, default the request's progress) need no embedding."""
+        if self.embeddings_ready is None or not req.mm_items:
+            return req.num_tokens
+        done = req.num_computed_tokens if num_computed is None else num_computed
+        for item in req.mm_items:
+            if item.offset + item.length > done and not self.embeddings_ready(item.key):
+                return item.offset
+        return req.num_tokens
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput([], [], {}, 0, self._finished_ids)
+        self._finished_ids = set()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        # Memory is tight if we just preempted: admitting newcomers would only thrash.
+        if not out.preempted_request_ids:
+            budget = self._schedule_waiting(out, budget)
+        out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        if out.num_scheduled_tokens:
+            self.num_steps += 1
+        return out
+
+    def _chunk(self, n: int, budget: int) -> int:
+        """Tokens to schedule of ``n`` computable ones: all, a budget-sized chunk, or none."""
+        if n <= budget:
+            return n
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(self.request_ready(req) - req.num_computed_tokens, budget)
+            if n <= 0:  # stalled on an embedding (or its chunk can't fit): let others go
+                i += 1
+                continue
+            new_blocks = self.kv.allocate_slots(req, n)
+            while new_blocks is None:
+                # Everything after index i is unscheduled this step, so the newest request is
+                # always safe to preempt; if that is req itself, the rest is gone already.
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is req:
+                    return budget
+                new_blocks = self.kv.allocate_slots(req, n)
+            out.cached_requests.append(
+                CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
+            )
+            out.num_scheduled_tokens[req.request_id] = n
+            budget -= n
+            i += 1
+        return budget
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        # Recompute, not swap: drop the KV and redo prompt + outputs later (the prefix cache
+        # often gives much of it back). Front of the queue: it is older than anything waiting.
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        out.preempted_request_ids.add(req.request_id)
+        self.num_preemptions += 1
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        skipped: list[Request] = []  # blocked on embeddings: they keep their place in the queue
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit = self.kv.get_computed_blocks(req)
+            n = self.request_ready(req, hit.num_tokens) - hit.num_tokens
+            if n <= 0:
+                req.status = RequestStatus.WAITING_FOR_EMBEDDINGS
+                skipped.append(self.waiting.popleft())
+                continue
+            n = self._chunk(n, budget)
+            if n == 0:
+                break
+            new_blocks = self.kv.allocate_slots(req, n, hit)
+            if new_blocks is None:
+                break  # never preempt to admit; FCFS: nobody overtakes the head either
+            self.waiting.popleft()
+            req.num_computed_tokens = hit.num_tokens
+            if not req.was_scheduled:
+                req.was_scheduled = True
+                req.num_cached_tokens = hit.num_tokens
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=_priority)
+            out.new_requests.append(
+                NewRequestData(
+                    request_id=req.request_id,
+                    token_ids=req.all_token_ids,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    sampling=req.sampling,
+                    block_ids=list(req.block_ids),
+                    num_computed_tokens=req.num_computed_tokens,
+                    mm_items=list(req.mm_items),
+                )
+            )
+            out.num_scheduled_tokens[req.request_id] = n
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    # -- results ------------------------------------------------------------------------------
+
+    def update_from_output(
+        self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
+    ) -> list[TokenOutput]:
+        outputs: list[TokenOutput] = []
+        for rid, n in sched_out.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted after it was scheduled: its result is dropped
+            req.num_computed_tokens += n
+            # The step wrote this KV, so full blocks are safe to share from now on.
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            tok = runner_out.sampled_token_ids.get(rid)
+            if tok is None:
+                continue  # a prefill chunk that is not the last
+            req.output_token_ids.append(tok)
+            self._check_stop(req, tok)
+            lp = runner_out.logprobs.get(rid)
+            outputs.append(
+                TokenOutput(
+                    request_id=rid,
+                    new_token_ids=[tok],
+                    finish_reason=req.finish_reason,
+                    stop_token_id=req.stop_token_id,
+                    logprobs=[lp] if lp is not None else None,
+                    num_cached_tokens=req.num_cached_tokens if req.num_output_tokens == 1 else 0,
+                )
+            )
+            if req.is_finished:
+                self._free_finished(req)
+        return outputs
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        sp = req.sampling
+        if req.num_output_tokens >= sp.min_tokens:
+            if (not sp.ignore_eos and tok in req.eos_token_ids) or tok in sp.stop_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_token_id = tok
+                return
+        if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.config.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+
+    def _free_finished(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        self._finished_ids.add(req.request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.kv.num_total_blocks,
+            prefix_cache_queries=self.kv.prefix_cache_queries,
+            prefix_cache_hits=self.kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+        )

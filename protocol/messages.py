@@ -1,0 +1,170 @@
+"""Every message that crosses a process boundary.
+
+Data-plane structs are ``array_like`` (positional, compact) and ``gc=False`` (no cycles, cheap to
+allocate); handshakes are maps so either side can add fields. Fields are append-only: a new field
+goes last and has a default, so an older peer still decodes the message.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class MsgType(enum.IntEnum):
+    """Frame 0 of every multipart message: selects the typed decoder for frame 1."""
+
+    HELLO = 1
+    READY = 2
+    HEARTBEAT = 3
+    GENERATE = 4
+    ABORT = 5
+    TOKEN_OUTPUTS = 6
+    ERROR = 7
+    SHUTDOWN = 8
+
+
+class _Data(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    pass
+
+
+class _Handshake(msgspec.Struct, omit_defaults=True):
+    pass
+
+
+class TensorRef(_Data):
+    """A tensor carried out of band: its bytes are zmq frame ``frame`` of the same message."""
+
+    dtype: str
+    shape: list[int]
+    frame: int
+
+
+class Sampling(_Data):
+    """What the engine needs to sample. Stop strings and detokenization stay in the frontend."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # <= 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus the top k
+
+
+class MMItem(_Data):
+    """One media item inside a prompt: its embedding (by key) fills positions
+    ``[offset, offset + length)`` of the prompt's token ids."""
+
+    key: str  # "uuid:<id>" or "blake3:<hex>"
+    modality: str
+    offset: int
+    length: int
+    meta: dict[str, Any] = {}
+
+
+class GenerateRequest(_Data):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    eos_token_ids: list[int]
+    reply_to: str  # the frontend's output address
+    mm_items: list[MMItem] = []
+    arrival_time: float = 0.0
+
+
+class Abort(_Data):
+    request_ids: list[str]
+
+
+class TokenLogprobs(_Data):
+    """Logprobs for one generated token: index 0 is the sampled token, then the top-k."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int] = []  # rank of the sampled token (1 = most likely), one entry
+
+
+class TokenOutput(_Data):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_token_id: int | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
+
+
+class TokenOutputs(_Data):
+    outputs: list[TokenOutput]
+
+
+class EngineStats(_Data):
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
+    num_preemptions: int = 0
+    num_steps: int = 0
+
+
+class Heartbeat(_Data):
+    engine_id: str
+    time: float
+    stats: EngineStats
+
+
+class ErrorMsg(_Data):
+    """A request the engine could not serve; ``status`` is the HTTP status to answer with."""
+
+    request_id: str
+    status: int
+    message: str
+
+
+class Hello(_Handshake):
+    """Frontend -> engine: 'send my outputs and heartbeats to reply_to'."""
+
+    frontend_id: str
+    reply_to: str
+
+
+class Ready(_Handshake):
+    """Engine -> frontend: the engine is serving; what the frontend must know about it."""
+
+    engine_id: str
+    model: str
+    max_model_len: int
+    vocab_size: int
+    num_total_blocks: int = 0
+    block_size: int = 16
+
+
+class Shutdown(_Handshake):
+    reason: str = ""
+
+
+MESSAGE_TYPES: dict[MsgType, type[msgspec.Struct]] = {
+    MsgType.HELLO: Hello,
+    MsgType.READY: Ready,
+    MsgType.HEARTBEAT: Heartbeat,
+    MsgType.GENERATE: GenerateRequest,
+    MsgType.ABORT: Abort,
+    MsgType.TOKEN_OUTPUTS: TokenOutputs,
+    MsgType.ERROR: ErrorMsg,
+    MsgType.SHUTDOWN: Shutdown,
+}
+TYPE_OF: dict[type[msgspec.Struct], MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
+
+Message = (
+    Hello | Ready | Heartbeat | GenerateRequest | Abort | TokenOutputs | ErrorMsg | Shutdown
+)

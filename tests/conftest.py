@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random checkpoints built once per session, GPU skip marker."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from frontend.random_model import build_random_checkpoint
+
+    return str(build_random_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    from frontend.random_model import build_random_checkpoint
+
+    return str(build_random_checkpoint(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2"))
