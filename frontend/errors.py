@@ -4,7 +4,7 @@ one for an engine that can't serve (-> 503). Anything else is a bug: 500 without
 from __future__ import annotations
 
 
-class RequestError(Exception):
+class RequestError(ValueError):
     """A user mistake. ``param`` names the offending field (OpenAI's error.param)."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400):

@@ -58,6 +58,7 @@ class ModelRunner:
         self.model = load_model(
             model_dir, hf_config, dtype=dtype, device=device,
             tp_rank=tp_rank, tp_size=tp_size, attn_backend=self.attn_backend,
+            max_model_len=max_model_len,
         )
         self.vocab_size = self.model.vocab_size
         self.sampler = Sampler(self.vocab_size, device)

@@ -33,7 +33,7 @@ class Worker:
         self.max_model_len = config.resolved_max_model_len()
         self.runner = ModelRunner(
             config.model,
-            hf_config,
+            text_config(hf_config),
             device=device,
             dtype=getattr(torch, config.resolved_dtype()),
             max_model_len=self.max_model_len,

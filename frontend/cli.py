@@ -1,0 +1,121 @@
+"""`mmserve` command line: every role's config is built from flags here, in one place.
+
+    mmserve serve [MODEL]     frontend + engine core as child processes, one URL printed when ready
+    mmserve frontend ...      the HTTP tier alone (for deploy/)
+    mmserve llm-worker ...    one engine core alone (for deploy/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from frontend import env
+from protocol.procs import setup_logging
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prompts are prefilled in chunks")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV cache size in blocks (default: from memory)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="CPU KV cache budget")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_frontend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("frontend")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None)
+    g.add_argument("--chat-template", default=None, help="Jinja chat template file")
+    g.add_argument("--max-n", type=int, default=16, help="largest n (choices) a request may ask")
+
+
+def engine_config(args: argparse.Namespace):
+    from llm_worker.config import LLMWorkerConfig
+
+    return LLMWorkerConfig(
+        model=args.model,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+def frontend_config(args: argparse.Namespace):
+    from frontend.config import FrontendConfig
+
+    return FrontendConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        engine_addr=args.engine_addr,
+        chat_template=args.chat_template,
+        max_n=args.max_n,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model: frontend + engine core")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="local HF checkpoint folder (default: the built-in model)")
+    _add_frontend_args(serve)
+    _add_engine_args(serve)
+    fe = sub.add_parser("frontend", help="run the HTTP frontend alone")
+    fe.add_argument("--model", required=True)
+    fe.add_argument("--engine-addr", required=True, help="the engine core's input address")
+    _add_frontend_args(fe)
+    eng = sub.add_parser("llm-worker", help="run one engine core alone")
+    eng.add_argument("--model", required=True)
+    eng.add_argument("--input-addr", required=True, help="address to bind, e.g. tcp://127.0.0.1:5555")
+    _add_engine_args(eng)
+    for p in (fe, eng):
+        p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.command, env.log_level())
+    if getattr(args, "exit_with_parent", False):
+        from protocol.procs import exit_with_parent
+
+        exit_with_parent()
+    if args.command == "serve":
+        from frontend.launcher import serve
+
+        return serve(args)
+    if args.command == "frontend":
+        from frontend.api_server import run_frontend
+
+        run_frontend(frontend_config(args))
+        return 0
+    from llm_worker.engine import run_engine_core
+
+    run_engine_core(engine_config(args), args.input_addr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

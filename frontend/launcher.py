@@ -1,0 +1,131 @@
+"""`mmserve serve`: start the engine core and the frontend as child processes, supervise them.
+
+The parent prints one line with the URL once /health says every role is ready, and on
+Ctrl-C/SIGTERM stops both children (SIGTERM, then SIGKILL after a grace period). Children also
+watch their parent (`--exit-with-parent`), so even a SIGKILLed parent leaves no orphans.
+A dead engine is restarted (the frontend answers 503 meanwhile); a crash loop ends the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from protocol.addresses import tcp
+
+log = logging.getLogger("mmserve")
+
+_ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                 "num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "dtype",
+                 "device", "seed")
+_FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n")
+MAX_RESTARTS = 3  # within RESTART_WINDOW_S; more means a crash loop, not a transient failure
+RESTART_WINDOW_S = 60.0
+
+
+def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str]):
+        self.name, self.argv = name, argv
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "frontend.cli", *self.argv, "--exit-with-parent"]
+        # A new session: a Ctrl-C in the terminal reaches only the parent, which stops children
+        # in order (they still die with the parent through --exit-with-parent).
+        self.proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    from frontend.cli import engine_config
+
+    if args.model is None:
+        from frontend.random_model import default_model_path
+
+        args.model = str(default_model_path())
+        log.warning("no MODEL given: serving the built-in placeholder model with RANDOM weights "
+                    "(its answers are arbitrary text) from %s", args.model)
+    try:
+        engine_config(args)  # validate flags here, before any process starts
+    except ValueError as e:
+        print(f"mmserve: error: {e}", file=sys.stderr)
+        return 2
+    engine_addr = tcp()
+    engine_argv = ["llm-worker", "--model", args.model, "--input-addr", engine_addr,
+                   *_flags(args, _ENGINE_FLAGS)] + (["--no-prefix-caching"]
+                                                    if args.no_prefix_caching else [])
+    frontend_argv = ["frontend", "--model", args.model, "--engine-addr", engine_addr,
+                     *_flags(args, _FRONTEND_FLAGS)]
+    if args.served_model_name:
+        frontend_argv += ["--served-model-name", *args.served_model_name]
+    engine, frontend = Child("engine", engine_argv), Child("frontend", frontend_argv)
+
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    url = f"http://{args.host}:{args.port}"
+    restarts: list[float] = []
+    announced = False
+    engine.start()
+    frontend.start()
+    try:
+        while not stopping:
+            if not frontend.alive():
+                log.error("frontend exited (code %s)", frontend.proc.returncode)
+                return 1
+            if not engine.alive():
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    log.error("engine keeps exiting (code %s): giving up", engine.proc.returncode)
+                    return 1
+                log.error("engine exited (code %s): restarting", engine.proc.returncode)
+                engine.start()
+            if not announced and _healthy(url):
+                print(f"mmserve ready: {url}  (model {args.model})", flush=True)
+                announced = True
+            time.sleep(0.2)
+        return 0
+    finally:
+        frontend.stop()
+        engine.stop()

@@ -1,0 +1,163 @@
+"""The offline Python API: `LLM(model).generate(prompts, params)` and `LLM.chat(messages)`.
+
+It runs the same pipeline as the server (InputProcessor -> engine core -> SequenceState), but
+drives the engine core in-process: with nobody else to serve, sockets would only add latency.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from frontend.chat import ChatRenderer, load_chat_template
+from frontend.errors import RequestError
+from frontend.outputs import RequestOutput, SequenceState
+from frontend.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_gb: float = 1.0,
+        enable_prefix_caching: bool = True,
+        dtype: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        chat_template: str | None = None,
+    ):
+        import transformers
+
+        from frontend.processor import InputProcessor
+        from llm_worker.config import LLMWorkerConfig
+        from llm_worker.engine import EngineCore
+
+        if model is None:
+            from frontend.random_model import default_model_path
+
+            model = str(default_model_path())
+        self.model = model
+        self.engine = EngineCore(
+            LLMWorkerConfig(
+                model=model, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
+                enable_prefix_caching=enable_prefix_caching, dtype=dtype, device=device,
+                seed=seed,
+            )
+        )
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        self.processor = InputProcessor(self.tokenizer, self.engine.max_model_len,
+                                        self.engine.vocab_size, model_path=model)
+        self.chat_renderer = ChatRenderer(self.tokenizer, load_chat_template(chat_template))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Outputs in the order of ``prompts``. A prompt is a string, a list of token ids, or a
+        dict with "prompt" or "prompt_token_ids"."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        items = []
+        for p in prompts:
+            if isinstance(p, dict):
+                if "prompt_token_ids" in p:
+                    items.append((None, list(p["prompt_token_ids"])))
+                elif "prompt" in p:
+                    items.append((p["prompt"], p["prompt"]))
+                else:
+                    raise RequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'",
+                                       "prompts")
+            else:
+                items.append((p if isinstance(p, str) else None, p))
+        return self._run(items, sampling_params, add_special_tokens=True)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a batch of them."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        items = []
+        for conv in convs:
+            r = self.chat_renderer.render(
+                conv, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs, chat_template=chat_template,
+            )
+            items.append((r.prompt, r.prompt_token_ids))
+        return self._run(items, sampling_params, add_special_tokens=False)
+
+    def _run(self, items, sampling_params, add_special_tokens: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise RequestError(f"got {len(params)} sampling params for {len(items)} prompts",
+                                   "sampling_params")
+        results: list[RequestOutput] = []
+        states: dict[str, SequenceState] = {}
+        try:
+            for (text, prompt), sp in zip(items, params):
+                rid = str(next(self._ids))
+                reqs = self.processor.process(rid, prompt, sp,
+                                              add_special_tokens=add_special_tokens)
+                ids = reqs[0].prompt_token_ids
+                out = RequestOutput(rid, text, ids, [], finished=False)
+                seqs = [SequenceState(self.tokenizer, sp, ids, index=i) for i in range(len(reqs))]
+                out.extra["seqs"] = seqs
+                results.append(out)
+                for req, seq in zip(reqs, seqs):
+                    err = self.engine.add_request(req)
+                    if err is not None:
+                        raise RequestError(err, "prompt")
+                    states[req.request_id] = seq
+            self._drive(states)
+        except BaseException:
+            self.engine.abort(list(states))  # leave the engine clean for the next call
+            raise
+        for out in results:
+            seqs = out.extra.pop("seqs")
+            out.outputs = [s.output() for s in seqs]
+            out.num_cached_tokens = seqs[0].num_cached_tokens
+            out.finished = True
+        return results
+
+    def _drive(self, states: dict[str, SequenceState]) -> None:
+        live = dict(states)
+        while live:
+            for out in self.engine.step():
+                seq = live.get(out.request_id)
+                if seq is None:
+                    continue
+                seq.update(out)
+                if seq.finished:
+                    del live[out.request_id]
+                    if out.finish_reason is None:  # a stop string ended it: free the engine side
+                        self.engine.abort([out.request_id])

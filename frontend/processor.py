@@ -1,0 +1,124 @@
+"""Prompt + SamplingParams -> engine GenerateRequests, after the checks the engine relies on
+(non-empty prompt, ids in the vocabulary, prompt + max_tokens within the context length)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from frontend.errors import RequestError
+from frontend.sampling_params import SamplingParams
+from protocol.messages import GenerateRequest
+
+
+def load_eos_token_ids(model_path: str | Path | None, tokenizer: Any) -> list[int]:
+    """Every id that ends generation: generation_config.json may list several (e.g. Llama 3's
+    <|eot_id|> next to <|end_of_text|>); the tokenizer's eos is added if missing."""
+    ids: list[int] = []
+    if model_path is not None:
+        for name in ("generation_config.json", "config.json"):
+            path = Path(model_path) / name
+            if not path.is_file():
+                continue
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                ids.extend(eos if isinstance(eos, list) else [eos])
+                break
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.append(tok_eos)
+    return list(dict.fromkeys(int(i) for i in ids))  # dedupe, keep order
+
+
+class InputProcessor:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: list[int] | None = None,
+        model_path: str | Path | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = (eos_token_ids if eos_token_ids is not None
+                              else load_eos_token_ids(model_path, tokenizer))
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True,
+                 param: str = "prompt") -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's bos etc.), or checked given ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty", param)
+            ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        else:
+            ids = list(prompt)
+        self.check_token_ids(ids, param)
+        return ids
+
+    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
+        if not ids:
+            raise RequestError("the prompt is empty", param)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise RequestError(
+                    f"token id {t!r} is out of vocabulary (must be in [0, {self.vocab_size}))",
+                    param,
+                )
+
+    def resolve_max_tokens(self, prompt_len: int, params: SamplingParams,
+                           param: str = "prompt") -> int:
+        """The generation budget; 400s in the words OpenAI/vLLM use for context overflows."""
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {prompt_len} tokens, which leaves no room for the completion. Please "
+                "reduce the length of the prompt.",
+                param,
+            )
+        if params.max_tokens is None:
+            return limit - prompt_len
+        if prompt_len + params.max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the {param}, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the "
+                f"{param} or the completion (max_tokens).",
+                "max_tokens",
+            )
+        return params.max_tokens
+
+    def process(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        reply_to: str = "",
+        *,
+        add_special_tokens: bool = True,
+        param: str = "prompt",
+        arrival_time: float | None = None,
+    ) -> list[GenerateRequest]:
+        """One GenerateRequest per choice, ids ``f"{request_id}-{i}"``; ``param`` names the
+        prompt field in errors ("prompt" or "messages")."""
+        ids = self.tokenize(prompt, add_special_tokens, param)
+        max_tokens = self.resolve_max_tokens(len(ids), params, param)
+        for t in params.stop_token_ids or []:
+            if t >= self.vocab_size:
+                raise RequestError(f"stop token id {t} is out of vocabulary", "stop_token_ids")
+        arrival = time.time() if arrival_time is None else arrival_time
+        return [
+            GenerateRequest(
+                request_id=f"{request_id}-{i}",
+                prompt_token_ids=ids,
+                sampling=params.to_wire(max_tokens, index=i),
+                eos_token_ids=list(self.eos_token_ids),
+                reply_to=reply_to,
+                arrival_time=arrival,
+            )
+            for i in range(params.n)
+        ]
