@@ -72,11 +72,12 @@ class _Common(_Body):
                 continue
             raise RequestError(f"`{name}` is not supported", name)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None,
+                  limits: tuple[int, int] | None) -> SamplingParams:
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
-        return SamplingParams(
+        params = SamplingParams(
             n=pick(self.n, 1),
             temperature=pick(self.temperature, 1.0),
             top_p=pick(self.top_p, 1.0),
@@ -96,6 +97,9 @@ class _Common(_Body):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
+        if limits is not None:
+            params.check_limits(*limits)
+        return params
 
     @property
     def include_usage(self) -> bool:
@@ -133,7 +137,8 @@ class ChatCompletionRequest(_Common, kw_only=True):
                     "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
                     "reasoning_effort", "web_search_options", "verbosity")
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, limits: tuple[int, int] | None = None) -> SamplingParams:
+        """``limits``: the server's (max_n, max_logprobs)."""
         self.check_unsupported()
         max_tokens = self.max_completion_tokens
         if self.max_tokens is not None:
@@ -148,7 +153,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
                 raise RequestError("top_logprobs must be >= 0", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._sampling(max_tokens, logprobs)
+            return self._sampling(max_tokens, logprobs, limits)
         except RequestError as e:
             if e.param == "logprobs":  # the chat API calls it top_logprobs
                 e.param, e.message = "top_logprobs", e.message.replace("logprobs", "top_logprobs")
@@ -166,7 +171,8 @@ class CompletionRequest(_Common, kw_only=True):
     suffix: str | None = None
     add_special_tokens: bool = True
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, limits: tuple[int, int] | None = None) -> SamplingParams:
+        """``limits``: the server's (max_n, max_logprobs)."""
         self.check_unsupported()
         if self.suffix:
             raise RequestError("`suffix` is not supported", "suffix")
@@ -174,7 +180,7 @@ class CompletionRequest(_Common, kw_only=True):
             raise RequestError("`best_of` is not supported (except best_of == n)", "best_of")
         if self.echo and self.logprobs is not None:
             raise RequestError("echo with logprobs is not supported (no prompt logprobs)", "echo")
-        return self._sampling(self.max_tokens, self.logprobs)
+        return self._sampling(self.max_tokens, self.logprobs, limits)
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one str or token-id list per prompt."""

@@ -123,8 +123,7 @@ class OpenAIServing:
         rid = request["request_id"] = f"chatcmpl-{uuid.uuid4().hex}"
         req = decode_body(await request.read(), ChatCompletionRequest)
         model = self.check_model(req.model)
-        params = req.to_sampling_params()
-        params.check_limits(self.config.max_n, self.config.max_logprobs)
+        params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
         processor = await self.processor()
 
         def prepare() -> list[GenerateRequest]:
@@ -160,8 +159,7 @@ class OpenAIServing:
         rid = request["request_id"] = f"cmpl-{uuid.uuid4().hex}"
         req = decode_body(await request.read(), CompletionRequest)
         model = self.check_model(req.model)
-        params = req.to_sampling_params()
-        params.check_limits(self.config.max_n, self.config.max_logprobs)
+        params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
         prompts = req.prompts()
         processor = await self.processor()
 
