@@ -19,8 +19,9 @@ from frontend.chat import ChatRenderer, load_chat_template
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
+from frontend.openai_format import error_json
 from frontend.openai_protocol import DetokenizeRequest, TokenizeRequest, decode_body
-from frontend.openai_serving import OpenAIServing
+from frontend.openai_serving import REQUEST_ID, OpenAIServing
 from protocol.messages import EngineStats
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,8 @@ SERVING = web.AppKey("serving", OpenAIServing)
 _COUNTERS = {"prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_steps"}
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return web.json_response(body, status=status)
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response(error_json(status, message, kind), status=status)
 
 
 @web.middleware
@@ -42,7 +42,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         return await handler(request)
     except RequestError as e:
-        log.info("%s: %d %s", request.get("request_id", request.path), e.status, e.message)
+        log.info("%s: %d %s", request.get(REQUEST_ID, request.path), e.status, e.message)
         return web.json_response(e.to_json(), status=e.status)
     except EngineUnavailable as e:
         return _error(503, str(e) or "the engine is not available", "service_unavailable")
@@ -54,7 +54,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        rid = request.get("request_id")
+        rid = request.get(REQUEST_ID)
         log.exception("%s: unhandled error on %s", rid or "-", request.path)
         return web.json_response(server_error_json(rid), status=500)
 
@@ -92,14 +92,14 @@ async def tokenize(request: web.Request) -> web.Response:
 
     def run() -> list[int]:
         if req.messages is not None:
-            ids = serving.renderer.render(
+            rendered = serving.renderer.render(
                 req.messages, add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 chat_template_kwargs=req.chat_template_kwargs, chat_template=req.chat_template,
-            ).prompt_token_ids
-            if req.add_special_tokens:  # the template wrote them already; add only on request
-                ids = serving.tokenizer.build_inputs_with_special_tokens(ids)
-            return list(ids)
+            )
+            if not req.add_special_tokens:  # the template wrote them; add more only on request
+                return rendered.prompt_token_ids
+            return list(serving.tokenizer(rendered.prompt)["input_ids"])
         add = True if req.add_special_tokens is None else req.add_special_tokens
         return list(serving.tokenizer(req.prompt, add_special_tokens=add)["input_ids"])
 

@@ -25,6 +25,10 @@ def sse(payload: Any) -> bytes:
     return b"data: " + _json.encode(payload) + b"\n\n"
 
 
+def error_json(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 def clamp_logprob(x: float) -> float:
     return x if math.isfinite(x) and x > _MIN_LOGPROB else _MIN_LOGPROB
 

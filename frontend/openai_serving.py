@@ -31,6 +31,8 @@ from protocol.messages import GenerateRequest
 log = logging.getLogger(__name__)
 
 Choice = tuple[GenerateRequest, SequenceState]
+# Where handlers leave the request id for the error middleware's log line.
+REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 
 
 class OpenAIServing:
@@ -60,7 +62,10 @@ class OpenAIServing:
         return model
 
     async def processor(self) -> InputProcessor:
-        """Built once the engine said Ready (max_model_len and vocab size come from it)."""
+        """Built once the engine said Ready (max_model_len and vocab size come from it).
+        Fails fast while the engine is down, so a stream never starts just to fail."""
+        if self._processor is not None and not self.client.healthy:
+            raise EngineUnavailable("the engine is not available")
         if self._processor is None:
             ready = self.client.ready
             if ready is None and self.config.engine_ready_timeout_s > 0:
@@ -120,7 +125,7 @@ class OpenAIServing:
     # -- chat -------------------------------------------------------------------------------------
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        rid = request["request_id"] = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = request[REQUEST_ID] = f"chatcmpl-{uuid.uuid4().hex}"
         req = decode_body(await request.read(), ChatCompletionRequest)
         model = self.check_model(req.model)
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
@@ -144,19 +149,12 @@ class OpenAIServing:
         log.debug("%s: %d choice(s), %d prompt tokens", rid, len(reqs), len(prompt_ids))
         shape = fmt.ChatShape(rid, model, req, len(prompt_ids), self.token_text,
                               self.config.response_role, params.logprobs)
-        if req.stream:
-            return await self._stream(request, rid, choices, shape, len(prompt_ids))
-        async with aclosing(self._merge(choices)) as merged:
-            async for _ in merged:
-                pass
-        states = [s for _, s in choices]
-        self._account(len(prompt_ids), states)
-        return web.json_response(shape.final(states))
+        return await self._respond(request, choices, shape)
 
     # -- completions ------------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        rid = request["request_id"] = f"cmpl-{uuid.uuid4().hex}"
+        rid = request[REQUEST_ID] = f"cmpl-{uuid.uuid4().hex}"
         req = decode_body(await request.read(), CompletionRequest)
         model = self.check_model(req.model)
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
@@ -181,20 +179,25 @@ class OpenAIServing:
         num_prompt = sum(len(reqs[0].prompt_token_ids) for reqs in batches)
         shape = fmt.CompletionShape(rid, model, req, num_prompt, self.token_text,
                                     params.logprobs, echo)
-        if req.stream:
-            return await self._stream(request, rid, choices, shape, num_prompt)
+        return await self._respond(request, choices, shape)
+
+    # -- answering ----------------------------------------------------------------------------------
+
+    async def _respond(self, request: web.Request, choices: list[Choice],
+                       shape: fmt.ChatShape | fmt.CompletionShape) -> web.StreamResponse:
+        if shape.req.stream:
+            return await self._stream(request, choices, shape)
         async with aclosing(self._merge(choices)) as merged:
             async for _ in merged:
                 pass
         states = [s for _, s in choices]
-        self._account(num_prompt, states)
+        self._account(shape.num_prompt, states)
         return web.json_response(shape.final(states))
 
-    # -- streaming --------------------------------------------------------------------------------
-
-    async def _stream(self, request: web.Request, rid: str, choices: list[Choice],
-                      shape: fmt.ChatShape | fmt.CompletionShape, num_prompt: int
-                      ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, choices: list[Choice],
+                      shape: fmt.ChatShape | fmt.CompletionShape) -> web.StreamResponse:
+        """SSE. Errors after the 200 went out become an error event, then [DONE]."""
+        rid = shape.rid
         resp = web.StreamResponse(headers=fmt.SSE_HEADERS)
         await resp.prepare(request)
         states = [s for _, s in choices]
@@ -210,22 +213,18 @@ class OpenAIServing:
                         await resp.write(fmt.sse(chunk))
             if shape.req.include_usage:
                 await resp.write(fmt.sse(shape.usage_chunk(states)))
-        except (ConnectionResetError, ConnectionError):
+        except ConnectionError:
             log.info("%s: client disconnected; aborted", rid)
             return resp
         except RequestError as e:
             await resp.write(fmt.sse(e.to_json()))
         except EngineUnavailable as e:
-            await resp.write(fmt.sse(_unavailable_json(str(e))))
+            await resp.write(fmt.sse(fmt.error_json(503, str(e), "service_unavailable")))
         except Exception:
             log.exception("%s: failed while streaming", rid)
             await resp.write(fmt.sse(server_error_json(rid)))
-        self._account(num_prompt, states)
+        self._account(shape.num_prompt, states)
         await resp.write(fmt.SSE_DONE)
         await resp.write_eof()
         return resp
 
-
-def _unavailable_json(message: str) -> dict:
-    return {"error": {"message": message, "type": "service_unavailable", "param": None,
-                      "code": 503}}

@@ -143,13 +143,29 @@ class EngineCoreProc:
         next_beat = 0.0
         while self.running:
             self._drain_inputs(block=not self.core.has_work())
-            outputs = self.core.step() if self.core.has_work() else []
-            self._emit(outputs)
+            self._emit(self._step())
             now = time.monotonic()
             if now >= next_beat:
                 self._heartbeat(now)
                 next_beat = now + self.heartbeat_s
         self.outbox.put(None)
+
+    def _step(self) -> list[TokenOutput]:
+        if not self.core.has_work():
+            return []
+        try:
+            return self.core.step()
+        except Exception:
+            # A bug or a device fault: fail what is in flight (5xx, no internals to clients)
+            # and keep serving; a broken device will fail the next step the same way.
+            ids = list(self.core.scheduler.requests)
+            log.exception("engine step failed; failing %d requests", len(ids))
+            self.core.abort(ids)
+            for rid in ids:
+                dest = self.owner.pop(rid, None)
+                if dest is not None:
+                    self.outbox.put((dest, ErrorMsg(rid, 500, "engine step failed")))
+            return []
 
     def _drain_inputs(self, block: bool) -> None:
         try:

@@ -38,18 +38,19 @@ class _Block:
 
 
 def mm_extra(request: Request, start: int, end: int) -> tuple:
-    """(key, first item position inside the block) for every mm item overlapping [start, end).
+    """(key, item offset relative to the block start) for every mm item overlapping the block.
 
     Placeholder tokens are identical for every image, so without the key two prompts with
-    different images would share KV. The item-relative start pins which slice of the item the
-    block holds.
+    different images would share KV. The relative offset (negative when the item began in an
+    earlier block) pins which slice of the item sits where, even if the tokens around it are
+    placeholder-like too.
     """
     extra: list = []
     for item in request.mm_items:
         if item.offset >= end:
             break  # sorted by offset
         if item.offset + item.length > start:
-            extra.extend((item.key, max(start, item.offset) - item.offset))
+            extra.extend((item.key, item.offset - start))
     return tuple(extra)
 
 

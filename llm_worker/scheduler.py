@@ -176,6 +176,7 @@ class Scheduler:
         # Recompute, not swap: drop the KV and redo prompt + outputs later (the prefix cache
         # often gives much of it back). Front of the queue: it is older than anything waiting.
         self.kv.free(req)
+        req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
         out.preempted_request_ids.add(req.request_id)

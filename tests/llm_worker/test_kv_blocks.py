@@ -90,6 +90,11 @@ def test_mm_key_is_part_of_the_block_hash():
     admit(kv, make_req(late, [MMItem(key="uuid:x", modality="image", offset=20, length=20)]))
     other = make_req(late, [MMItem(key="uuid:y", modality="image", offset=20, length=20)])
     assert kv.get_computed_blocks(other).num_tokens == 16
+    # Same key, same tokens, but the item shifted inside the block: different KV, no sharing.
+    same = [5] * 40 + [1]
+    admit(kv, make_req(same, [MMItem(key="uuid:z", modality="image", offset=0, length=32)]))
+    shifted = make_req(same, [MMItem(key="uuid:z", modality="image", offset=2, length=32)])
+    assert kv.get_computed_blocks(shifted).num_tokens == 0
 
 
 def test_identical_prompt_never_hits_its_last_token():

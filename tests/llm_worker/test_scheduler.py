@@ -35,7 +35,9 @@ class _St:
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int, block_size: int, script: dict[str, list[int]] | None = None):
+    def __init__(
+        self, num_blocks: int, block_size: int, script: dict[str, list[int]] | None = None
+    ):
         self.bs = block_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.state: dict[str, _St] = {}
@@ -100,7 +102,12 @@ def step(sched: Scheduler, runner: FakeRunner, outputs: dict[str, list[int]] | N
     cfg = sched.config
     assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
     assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
-    assert len(out.num_scheduled_tokens) <= cfg.max_num_seqs and sched.num_running <= cfg.max_num_seqs
+    assert len(out.num_scheduled_tokens) <= cfg.max_num_seqs
+    assert sched.num_running <= cfg.max_num_seqs
+    if out.preempted_request_ids:  # memory is tight: nobody is admitted in the same step
+        assert not out.new_requests
+        newest_kept = max((r.arrival_order for r in sched.running), default=-1)
+        assert all(sched.requests[r].arrival_order > newest_kept for r in out.preempted_request_ids)
     if outputs is not None:
         for new in out.new_requests:  # a resumed request carries prompt + outputs so far
             req = sched.requests[new.request_id]
@@ -112,8 +119,20 @@ def step(sched: Scheduler, runner: FakeRunner, outputs: dict[str, list[int]] | N
     return out, res
 
 
+def drain(sched: Scheduler, runner: FakeRunner, outputs=None, max_steps: int = 1000) -> list:
+    """Step until every request finished; a scheduler that stops making progress fails here."""
+    steps = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished_requests():
+            return steps
+        steps.append(step(sched, runner, outputs))
+    raise AssertionError(f"no progress after {max_steps} steps: {list(sched.requests.values())}")
+
+
 def req(rid, prompt, max_tokens=8, eos=(), mm=None, **kw) -> Request:
-    return Request(rid, prompt, Sampling(max_tokens=max_tokens, **kw), eos_token_ids=eos, mm_items=mm)
+    return Request(
+        rid, prompt, Sampling(max_tokens=max_tokens, **kw), eos_token_ids=eos, mm_items=mm
+    )
 
 
 def test_budget_respected_and_long_prompt_chunked():
@@ -121,8 +140,7 @@ def test_budget_respected_and_long_prompt_chunked():
     sched.add_request(req("long", list(range(100)), max_tokens=3))
     outs = [step(sched, runner) for _ in range(3)]
     sched.add_request(req("short", [1, 2, 3], max_tokens=2))
-    while sched.has_unfinished_requests():
-        outs.append(step(sched, runner))
+    outs += drain(sched, runner)
     sizes = [o.num_scheduled_tokens.get("long") for o, _ in outs]
     assert sizes[:4] == [32, 32, 32, 4]  # 4 left + "short"'s 3 tokens share the 4th step
     assert outs[3][0].num_scheduled_tokens == {"long": 4, "short": 3}  # running first
@@ -137,8 +155,7 @@ def test_max_num_seqs_respected():
     out, _ = step(sched, runner)
     assert [n.request_id for n in out.new_requests] == ["r0", "r1"]
     assert sched.num_running == 2 and sched.num_waiting == 3
-    while sched.has_unfinished_requests():
-        step(sched, runner)  # asserts the limit every step
+    drain(sched, runner)  # asserts the limit every step
     assert sched.stats().num_steps > 3
 
 
@@ -154,7 +171,7 @@ def _workload(seed: int = 0) -> list[Request]:
         mm = None
         if i % 4 == 1:  # shared placeholder tokens, images from a small set of keys
             prompt = [1, 2, 3] + [5] * 20 + prompt  # same tokens for every image
-            mm = [MMItem(key=f"blake3:{rng.randrange(2)}", modality="image", offset=3, length=20)]
+            mm = [MMItem(key=f"blake3:{i // 4 % 2}", modality="image", offset=3, length=20)]
         reqs.append(req(f"r{i}", prompt[:90], max_tokens=rng.randrange(5, 35), mm=mm))
     return reqs
 
@@ -189,21 +206,23 @@ def test_preemption_by_recompute_gives_the_same_outputs():
 def test_resumed_request_is_sent_again_with_prompt_and_outputs():
     sched, runner = make(num_blocks=5, bs=4, budget=64, max_model_len=16)
     a, b = req("a", [1, 2, 3, 4, 5, 6], max_tokens=8), req("b", [9, 8, 7, 6, 5, 4], max_tokens=8)
-    sched.add_request(a)
-    sched.add_request(b)
+    for r in (a, b, req("c", [3] * 6, max_tokens=2)):  # "c" waits: the cache holds a and b
+        sched.add_request(r)
     outputs: dict[str, list[int]] = {}
-    preempted_at = None
-    while sched.has_unfinished_requests():
+    for _ in range(20):  # both fit until "a" needs a third block for its 9th token
         out, _ = step(sched, runner, outputs)
-        if out.preempted_request_ids and preempted_at is None:
-            assert out.preempted_request_ids == {"b"}  # the newest goes, never the oldest
-            assert b.status == RequestStatus.PREEMPTED and b.block_ids == []
-            preempted_at = list(outputs["b"])
-    assert preempted_at and sched.num_preemptions >= 1
+        if out.preempted_request_ids:
+            break
+    assert out.preempted_request_ids == {"b"}  # the newest goes, never the oldest
+    assert b.status == RequestStatus.PREEMPTED and b.block_ids == []
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]  # ahead of younger requests
+    preempted_at = list(outputs["b"])
+    assert preempted_at and b.num_computed_tokens == 0
+    drain(sched, runner, outputs)
     resumed = [n for n in runner.new_log if n.request_id == "b"][1]
     assert resumed.token_ids == b.prompt_token_ids + preempted_at
     assert resumed.num_prompt_tokens == 6
-    assert len(outputs["a"]) == len(outputs["b"]) == 8
+    assert len(outputs["a"]) == len(outputs["b"]) == 8 and len(outputs["c"]) == 2
 
 
 def test_abort_frees_blocks_and_is_reported():
@@ -244,9 +263,7 @@ SCRIPT = [7, 50, 8, 9, 10, 11, 12, 13]
 def test_finish_reasons(sampling, eos, max_model_len, want, reason, stop_id):
     sched, runner = make(max_model_len=max_model_len, script={"x": SCRIPT})
     sched.add_request(req("x", [1, 2, 3], eos=eos, **sampling))
-    res = []
-    while sched.has_unfinished_requests():
-        res += step(sched, runner)[1]
+    res = [t for _, r in drain(sched, runner) for t in r]
     assert [t.new_token_ids[0] for t in res] == want
     assert [t.finish_reason for t in res] == [None] * (len(want) - 1) + [reason]
     assert res[-1].stop_token_id == stop_id
@@ -256,28 +273,26 @@ def test_finish_reasons(sampling, eos, max_model_len, want, reason, stop_id):
 def test_num_cached_tokens_on_first_output_only():
     sched, runner = make()
     sched.add_request(req("a", list(range(40)), max_tokens=2))
-    while sched.has_unfinished_requests():
-        step(sched, runner)
+    drain(sched, runner)
     sched.add_request(req("b", list(range(36)) + [99], max_tokens=3))
-    res = []
-    while sched.has_unfinished_requests():
-        res += step(sched, runner)[1]
+    res = [t for _, r in drain(sched, runner) for t in r]
     assert [t.num_cached_tokens for t in res] == [32, 0, 0]
     assert sched.stats().prefix_cache_hits == 32
 
 
 def test_waiting_for_embeddings_prefills_text_before_the_item():
     ready: set[str] = set()
-    sched, runner = make(ready=ready.__contains__)
+    sched, runner = make(max_num_seqs=2, ready=ready.__contains__)
     item = MMItem(key="uuid:k", modality="image", offset=20, length=10)
     sched.add_request(req("a", list(range(40)), mm=[item]))
     sched.add_request(req("c", [5] * 8 + [1], mm=[MMItem("uuid:k2", "image", 0, 8)]))
     sched.add_request(req("b", list(range(10))))
+    sched.add_request(req("d", [1, 2]))  # max_num_seqs=2: waits behind "c"
     assert sched.requests["a"].status == RequestStatus.WAITING_FOR_EMBEDDINGS
     out, res = step(sched, runner)
     assert out.num_scheduled_tokens == {"a": 20, "b": 10}  # "c" steps aside, not blocking "b"
     assert [t.request_id for t in res] == ["b"]
-    assert sched.waiting[0].request_id == "c"
+    assert [r.request_id for r in sched.waiting] == ["c", "d"]  # "c" kept its place
     out, _ = step(sched, runner)
     assert "a" not in out.num_scheduled_tokens  # stalled on the embedding
     ready.add("uuid:k")
