@@ -161,7 +161,7 @@ def build_app(config: FrontendConfig) -> web.Application:
     app[CONFIG] = config
 
     async def lifecycle(app: web.Application):
-        client = EngineClient(config.engine_addr)  # type: ignore[arg-type]
+        client = EngineClient(config.engine_addr, reply_addr=config.reply_addr)  # type: ignore[arg-type]
         await client.start()
         serving = OpenAIServing(config, tokenizer, client, renderer)
         app[SERVING] = serving

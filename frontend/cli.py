@@ -38,6 +38,8 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None)
     g.add_argument("--chat-template", default=None, help="Jinja chat template file")
     g.add_argument("--max-n", type=int, default=16, help="largest n (choices) a request may ask")
+    g.add_argument("--max-logprobs", type=int, default=20)
+    g.add_argument("--max-body-mb", type=float, default=32.0, help="larger bodies answer 413")
 
 
 def engine_config(args: argparse.Namespace):
@@ -70,6 +72,9 @@ def frontend_config(args: argparse.Namespace):
         engine_addr=args.engine_addr,
         chat_template=args.chat_template,
         max_n=args.max_n,
+        max_logprobs=args.max_logprobs,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        reply_addr=args.reply_addr,
     )
 
 
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     fe = sub.add_parser("frontend", help="run the HTTP frontend alone")
     fe.add_argument("--model", required=True)
     fe.add_argument("--engine-addr", required=True, help="the engine core's input address")
+    fe.add_argument("--reply-addr", default=None,
+                    help="address engines push outputs to (default: a free loopback port)")
     _add_frontend_args(fe)
     eng = sub.add_parser("llm-worker", help="run one engine core alone")
     eng.add_argument("--model", required=True)

@@ -25,6 +25,9 @@ class FrontendConfig:
     response_role: str = "assistant"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies answer 413
     engine_ready_timeout_s: float = 0.0  # how long a request waits for a starting engine (0: 503)
+    # Where engines push outputs to this frontend; None: a free loopback port. Another host's
+    # engine needs an address it can reach (explicit config, never a default).
+    reply_addr: str | None = None
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -57,6 +60,8 @@ class FrontendConfig:
             raise ValueError("response_role must be non-empty")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
+        if self.reply_addr is not None and not self.reply_addr.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"reply_addr must be a zmq address (tcp://...), got {self.reply_addr!r}")
         if self.engine_ready_timeout_s < 0:
             raise ValueError("engine_ready_timeout_s must be >= 0")
 

@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 
 
 class EngineClient:
-    def __init__(self, engine_addr: str, host: str = LOOPBACK):
+    def __init__(self, engine_addr: str, reply_addr: str | None = None):
         self.frontend_id = f"frontend-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.asyncio.Context()
-        self.reply_to = tcp(host)
+        self.reply_to = reply_addr or tcp(LOOPBACK)
         self.receiver = AsyncReceiver(self.ctx, self.reply_to, bind=True)
         self.sender = AsyncSender(self.ctx, engine_addr, bind=False)
         self.dead_after = env.engine_dead_after_s()

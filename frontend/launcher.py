@@ -23,7 +23,7 @@ log = logging.getLogger("mmserve")
 _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "dtype",
                  "device", "seed")
-_FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n")
+_FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb")
 MAX_RESTARTS = 3  # within RESTART_WINDOW_S; more means a crash loop, not a transient failure
 RESTART_WINDOW_S = 60.0
 

@@ -56,12 +56,16 @@ class _Common(_Body):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    # OpenAI fields we refuse explicitly (see check_unsupported)
+    # OpenAI fields we refuse explicitly (see check_fields)
     logit_bias: dict[str, Any] | None = None
 
     _UNSUPPORTED = ("logit_bias",)
 
-    def check_unsupported(self) -> None:
+    def check_fields(self) -> None:
+        """Refuses OpenAI fields we do not implement, by name, and inconsistent combinations."""
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream: true",
+                               "stream_options")
         for name in self._UNSUPPORTED:
             value = getattr(self, name)
             if value is None or value == [] or value == {} or value is False:
@@ -139,7 +143,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
 
     def to_sampling_params(self, limits: tuple[int, int] | None = None) -> SamplingParams:
         """``limits``: the server's (max_n, max_logprobs)."""
-        self.check_unsupported()
+        self.check_fields()
         max_tokens = self.max_completion_tokens
         if self.max_tokens is not None:
             if max_tokens is not None and max_tokens != self.max_tokens:
@@ -173,7 +177,7 @@ class CompletionRequest(_Common, kw_only=True):
 
     def to_sampling_params(self, limits: tuple[int, int] | None = None) -> SamplingParams:
         """``limits``: the server's (max_n, max_logprobs)."""
-        self.check_unsupported()
+        self.check_fields()
         if self.suffix:
             raise RequestError("`suffix` is not supported", "suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):

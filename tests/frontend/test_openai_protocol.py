@@ -81,9 +81,14 @@ def test_unsupported_openai_fields_are_refused_by_name(field, value):
 def test_harmless_fields_are_accepted():
     req = chat(user="u", metadata={"a": "b"}, store=False, service_tier="auto",
                response_format={"type": "text"}, tool_choice="none", tools=[],
-               stream_options={"include_usage": True})
+               stream=True, stream_options={"include_usage": True})
     params = req.to_sampling_params()
     assert req.include_usage and params.n == 1
+
+
+def test_stream_options_need_stream():
+    assert error_of(chat(stream_options={"include_usage": True}).to_sampling_params).param == (
+        "stream_options")
 
 
 def test_max_completion_tokens_alias():
