@@ -21,16 +21,41 @@ PROMPTS = [
 MAX_NEW = 12
 
 
-def hf_greedy(model_dir: str, prompt_ids: list[list[int]]) -> list[list[int]]:
+def hf_greedy_with_gaps(model_dir: str, prompt_ids: list[list[int]]):
+    """transformers' greedy tokens, and at each step the gap between its top-2 logits."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     eos = model.generation_config.eos_token_id
-    outs = []
+    outs, gaps = [], []
     for ids in prompt_ids:
         g = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                           pad_token_id=eos)
-        new = g[0, len(ids):].tolist()
-        outs.append(new[: new.index(eos) + 1] if eos in new else new)
-    return outs
+                           pad_token_id=eos, output_scores=True, return_dict_in_generate=True)
+        new = g.sequences[0, len(ids):].tolist()
+        top2 = [s[0].topk(2).values for s in g.scores]
+        n = new.index(eos) + 1 if eos in new else len(new)
+        outs.append(new[:n])
+        gaps.append([(t[0] - t[1]).item() for t in top2][:n])
+    return outs, gaps
+
+
+def hf_greedy(model_dir: str, prompt_ids: list[list[int]]) -> list[list[int]]:
+    return hf_greedy_with_gaps(model_dir, prompt_ids)[0]
+
+
+NEAR_TIE = 2e-3  # fp32 logits of two implementations differ by ~1e-5; a smaller top-2 gap is a tie
+
+
+def assert_greedy_equal(ours: list[list[int]], model_dir: str, prompt_ids: list[list[int]]):
+    """Token-for-token equality with transformers. The one allowed difference: after a step
+    where transformers' own top-2 logits are within NEAR_TIE (a tie that summation order on
+    another CPU/BLAS can break either way), the rest of that sequence is not compared."""
+    want, gaps = hf_greedy_with_gaps(model_dir, prompt_ids)
+    for i, (a, b) in enumerate(zip(ours, want)):
+        if a == b:
+            continue
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert k < len(gaps[i]) and gaps[i][k] < NEAR_TIE, (
+            f"prompt {i}: diverged at step {k} (ours {a}, transformers {b}; top-2 gap "
+            f"{gaps[i][k] if k < len(gaps[i]) else None})")
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2"])
@@ -45,7 +70,7 @@ def test_greedy_parity_with_transformers(model_dir):
     prompt_ids = [o.prompt_token_ids for o in outs]
     assert len(prompt_ids[1]) > 32  # really exercises chunked prefill
     ours = [o.outputs[0].token_ids for o in outs]
-    assert ours == hf_greedy(model_dir, prompt_ids)
+    assert_greedy_equal(ours, model_dir, prompt_ids)
     assert len({tuple(t) for t in ours}) == len(ours), "a degenerate model proves nothing"
     for o in outs:
         c = o.outputs[0]
@@ -56,12 +81,12 @@ def test_greedy_parity_with_transformers(model_dir):
 def test_chat_matches_generate_on_rendered_prompt(tiny_llama):
     llm = LLM(tiny_llama)
     msgs = [{"role": "user", "content": "Hello 🙂"}]
-    params = SamplingParams(temperature=0.0, max_tokens=8)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     chat = llm.chat(msgs, params)[0]
     ids = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert chat.prompt_token_ids == list(ids)
-    assert chat.outputs[0].token_ids == hf_greedy(tiny_llama, [list(ids)])[0][:8]
+    assert_greedy_equal([chat.outputs[0].token_ids], tiny_llama, [list(ids)])
 
 
 def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_llama):
