@@ -75,9 +75,10 @@ def serve(args: argparse.Namespace) -> int:
     from frontend.cli import engine_config
 
     if args.model is None:
-        from frontend.random_model import default_model_path
+        from frontend.random_model import DEFAULT_RANDOM_MODEL, default_model_path
 
         args.model = str(default_model_path())
+        args.served_model_name = args.served_model_name or [DEFAULT_RANDOM_MODEL]
         log.warning("no MODEL given: serving the built-in placeholder model with RANDOM weights "
                     "(its answers are arbitrary text) from %s", args.model)
     try:
