@@ -23,7 +23,21 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+IMAGE_TOKEN = "<image>"
+
+# ChatML that also renders image parts as the model's image token (LLaVA-style checkpoints).
+CHATML_MM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
+    "{% if not (loop.last and continue_final_message) %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. A serving system answers requests.
 Hello world! How are you today? I am fine, thank you. What is the capital of France? Paris.
@@ -36,7 +50,8 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000; punctuation , . ; : ! ? ' " ( ) [ ] { }
 DEFAULT_RANDOM_MODEL = "mmserve-random-llama"
 
 
-def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384) -> None:
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384,
+                    chat_template: str = CHATML_TEMPLATE) -> None:
     """Train a byte-level BPE and save it as a transformers fast tokenizer with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -57,7 +72,7 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384) -> None:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(out_dir)
 
 
@@ -114,6 +129,72 @@ def build_random_checkpoint(
             p.normal_(0.0, std)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
+    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
+        "This checkpoint has random weights: it produces arbitrary text.\n"
+    )
+    return out
+
+
+def build_random_llava(
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    num_layers: int = 2,
+    std: float = 0.15,
+    seed: int = 0,
+    select_strategy: str = "default",
+    feature_layer: int = -2,
+) -> Path:
+    """A tiny random `LlavaForConditionalGeneration` (CLIP tower + MLP projector + Llama) saved
+    with an HF `LlavaProcessor` (CLIP image processor) and a chat template with image parts."""
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out, chat_template=CHATML_MM_TEMPLATE)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=3,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id,
+        vision_feature_select_strategy=select_strategy, vision_feature_layer=feature_layer,
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, std)  # layer norms near identity keep the tower's signal alive
+            else:
+                p.normal_(0.0, std)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    mean, std_ = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=mean, image_std=std_, do_convert_rgb=True,
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy=select_strategy, image_token=IMAGE_TOKEN,
+        chat_template=CHATML_MM_TEMPLATE, num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
     (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
         "This checkpoint has random weights: it produces arbitrary text.\n"
     )

@@ -18,6 +18,7 @@ class LLMWorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb / GPU free memory
     kv_cache_memory_gb: float = 1.0  # CPU only: memory for the KV cache
+    embedding_cache_gb: float = 1.0  # host memory for media embeddings (LRU beyond live requests)
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU

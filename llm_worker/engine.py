@@ -16,12 +16,16 @@ import uuid
 import zmq
 
 from llm_worker.config import LLMWorkerConfig
+from llm_worker.embedding_cache import EmbeddingCache
 from llm_worker.executor import make_executor
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
+from protocol.addresses import tcp
+from protocol.codec import ProtocolError, tensor_from
 from protocol.messages import (
     Abort,
+    Embedding,
     EngineStats,
     ErrorMsg,
     GenerateRequest,
@@ -46,6 +50,7 @@ class EngineCore:
         num_blocks = self.executor.num_available_blocks()
         self.executor.init_kv_cache(num_blocks)
         self.kv = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.embeds = EmbeddingCache(int(config.embedding_cache_gb * (1 << 30)))
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -54,7 +59,32 @@ class EngineCore:
                 block_size=config.block_size,
             ),
             self.kv,
+            embeddings_ready=self.embeds.__contains__,
         )
+        self.hidden_size = self.executor.hidden_size
+        self.req_keys: dict[str, list[str]] = {}  # request -> mm keys it pins
+        self.worker_keys: set[str] = set()  # keys the workers hold on the device
+        self.pending_free: list[str] = []  # keys to drop from the workers at the next step
+        self.errors: list[tuple[str, int, str]] = []  # (request id, status, message) to report
+
+    def add_embedding(self, key: str, tensor) -> str | None:
+        """Store an arriving embedding ([num_tokens, hidden], floating); error text if invalid."""
+        if tensor.dim() != 2 or tensor.shape[1] != self.hidden_size or tensor.shape[0] < 1:
+            return f"embedding {key} has shape {list(tensor.shape)}, expected [n, {self.hidden_size}]"
+        if not tensor.is_floating_point():
+            return f"embedding {key} has dtype {tensor.dtype}, expected a floating type"
+        self.embeds.put(key, tensor)
+        return None
+
+    def _validate_mm(self, msg: GenerateRequest) -> str | None:
+        end = 0
+        for item in msg.mm_items:
+            if item.offset < end or item.length < 1:
+                return "mm items must be sorted, non-overlapping and non-empty"
+            end = item.offset + item.length
+            if end > len(msg.prompt_token_ids):
+                return "an mm item reaches past the end of the prompt"
+        return None
 
     def validate(self, msg: GenerateRequest) -> str | None:
         """Defence in depth: the frontend already validated, but the engine trusts no peer."""
@@ -67,17 +97,29 @@ class EngineCore:
             return f"prompt token ids must be in [0, {self.vocab_size})"
         if msg.sampling.max_tokens < 1:
             return "max_tokens must be >= 1"
-        return None
+        return self._validate_mm(msg)
 
     def add_request(self, msg: GenerateRequest) -> str | None:
         """Queue a request; returns an error message instead when it can't be served."""
         err = self.validate(msg)
         if err is None:
             self.scheduler.add_request(Request.from_msg(msg))
+            if msg.mm_items:
+                keys = [item.key for item in msg.mm_items]
+                self.embeds.ref(keys)  # pinned from now on, even before they arrive
+                self.req_keys[msg.request_id] = keys
         return err
 
     def abort(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
+        for rid in request_ids:
+            self._release(rid)
+
+    def _release(self, request_id: str) -> None:
+        for key in self.embeds.unref(self.req_keys.pop(request_id, [])):
+            if key in self.worker_keys:
+                self.worker_keys.discard(key)
+                self.pending_free.append(key)
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -86,8 +128,42 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        self._attach_embeddings(out)
         result = self.executor.execute(out)
-        return self.scheduler.update_from_output(out, result)
+        outputs = self.scheduler.update_from_output(out, result)
+        for o in outputs:
+            if o.finish_reason is not None:
+                self._release(o.request_id)
+        return outputs
+
+    def _attach_embeddings(self, out) -> None:
+        """Send the workers each embedding this step's tokens need, once; drop released ones."""
+        out.freed_embeddings, self.pending_free = self.pending_free, []
+        bad: list[str] = []
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.scheduler.requests[rid]
+            start = req.num_computed_tokens  # not yet advanced: this step computes [start, start+n)
+            for item in req.mm_items:
+                if item.offset >= start + n or item.offset + item.length <= start:
+                    continue
+                if item.key in self.worker_keys:
+                    continue
+                tensor = self.embeds.get(item.key)
+                if tensor.shape[0] != item.length:
+                    self.errors.append((rid, 400, f"the embedding of {item.key} has "
+                                        f"{tensor.shape[0]} rows but the prompt reserves "
+                                        f"{item.length} positions for it"))
+                    bad.append(rid)
+                    break
+                out.embeddings[item.key] = tensor
+                self.worker_keys.add(item.key)
+        if bad:
+            # Rare (a uuid reused for different media): drop those requests from this step.
+            self.abort(bad)
+            for rid in bad:
+                out.total_num_scheduled_tokens -= out.num_scheduled_tokens.pop(rid)
+            out.new_requests = [r for r in out.new_requests if r.request_id not in bad]
+            out.cached_requests = [r for r in out.cached_requests if r.request_id not in bad]
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats()
@@ -99,7 +175,8 @@ class EngineCore:
 class EngineCoreProc:
     """Serves one EngineCore: GenerateRequest/Abort/Hello in, TokenOutputs/Heartbeat out."""
 
-    def __init__(self, config: LLMWorkerConfig, input_addr: str, heartbeat_s: float = 0.2):
+    def __init__(self, config: LLMWorkerConfig, input_addr: str, heartbeat_s: float = 0.2,
+                 embed_addr: str | None = None):
         self.engine_id = f"engine-{uuid.uuid4().hex[:8]}"
         self.core = EngineCore(config)
         self.model_name = config.model
@@ -112,16 +189,30 @@ class EngineCoreProc:
         self.running = True
         # Bind before announcing readiness so no early message is lost.
         self.receiver = Receiver(self.ctx, input_addr, bind=True)
-        threading.Thread(target=self._recv_loop, name="engine-in", daemon=True).start()
+        # Embeddings get their own inbox so megabytes of tensors never queue ahead of requests.
+        self.embed_addr = embed_addr or tcp(input_addr.split("//")[1].rsplit(":", 1)[0])
+        self.embed_receiver = Receiver(self.ctx, self.embed_addr, bind=True)
+        threading.Thread(target=self._recv_loop, args=(self.receiver,), name="engine-in",
+                         daemon=True).start()
+        threading.Thread(target=self._recv_loop, args=(self.embed_receiver,),
+                         name="engine-embeds", daemon=True).start()
         threading.Thread(target=self._send_loop, name="engine-out", daemon=True).start()
 
     # -- IO threads (own their sockets; the busy loop only touches queues) -----------------
 
-    def _recv_loop(self) -> None:
+    def _recv_loop(self, receiver: Receiver) -> None:
         while self.running:
-            got = self.receiver.recv(timeout_ms=100)
-            if got is not None:
-                self.inbox.put(got[0])
+            got = receiver.recv(timeout_ms=100)
+            if got is None:
+                continue
+            msg, frames = got
+            if isinstance(msg, Embedding):
+                try:  # decode the tensor here, off the busy loop; it views the zmq frame
+                    msg = (msg.key, tensor_from(msg.tensor, frames))
+                except ProtocolError as e:
+                    log.warning("dropped embedding %s: %s", msg.key, e)
+                    continue
+            self.inbox.put(msg)
 
     def _send_loop(self) -> None:
         senders: dict[str, Sender] = {}
@@ -177,7 +268,11 @@ class EngineCoreProc:
             pass
 
     def _handle(self, msg) -> None:
-        if isinstance(msg, GenerateRequest):
+        if isinstance(msg, tuple):  # (key, tensor) from the embedding inbox
+            err = self.core.add_embedding(*msg)
+            if err is not None:
+                log.warning("dropped embedding: %s", err)
+        elif isinstance(msg, GenerateRequest):
             if msg.request_id in self.owner:
                 err = f"duplicate request id {msg.request_id}"
             else:
@@ -210,9 +305,16 @@ class EngineCoreProc:
             vocab_size=self.core.vocab_size,
             num_total_blocks=self.core.kv.num_total_blocks,
             block_size=self.core.config.block_size,
+            embed_addr=self.embed_addr,
+            hidden_size=self.core.hidden_size,
         )
 
     def _emit(self, outputs: list[TokenOutput]) -> None:
+        for rid, status, message in self.core.errors:
+            dest = self.owner.pop(rid, None)
+            if dest is not None:
+                self.outbox.put((dest, ErrorMsg(rid, status, message)))
+        self.core.errors.clear()
         by_dest: dict[str, list[TokenOutput]] = {}
         for o in outputs:
             dest = self.owner.get(o.request_id)
@@ -230,8 +332,8 @@ class EngineCoreProc:
             self.outbox.put((dest, beat))
 
 
-def run_engine_core(config: LLMWorkerConfig, input_addr: str) -> None:
-    proc = EngineCoreProc(config, input_addr)
+def run_engine_core(config: LLMWorkerConfig, input_addr: str, embed_addr: str | None = None) -> None:
+    proc = EngineCoreProc(config, input_addr, embed_addr=embed_addr)
     try:
         proc.run()
     finally:

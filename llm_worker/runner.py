@@ -64,6 +64,7 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, device)
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, _ReqState] = {}
+        self.embeddings: dict[str, torch.Tensor] = {}  # mm key -> [num_tokens, hidden] on device
         self._alloc_buffers()
 
     def _alloc_buffers(self) -> None:
@@ -100,6 +101,10 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------
 
     def _update_states(self, out: SchedulerOutput) -> None:
+        for key in out.freed_embeddings:
+            self.embeddings.pop(key, None)
+        for key, tensor in out.embeddings.items():
+            self.embeddings[key] = tensor.to(self.device, self.dtype, non_blocking=True)
         for rid in out.finished_request_ids:
             self.requests.pop(rid, None)
         for new in out.new_requests:
@@ -134,10 +139,15 @@ class ModelRunner:
         slots_np, blocks_np = self.cpu_slots.numpy(), self.cpu_blocks.numpy()
         qstart, seqlens = [0], []
         sample_rows: list[str] = []
+        splices: list[tuple[int, str, int, int]] = []  # (batch row, mm key, item row, count)
         t = 0
         for row, (rid, n) in enumerate(out.num_scheduled_tokens.items()):
             st = self.requests[rid]
             start = st.num_computed_tokens
+            for item in st.mm_items:  # placeholder positions computed this step take embeddings
+                a, b = max(item.offset, start), min(item.offset + item.length, start + n)
+                if a < b:
+                    splices.append((t + a - start, item.key, a - item.offset, b - a))
             ids_np[t : t + n] = st.token_ids[start : start + n]
             pos = np.arange(start, start + n)
             pos_np[t : t + n] = pos
@@ -164,7 +174,13 @@ class ModelRunner:
             max_query_len=max(b - a for a, b in zip(qstart, qstart[1:])),
             max_seq_len=max(seqlens),
         )
-        hidden = self.model(self.input_ids[:t], self.positions[:t], self.kv_caches, meta)
+        embeds = None
+        if splices:
+            embeds = self.model.embed_tokens(self.input_ids[:t])  # [t, hidden]
+            for dst, key, src, count in splices:
+                embeds[dst : dst + count] = self.embeddings[key][src : src + count]
+        hidden = self.model(self.input_ids[:t], self.positions[:t], self.kv_caches, meta,
+                            inputs_embeds=embeds)
         return self._sample(out, hidden, qstart, sample_rows)
 
     def _copy_inputs(self, t: int, num_seqs: int, nb: int) -> None:

@@ -9,6 +9,7 @@ append the tokens they sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.messages import MMItem, Sampling, TokenLogprobs
 
@@ -49,6 +50,10 @@ class SchedulerOutput:
     # Preempted this step (blocks freed). They resume later as NewRequestData; a worker may
     # drop their state now, but should keep e.g. a seeded RNG stream to resume it.
     preempted_request_ids: set[str] = field(default_factory=set)
+    # Media embeddings the worker must hold from now on (key -> [num_tokens, hidden], host
+    # memory), and keys no running request needs any more. Sent once each, like the requests.
+    embeddings: dict[str, Any] = field(default_factory=dict)
+    freed_embeddings: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from llm_worker.attention import AttentionBackend
-from llm_worker.models import get_model_class
+from llm_worker.models import get_model_class, text_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,7 +69,7 @@ def load_model(
     cls = get_model_class(hf_config)
     with torch.device(device), _default_dtype(dtype):
         model = cls(
-            hf_config,
+            text_config(hf_config),
             tp_rank=tp_rank,
             tp_size=tp_size,
             attn_backend=attn_backend,

@@ -14,11 +14,6 @@ from llm_worker.sched_output import ModelRunnerOutput, SchedulerOutput
 log = logging.getLogger(__name__)
 
 
-def text_config(hf_config):
-    """The language model's config (multimodal checkpoints nest it under text_config)."""
-    return getattr(hf_config, "text_config", None) or hf_config
-
-
 class Worker:
     def __init__(self, config: LLMWorkerConfig, rank: int = 0):
         self.config = config
@@ -33,7 +28,7 @@ class Worker:
         self.max_model_len = config.resolved_max_model_len()
         self.runner = ModelRunner(
             config.model,
-            text_config(hf_config),
+            hf_config,
             device=device,
             dtype=getattr(torch, config.resolved_dtype()),
             max_model_len=self.max_model_len,

@@ -24,6 +24,10 @@ class MsgType(enum.IntEnum):
     TOKEN_OUTPUTS = 6
     ERROR = 7
     SHUTDOWN = 8
+    ENCODE = 9
+    EMBEDDING = 10
+    ENCODE_DONE = 11
+    ENCODER_HEARTBEAT = 12
 
 
 class _Data(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -147,10 +151,59 @@ class Ready(_Handshake):
     vocab_size: int
     num_total_blocks: int = 0
     block_size: int = 16
+    embed_addr: str = ""  # the engine's embedding inbox: encoders push Embedding messages here
+    hidden_size: int = 0  # width of the LM's input embeddings (image_embeds are checked against it)
 
 
 class Shutdown(_Handshake):
     reason: str = ""
+
+
+class EncodeRequest(_Data):
+    """Frontend -> encoder: make (or find) the embedding of one media item and push it to every
+    address in ``deliver_to`` (decoder inboxes). ``data`` is None for a uuid-only item: a cache
+    miss is then an error, since there is nothing to encode."""
+
+    key: str
+    modality: str
+    data: bytes | None
+    kwargs: dict[str, Any]  # media_io / processor kwargs (part of the key's hash)
+    deliver_to: list[str]
+    reply_to: str  # the frontend's address, for EncodeDone
+    request_id: str = ""  # for logs
+
+
+class Embedding(_Data):
+    """Encoder -> decoder inbox: embeddings of one item; the tensor is frame ``tensor.frame``."""
+
+    key: str
+    tensor: TensorRef  # [num_tokens, hidden]
+    meta: dict[str, Any] = {}
+
+
+class EncodeDone(_Data):
+    """Encoder -> frontend: the item was published (status 200) or could not be (4xx/5xx)."""
+
+    key: str
+    request_id: str
+    status: int
+    message: str = ""
+    cache_hit: bool = False
+
+
+class EncoderStats(_Data):
+    num_requests: int = 0
+    num_encoded: int = 0  # items that ran through the tower
+    num_cache_hits: int = 0
+    num_errors: int = 0
+    store_bytes: int = 0
+    store_items: int = 0
+
+
+class EncoderHeartbeat(_Data):
+    encoder_id: str
+    time: float
+    stats: EncoderStats
 
 
 MESSAGE_TYPES: dict[MsgType, type[msgspec.Struct]] = {
@@ -162,9 +215,14 @@ MESSAGE_TYPES: dict[MsgType, type[msgspec.Struct]] = {
     MsgType.TOKEN_OUTPUTS: TokenOutputs,
     MsgType.ERROR: ErrorMsg,
     MsgType.SHUTDOWN: Shutdown,
+    MsgType.ENCODE: EncodeRequest,
+    MsgType.EMBEDDING: Embedding,
+    MsgType.ENCODE_DONE: EncodeDone,
+    MsgType.ENCODER_HEARTBEAT: EncoderHeartbeat,
 }
 TYPE_OF: dict[type[msgspec.Struct], MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
 
 Message = (
     Hello | Ready | Heartbeat | GenerateRequest | Abort | TokenOutputs | ErrorMsg | Shutdown
+    | EncodeRequest | Embedding | EncodeDone | EncoderHeartbeat
 )

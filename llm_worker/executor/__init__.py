@@ -33,6 +33,11 @@ class Executor(ABC):
     @abstractmethod
     def max_model_len(self) -> int: ...
 
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the LM's input embeddings (what media embeddings must match)."""
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook, most executors hold nothing
         """Release workers and devices."""
 

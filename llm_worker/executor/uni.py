@@ -29,3 +29,7 @@ class UniExecutor(Executor):
     @property
     def max_model_len(self) -> int:
         return self.worker.max_model_len
+
+    @property
+    def hidden_size(self) -> int:
+        return self.worker.runner.model.hidden_size
