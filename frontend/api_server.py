@@ -17,8 +17,10 @@ from aiohttp import web
 
 from frontend.chat import ChatRenderer, load_chat_template
 from frontend.config import FrontendConfig
+from frontend.encoder_pool import EncoderPool
 from frontend.engine_client import EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
+from frontend.mm_inputs import MediaInputs
 from frontend.openai_format import error_json
 from frontend.openai_protocol import DetokenizeRequest, TokenizeRequest, decode_body
 from frontend.openai_serving import REQUEST_ID, OpenAIServing
@@ -72,7 +74,10 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    healthy = request.app[SERVING].client.healthy
+    """200 only when every role is ready: the engine, and (if configured) a live encoder."""
+    serving = request.app[SERVING]
+    pool = serving.media.pool
+    healthy = serving.client.healthy and (pool is None or pool.healthy)
     return web.Response(status=200 if healthy else 503)
 
 
@@ -162,11 +167,21 @@ def build_app(config: FrontendConfig) -> web.Application:
 
     async def lifecycle(app: web.Application):
         client = EngineClient(config.engine_addr, reply_addr=config.reply_addr)  # type: ignore[arg-type]
+        pool = None
+        if config.encoder_addrs:
+            pool = EncoderPool(client.ctx, config.encoder_addrs, client.reply_to,
+                               client.frontend_id)
+            client.other_messages = pool.on_message
+            await pool.start()
         await client.start()
-        serving = OpenAIServing(config, tokenizer, client, renderer)
+        media = MediaInputs(config, pool)
+        serving = OpenAIServing(config, tokenizer, client, renderer, media)
         app[SERVING] = serving
         yield
         serving.close()
+        await media.close()
+        if pool is not None:
+            pool.close()
         await client.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -3,6 +3,7 @@
     mmserve serve [MODEL]     frontend + engine core as child processes, one URL printed when ready
     mmserve frontend ...      the HTTP tier alone (for deploy/)
     mmserve llm-worker ...    one engine core alone (for deploy/)
+    mmserve encoder ...       one encoder worker alone (for deploy/)
 """
 
 from __future__ import annotations
@@ -42,6 +43,44 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-mb", type=float, default=32.0, help="larger bodies answer 413")
 
 
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("encoder")
+    g.add_argument("--encoder-device", default="auto", help="device of the encoder worker(s)")
+    g.add_argument("--encoder-store-gb", type=float, default=2.0,
+                   help="embedding store of each encoder (LRU by bytes)")
+
+
+def _add_media_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("media")
+    g.add_argument("--allowed-local-media-path", default=None,
+                   help="file:// URLs may read only under this folder (default: none)")
+    g.add_argument("--allowed-media-domains", nargs="+", default=None,
+                   help="fetch media only from these hosts (also lifts the private-address ban "
+                        "for them)")
+    g.add_argument("--limit-mm-per-prompt", default=None,
+                   help='JSON, e.g. \'{"image": 4}\'')
+    g.add_argument("--media-io-kwargs", default=None,
+                   help='JSON, e.g. \'{"image": {"rgba_background_color": [0, 0, 0]}}\'')
+
+
+def _json_arg(value: str | None, flag: str):
+    import json
+
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e.msg})") from None
+
+
+def encoder_config(args: argparse.Namespace):
+    from encoder_worker.config import EncoderConfig
+
+    return EncoderConfig(model=args.model, device=args.encoder_device,
+                         store_bytes=int(args.encoder_store_gb * (1 << 30)))
+
+
 def engine_config(args: argparse.Namespace):
     from llm_worker.config import LLMWorkerConfig
 
@@ -75,7 +114,24 @@ def frontend_config(args: argparse.Namespace):
         max_logprobs=args.max_logprobs,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         reply_addr=args.reply_addr,
+        encoder_addrs=tuple(args.encoder_addrs or ()),
+        **media_kwargs(args),
     )
+
+
+def media_kwargs(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    if args.allowed_local_media_path is not None:
+        out["allowed_local_media_path"] = args.allowed_local_media_path
+    if args.allowed_media_domains is not None:
+        out["allowed_media_domains"] = tuple(args.allowed_media_domains)
+    limit = _json_arg(args.limit_mm_per_prompt, "--limit-mm-per-prompt")
+    if limit is not None:
+        out["limit_mm_per_prompt"] = limit
+    io = _json_arg(args.media_io_kwargs, "--media-io-kwargs")
+    if io is not None:
+        out["media_io_kwargs"] = io
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,19 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model: frontend + engine core")
     serve.add_argument("model", nargs="?", default=None,
                        help="local HF checkpoint folder (default: the built-in model)")
+    serve.add_argument("--encoders", type=int, default=None,
+                       help="encoder workers to start (default: 1 for a multimodal model, else 0)")
     _add_frontend_args(serve)
+    _add_media_args(serve)
     _add_engine_args(serve)
+    _add_encoder_args(serve)
     fe = sub.add_parser("frontend", help="run the HTTP frontend alone")
     fe.add_argument("--model", required=True)
     fe.add_argument("--engine-addr", required=True, help="the engine core's input address")
     fe.add_argument("--reply-addr", default=None,
                     help="address engines push outputs to (default: a free loopback port)")
+    fe.add_argument("--encoder-addrs", nargs="*", default=None,
+                    help="input addresses of the encoder workers")
     _add_frontend_args(fe)
+    _add_media_args(fe)
     eng = sub.add_parser("llm-worker", help="run one engine core alone")
     eng.add_argument("--model", required=True)
     eng.add_argument("--input-addr", required=True, help="address to bind, e.g. tcp://127.0.0.1:5555")
     _add_engine_args(eng)
-    for p in (fe, eng):
+    eng.add_argument("--embed-addr", default=None,
+                     help="address of the embedding inbox (default: a free port on the input host)")
+    enc = sub.add_parser("encoder", help="run one encoder worker alone")
+    enc.add_argument("--model", required=True)
+    enc.add_argument("--input-addr", required=True, help="address to bind")
+    _add_encoder_args(enc)
+    for p in (fe, eng, enc):
         p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -118,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
 
         run_frontend(frontend_config(args))
         return 0
+    if args.command == "encoder":
+        from encoder_worker.server import run_encoder
+
+        run_encoder(encoder_config(args), args.input_addr)
+        return 0
     from llm_worker.engine import run_engine_core
 
-    run_engine_core(engine_config(args), args.input_addr)
+    run_engine_core(engine_config(args), args.input_addr, args.embed_addr)
     return 0
 
 

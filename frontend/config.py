@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from protocol.addresses import LOOPBACK
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_MEDIA_BYTES = 20 * 1024 * 1024
+# vLLM's default is "whatever the model supports"; a fixed small bound keeps one request's fetch,
+# probe and encoder work predictable. Raise it per deployment for many-image models.
+DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 8}
+MODALITIES = ("image", "video", "audio")
+# media_io_kwargs keys understood per modality; anything else is a typo that would silently
+# change nothing but the cache key.
+_MEDIA_IO_KEYS = {"image": ("rgba_background_color",)}
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,18 @@ class FrontendConfig:
     # Where engines push outputs to this frontend; None: a free loopback port. Another host's
     # engine needs an address it can reach (explicit config, never a default).
     reply_addr: str | None = None
+    encoder_addrs: tuple[str, ...] = ()  # input addresses of the encoder workers
+    # -- media (see frontend/media_fetch.py) --
+    # file:// URLs are served only from under this folder (None: file:// refused).
+    allowed_local_media_path: str | None = None
+    # Non-empty: only these hosts may be fetched, and they skip the private-address check.
+    allowed_media_domains: tuple[str, ...] | list[str] = ()
+    max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES  # per fetched/decoded item
+    limit_mm_per_prompt: dict[str, int] = field(
+        default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT))
+    # Per modality kwargs for media decoding; they enter the content key of each item.
+    media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width*height
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -64,6 +85,57 @@ class FrontendConfig:
             raise ValueError(f"reply_addr must be a zmq address (tcp://...), got {self.reply_addr!r}")
         if self.engine_ready_timeout_s < 0:
             raise ValueError("engine_ready_timeout_s must be >= 0")
+        self._validate_media()
+
+    def _validate_media(self) -> None:
+        local = self.allowed_local_media_path
+        if local is not None and not Path(local).is_dir():
+            raise ValueError(f"allowed_local_media_path: {local!r} is not a folder")
+        domains = self.allowed_media_domains
+        if isinstance(domains, str):
+            domains = (domains,)
+        if not all(isinstance(d, str) and d.strip(".") for d in domains):
+            raise ValueError("allowed_media_domains: hosts must be non-empty strings")
+        # Host names compare case-insensitively and without the FQDN's trailing dot.
+        object.__setattr__(self, "allowed_media_domains",
+                           tuple(d.lower().rstrip(".") for d in domains))
+        if self.max_media_bytes < 1:
+            raise ValueError("max_media_bytes must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError("max_image_pixels must be >= 1")
+        limits = self.limit_mm_per_prompt
+        if not isinstance(limits, dict):
+            raise ValueError("limit_mm_per_prompt must be a dict like {'image': 8}")
+        for k, v in limits.items():
+            if k not in MODALITIES:
+                raise ValueError(f"limit_mm_per_prompt: unknown modality {k!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"limit_mm_per_prompt[{k!r}] must be an int >= 0")
+        object.__setattr__(self, "limit_mm_per_prompt", dict(limits))
+        kwargs = self.media_io_kwargs
+        if not isinstance(kwargs, dict):
+            raise ValueError("media_io_kwargs must be a dict like {'image': {...}}")
+        clean: dict[str, dict[str, Any]] = {}
+        for modality, kw in kwargs.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"media_io_kwargs: unknown modality {modality!r}")
+            if not isinstance(kw, dict):
+                raise ValueError(f"media_io_kwargs[{modality!r}] must be a dict")
+            known = _MEDIA_IO_KEYS.get(modality)
+            for key in kw:
+                if known is not None and key not in known:
+                    raise ValueError(f"media_io_kwargs[{modality!r}]: unknown key {key!r}")
+            clean[modality] = dict(kw)
+        color = clean.get("image", {}).get("rgba_background_color")
+        if color is not None:
+            ok = isinstance(color, (list, tuple)) and len(color) == 3 and all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
+            if not ok:
+                raise ValueError("media_io_kwargs['image']['rgba_background_color'] must be "
+                                 "3 ints in 0..255")
+            # A list, so that tuple and list spellings hash to the same content key.
+            clean["image"]["rgba_background_color"] = list(color)
+        object.__setattr__(self, "media_io_kwargs", clean)
 
     @property
     def model_name(self) -> str:

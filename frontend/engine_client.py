@@ -10,7 +10,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import zmq.asyncio
 
@@ -46,6 +47,8 @@ class EngineClient:
         self.last_beat = 0.0
         self.streams: dict[str, asyncio.Queue] = {}
         self.ready_event = asyncio.Event()
+        # Other peers (encoders) push to the same inbox; their messages go to this callback.
+        self.other_messages: Callable[[Any], None] | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -124,6 +127,8 @@ class EngineClient:
                 self.ready_event.set()
                 log.info("engine %s ready (%s, max_model_len=%d)", msg.engine_id, msg.model,
                          msg.max_model_len)
+            elif self.other_messages is not None:
+                self.other_messages(msg)
 
     async def _liveness_loop(self) -> None:
         """Say Hello until the engine answers (and again if it goes silent); fail streams on death."""

@@ -26,3 +26,8 @@ def heartbeat_interval_s() -> float:
 def engine_dead_after_s() -> float:
     """No heartbeat for this long => the engine is considered dead (health 503, requests fail)."""
     return float(os.environ.get("MMSERVE_ENGINE_TIMEOUT", "1.0"))
+
+
+def image_fetch_timeout_s() -> float:
+    """Total time allowed to fetch one http(s) image, redirects included."""
+    return float(os.environ.get("MMSERVE_IMAGE_FETCH_TIMEOUT", "5"))

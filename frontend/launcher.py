@@ -23,7 +23,9 @@ log = logging.getLogger("mmserve")
 _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "dtype",
                  "device", "seed")
-_FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb")
+_FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb",
+                   "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs")
+_ENCODER_FLAGS = ("encoder_device", "encoder_store_gb")
 MAX_RESTARTS = 3  # within RESTART_WINDOW_S; more means a crash loop, not a transient failure
 RESTART_WINDOW_S = 60.0
 
@@ -94,7 +96,17 @@ def serve(args: argparse.Namespace) -> int:
                      *_flags(args, _FRONTEND_FLAGS)]
     if args.served_model_name:
         frontend_argv += ["--served-model-name", *args.served_model_name]
+    num_encoders = args.encoders if args.encoders is not None else int(is_multimodal(args.model))
+    encoder_addrs = [tcp() for _ in range(num_encoders)]
+    encoders = [Child(f"encoder-{i}", ["encoder", "--model", args.model, "--input-addr", addr,
+                                       *_flags(args, _ENCODER_FLAGS)])
+                for i, addr in enumerate(encoder_addrs)]
+    if encoder_addrs:
+        frontend_argv += ["--encoder-addrs", *encoder_addrs]
+    if args.allowed_media_domains:
+        frontend_argv += ["--allowed-media-domains", *args.allowed_media_domains]
     engine, frontend = Child("engine", engine_argv), Child("frontend", frontend_argv)
+    workers = [engine, *encoders]
 
     stopping = False
 
@@ -105,23 +117,26 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     url = f"http://{args.host}:{args.port}"
-    restarts: list[float] = []
+    restarts: dict[str, list[float]] = {w.name: [] for w in workers}
     announced = False
-    engine.start()
-    frontend.start()
+    for child in (*workers, frontend):
+        child.start()
     try:
         while not stopping:
             if not frontend.alive():
                 log.error("frontend exited (code %s)", frontend.proc.returncode)
                 return 1
-            if not engine.alive():
+            for w in workers:
+                if w.alive():
+                    continue
                 now = time.monotonic()
-                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
-                if len(restarts) > MAX_RESTARTS:
-                    log.error("engine keeps exiting (code %s): giving up", engine.proc.returncode)
+                recent = [t for t in restarts[w.name] if now - t < RESTART_WINDOW_S] + [now]
+                restarts[w.name] = recent
+                if len(recent) > MAX_RESTARTS:
+                    log.error("%s keeps exiting (code %s): giving up", w.name, w.proc.returncode)
                     return 1
-                log.error("engine exited (code %s): restarting", engine.proc.returncode)
-                engine.start()
+                log.error("%s exited (code %s): restarting", w.name, w.proc.returncode)
+                w.start()
             if not announced and _healthy(url):
                 print(f"mmserve ready: {url}  (model {args.model})", flush=True)
                 announced = True
@@ -129,4 +144,16 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         frontend.stop()
-        engine.stop()
+        for w in workers:
+            w.stop()
+
+
+def is_multimodal(model: str) -> bool:
+    """Whether the checkpoint has a tower this build can run (then it needs encoder workers)."""
+    import json
+    from pathlib import Path
+
+    from encoder_worker.models import ENCODER_REGISTRY
+
+    archs = json.loads((Path(model) / "config.json").read_text()).get("architectures") or []
+    return any(a in ENCODER_REGISTRY for a in archs)

@@ -23,6 +23,7 @@ from frontend.config import FrontendConfig
 from frontend.detokenizer import TokenText
 from frontend.engine_client import EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
+from frontend.mm_inputs import MediaInputs
 from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, decode_body
 from frontend.outputs import SequenceDelta, SequenceState
 from frontend.processor import InputProcessor
@@ -37,8 +38,9 @@ REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey"
 
 class OpenAIServing:
     def __init__(self, config: FrontendConfig, tokenizer: Any, client: EngineClient,
-                 renderer: ChatRenderer):
+                 renderer: ChatRenderer, media: MediaInputs):
         self.config = config
+        self.media = media
         self.tokenizer = tokenizer
         self.client = client
         self.renderer = renderer
@@ -130,19 +132,28 @@ class OpenAIServing:
         model = self.check_model(req.model)
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
         processor = await self.processor()
+        messages, items = await self.media.parse(req.messages)
 
         def prepare() -> list[GenerateRequest]:
             rendered = self.renderer.render(
-                req.messages,
+                messages,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 chat_template_kwargs=req.chat_template_kwargs,
                 chat_template=req.chat_template,
             )
-            return processor.process(rid, rendered.prompt_token_ids, params,
-                                     self.client.reply_to, param="messages")
+            ids, mm_items = self.media.expand(rendered.prompt_token_ids, items)
+            return processor.process(rid, ids, params, self.client.reply_to, param="messages",
+                                     mm_items=mm_items)
 
         reqs = await self.run_cpu(prepare)
+        if items:
+            # Before any engine request: a bad image is still a 4xx, not a failed stream. The
+            # engine would let text before the first image prefill meanwhile; see the note in
+            # README's walk-through.
+            assert self.client.ready is not None
+            await self.media.dispatch(rid, items, self.client.ready.embed_addr,
+                                      self.client.reply_to)
         prompt_ids = reqs[0].prompt_token_ids
         choices = [(r, SequenceState(self.tokenizer, params, prompt_ids, i, self.token_text))
                    for i, r in enumerate(reqs)]

@@ -10,7 +10,7 @@ from typing import Any
 
 from frontend.errors import RequestError
 from frontend.sampling_params import SamplingParams
-from protocol.messages import GenerateRequest
+from protocol.messages import GenerateRequest, MMItem
 
 
 def load_eos_token_ids(model_path: str | Path | None, tokenizer: Any) -> list[int]:
@@ -102,6 +102,7 @@ class InputProcessor:
         add_special_tokens: bool = True,
         param: str = "prompt",
         arrival_time: float | None = None,
+        mm_items: list[MMItem] | None = None,
     ) -> list[GenerateRequest]:
         """One GenerateRequest per choice, ids ``f"{request_id}-{i}"``; ``param`` names the
         prompt field in errors ("prompt" or "messages")."""
@@ -119,6 +120,7 @@ class InputProcessor:
                 eos_token_ids=list(self.eos_token_ids),
                 reply_to=reply_to,
                 arrival_time=arrival,
+                mm_items=list(mm_items or []),
             )
             for i in range(params.n)
         ]

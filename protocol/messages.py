@@ -171,6 +171,9 @@ class EncodeRequest(_Data):
     deliver_to: list[str]
     reply_to: str  # the frontend's address, for EncodeDone
     request_id: str = ""  # for logs
+    # User-supplied embeddings (image_embeds), in an extra frame: the encoder stores and
+    # publishes them like its own, so a uuid can reuse them later.
+    embeds: TensorRef | None = None
 
 
 class Embedding(_Data):
@@ -204,6 +207,7 @@ class EncoderHeartbeat(_Data):
     encoder_id: str
     time: float
     stats: EncoderStats
+    addr: str = ""  # the encoder's input address, as frontends know it
 
 
 MESSAGE_TYPES: dict[MsgType, type[msgspec.Struct]] = {

@@ -322,7 +322,7 @@ def test_client_gone_on_non_streamed_request_aborts(server):
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}, 400,
-     "messages[0].content[0].type"),
+     "messages[0].content[0].image_url"),  # a text-only model: "does not accept image input"
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 300}]}, 400,
      "messages"),
     ("/v1/completions", {"prompt": "x " * 300}, 400, "prompt"),

@@ -1,0 +1,73 @@
+"""Media in a chat request, from content parts to mm items and encoder work (steps 3-5).
+
+parse (content parts -> refs, messages for the template) -> resolve (fetch, probe, key) ->
+expand (one placeholder token per item -> its run of embedding positions) -> dispatch (one
+EncodeRequest per item to the encoder that owns its key; embeddings go encoder -> decoder, never
+through here, except the user's own image_embeds, which ride along to the encoder's store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from frontend.config import FrontendConfig
+from frontend.encoder_pool import EncoderPool
+from frontend.errors import EngineUnavailable
+from frontend.media_fetch import MediaFetcher
+from frontend.mm_parse import ResolvedItem, parse_media, resolve
+from frontend.models import MediaPlaceholders, load_placeholders
+from protocol.codec import tensor_ref
+from protocol.messages import EncodeRequest, MMItem
+
+
+class MediaInputs:
+    def __init__(self, config: FrontendConfig, pool: EncoderPool | None):
+        self.config = config
+        self.placeholders: MediaPlaceholders | None = load_placeholders(config.model)
+        self.fetcher = MediaFetcher(config)
+        self.pool = pool
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+
+    async def parse(self, messages: Any) -> tuple[Any, list[ResolvedItem]]:
+        """Messages for the chat template (media parts -> {"type": "image"}) and the items."""
+        parsed = parse_media(messages, self.config.limit_mm_per_prompt)
+        items = await resolve(parsed.refs, self.fetcher, self.placeholders, self.config)
+        return parsed.messages, items
+
+    def expand(self, prompt_ids: list[int], items: list[ResolvedItem],
+               param: str = "messages") -> tuple[list[int], list[MMItem]]:
+        if not items:
+            return prompt_ids, []
+        assert self.placeholders is not None  # resolve() refused media for text-only models
+        ids, spans = self.placeholders.expand(prompt_ids, [it.num_tokens for it in items], param)
+        mm = [MMItem(it.key, it.modality, off, n, it.meta or {})
+              for it, (off, n) in zip(items, spans)]
+        return ids, mm
+
+    async def dispatch(self, request_id: str, items: list[ResolvedItem], deliver_to: str,
+                       reply_to: str) -> None:
+        """Have every item's embedding pushed to ``deliver_to``; raises the first failure
+        (RequestError for a bad image or a uuid cache miss, EngineUnavailable)."""
+        if not items:
+            return
+        if self.pool is None:
+            raise EngineUnavailable("this server runs no encoder workers")
+        unique = {it.key: it for it in items}  # the same image twice is encoded once
+        await asyncio.gather(*(self._encode(request_id, it, deliver_to, reply_to)
+                               for it in unique.values()))
+
+    async def _encode(self, request_id: str, item: ResolvedItem, deliver_to: str,
+                      reply_to: str) -> None:
+        buffers: list[Any] = []
+        embeds = None
+        if item.embeds is not None:
+            embeds, buf = tensor_ref(item.embeds, frame=2)
+            buffers.append(buf)
+        req = EncodeRequest(key=item.key, modality=item.modality, data=item.data,
+                            kwargs=item.kwargs, deliver_to=[deliver_to], reply_to=reply_to,
+                            request_id=request_id, embeds=embeds)
+        assert self.pool is not None
+        await self.pool.encode(req, buffers)

@@ -1,0 +1,242 @@
+"""Media parts of chat messages (vLLM's request shapes) -> template parts + resolved items.
+
+Two steps, so nothing is fetched for a request that fails validation:
+1. ``parse_media`` (sync, cheap): each media part becomes ``{"type": "image"}`` in place (the
+   chat template prints the model's image token there, so text and images interleave in any
+   order) and a ``MediaRef`` in prompt order; per-prompt limits are enforced here.
+2. ``resolve`` (async): fetch + probe or load each ref concurrently -> ``ResolvedItem`` with its
+   cache key and placeholder count (request life cycle step 3 in ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from frontend.config import DEFAULT_LIMIT_MM_PER_PROMPT, FrontendConfig
+from frontend.errors import RequestError
+from frontend.image_probe import probe_image
+from frontend.models import MediaPlaceholders, require_image_support
+from protocol.hashing import content_key, uuid_key
+
+if TYPE_CHECKING:
+    import torch
+
+    from frontend.media_fetch import MediaFetcher
+
+MAX_UUID_CHARS = 256
+# Past this many bytes, hashing/probing/decoding moves to a worker thread (event loop stays free).
+_THREAD_BYTES = 1 << 20
+TEXT_PARTS = ("text",)
+_OTHER_MEDIA = {"input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+
+
+class MediaRef(NamedTuple):
+    modality: str  # "image"
+    kind: str  # "url" | "uuid" | "embeds" | "pil"
+    value: Any  # URL string, base64 string, PIL image; None for "uuid"
+    uuid: str | None
+    param: str  # JSON path of the part's payload, for error messages
+
+
+class ParsedMessages(NamedTuple):
+    messages: list[Any]  # copies; media parts replaced by {"type": "image"}
+    refs: list[MediaRef]  # one per media part, in prompt order
+
+
+class ResolvedItem(NamedTuple):
+    modality: str
+    key: str  # "uuid:<id>" or "blake3:<hex>"
+    data: bytes | None  # raw media bytes for the encoder; None: uuid-only or embeds
+    embeds: torch.Tensor | None  # [num_tokens, hidden] float32 for user-supplied embeddings
+    num_tokens: int
+    kwargs: dict[str, Any]  # media_io_kwargs that shape the embedding (also in the key)
+    param: str
+    meta: dict[str, Any] | None = None  # probed width, height, format (fetched/PIL images)
+
+
+# -- parse --------------------------------------------------------------------------------------
+
+def _uuid(part: dict[str, Any], where: str) -> str | None:
+    uuid = part.get("uuid")
+    if uuid is None:
+        return None
+    if not isinstance(uuid, str) or not 1 <= len(uuid) <= MAX_UUID_CHARS:
+        raise RequestError(f"{where}.uuid must be a non-empty string of at most "
+                           f"{MAX_UUID_CHARS} characters", f"{where}.uuid")
+    return uuid
+
+
+def _image_url(part: dict[str, Any], where: str) -> MediaRef:
+    param = f"{where}.image_url"
+    if "image_url" not in part:
+        raise RequestError(f"{param} is required", param)
+    value, uuid = part["image_url"], _uuid(part, where)
+    if isinstance(value, dict):
+        url = value.get("url")
+        if not isinstance(url, str) or not url:
+            raise RequestError(f"{param}.url must be a non-empty string", f"{param}.url")
+        value = url
+    if value is None:
+        if uuid is None:
+            raise RequestError(f"{param} is null: give a uuid to reuse a cached image", param)
+        return MediaRef("image", "uuid", None, uuid, param)
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{param} must be an object with a url, or a url string", param)
+    return MediaRef("image", "url", value, uuid, param)
+
+
+def _image_embeds(part: dict[str, Any], where: str) -> MediaRef:
+    param = f"{where}.image_embeds"
+    value, uuid = part.get("image_embeds"), _uuid(part, where)
+    if value is None:
+        if uuid is None:
+            raise RequestError(f"{param} is null: give a uuid to reuse cached embeddings", param)
+        return MediaRef("image", "uuid", None, uuid, param)
+    if not isinstance(value, str):
+        raise RequestError(f"{param} must be the base64 of torch.save(tensor)", param)
+    return MediaRef("image", "embeds", value, uuid, param)
+
+
+def _image_pil(part: dict[str, Any], where: str) -> MediaRef:
+    from PIL import Image
+
+    param = f"{where}.image_pil"
+    value = part.get("image_pil")
+    if not isinstance(value, Image.Image):
+        raise RequestError(f"{param} must be a PIL.Image.Image", param)
+    return MediaRef("image", "pil", value, _uuid(part, where), param)
+
+
+# Part type -> parser. Other modalities add theirs here.
+PART_PARSERS: dict[str, Callable[[dict[str, Any], str], MediaRef]] = {
+    "image_url": _image_url,
+    "input_image": _image_url,
+    "image_embeds": _image_embeds,
+    "image_pil": _image_pil,
+}
+
+
+def parse_media(messages: Any, limit_mm_per_prompt: dict[str, int]) -> ParsedMessages:
+    """Replace media parts by template parts and collect their refs; structural checks of
+    messages themselves stay with ``frontend.chat.validate_messages``."""
+    if not isinstance(messages, list):
+        raise RequestError("messages must be a non-empty list", "messages")
+    counts: dict[str, int] = {}
+    refs: list[MediaRef] = []
+    out: list[Any] = []
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            out.append(msg)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(part, str) or kind in TEXT_PARTS or not isinstance(kind, str):
+                parts.append(part)  # text, or malformed: validate_messages words that error
+                continue
+            parser = PART_PARSERS.get(kind)
+            if parser is None:
+                if kind in _OTHER_MEDIA:
+                    raise RequestError(f"{where}: {_OTHER_MEDIA[kind]} input is not supported "
+                                       "by this server", f"{where}.type")
+                raise RequestError(f"{where}.type: unknown content part type {kind!r}",
+                                   f"{where}.type")
+            ref = parser(part, where)
+            counts[ref.modality] = counts.get(ref.modality, 0) + 1
+            limit = limit_mm_per_prompt.get(ref.modality,
+                                            DEFAULT_LIMIT_MM_PER_PROMPT.get(ref.modality, 0))
+            if counts[ref.modality] > limit:
+                raise RequestError(f"at most {limit} {ref.modality}(s) may be provided in one "
+                                   "prompt", "messages")
+            refs.append(ref)
+            parts.append({"type": ref.modality})
+        out.append({**msg, "content": parts})
+    return ParsedMessages(out, refs)
+
+
+# -- resolve ------------------------------------------------------------------------------------
+
+async def resolve(refs: list[MediaRef], fetcher: MediaFetcher,
+                  placeholders: MediaPlaceholders | None,
+                  config: FrontendConfig) -> list[ResolvedItem]:
+    """Fetch/load every ref concurrently; the first failure cancels the rest and is raised."""
+    if not refs:
+        return []
+    model = require_image_support(placeholders, refs[0].param)
+    tasks = [asyncio.ensure_future(_resolve_one(r, fetcher, model, config)) for r in refs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()  # don't keep fetching for a request that already failed
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceholders,
+                       config: FrontendConfig) -> ResolvedItem:
+    kwargs = dict(config.media_io_kwargs.get(ref.modality, {}))
+    if ref.kind == "uuid":
+        n = model.fixed_num_image_tokens
+        if n is None:
+            raise RequestError("this model needs the image to size it: send the image (or its "
+                               "embeddings) along with the uuid", ref.param)
+        return ResolvedItem(ref.modality, uuid_key(ref.uuid or ""), None, None, n, kwargs,
+                            ref.param)
+    if ref.kind == "embeds":
+        return await _from_embeds(ref, model, config)
+    if ref.kind == "pil":
+        data = await asyncio.to_thread(_encode_png, ref.value, ref.param)
+    else:
+        data = await fetcher.fetch(ref.value, ref.param)
+    if len(data) > _THREAD_BYTES:
+        info, key = await asyncio.to_thread(_probe_and_key, data, ref, kwargs, config)
+    else:
+        info, key = _probe_and_key(data, ref, kwargs, config)
+    meta = {"width": info.width, "height": info.height, "format": info.format}
+    return ResolvedItem(ref.modality, key, data, None,
+                        model.num_image_tokens(info.width, info.height), kwargs, ref.param, meta)
+
+
+def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any],
+                   config: FrontendConfig) -> tuple[Any, str]:
+    info = probe_image(data, ref.param, config.max_image_pixels)
+    # The kwargs enter the hash: another rgba_background_color is another embedding.
+    key = uuid_key(ref.uuid) if ref.uuid else content_key(data, kwargs)
+    return info, key
+
+
+async def _from_embeds(ref: MediaRef, model: MediaPlaceholders,
+                       config: FrontendConfig) -> ResolvedItem:
+    from frontend.embeds import load_image_embeds
+
+    args = (ref.value, model.hidden_size, ref.param, config.max_media_bytes)
+    if len(ref.value) > _THREAD_BYTES:
+        tensors = await asyncio.to_thread(load_image_embeds, *args)
+    else:
+        tensors = load_image_embeds(*args)
+    if len(tensors) != 1:
+        # One part renders one placeholder; a batch would not line up with the prompt.
+        raise RequestError(f"one image_embeds part carries one image, got {len(tensors)}: "
+                           "send one part per image", ref.param)
+    t = tensors[0]  # [feature_size, hidden] float32, contiguous
+    key = uuid_key(ref.uuid) if ref.uuid else content_key(
+        memoryview(t.numpy()).cast("B"), {"embeds": True})
+    return ResolvedItem(ref.modality, key, None, t, int(t.shape[0]), {}, ref.param)
+
+
+def _encode_png(image: Any, param: str) -> bytes:
+    """Lossless bytes of an in-memory PIL image, so it hashes and travels like fetched bytes."""
+    if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+        image = image.convert("RGB")  # e.g. CMYK, YCbCr: modes PNG can't store
+    buf = io.BytesIO()
+    try:
+        image.save(buf, format="PNG")
+    except (OSError, ValueError):
+        raise RequestError("image_pil could not be encoded as PNG", param) from None
+    return buf.getvalue()

@@ -1,0 +1,98 @@
+"""Frontend slices of each architecture: how many placeholder tokens a media item becomes and
+where they go in the prompt. Registry from the HF ``architectures`` name to the slice class;
+text-only architectures map to None (the server then refuses media parts)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from frontend.errors import RequestError
+
+
+class MediaPlaceholders(ABC):
+    """Placeholder arithmetic of one multimodal architecture (pure: no weights, no tokenizer).
+
+    Each image token in the rendered prompt stands for one image item, in order; ``expand``
+    widens it to that item's feature count.
+    """
+
+    image_token_id: int
+    hidden_size: int  # of the embeddings that replace the placeholders (the LM's hidden size)
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, model_dir: str | Path) -> MediaPlaceholders:
+        """Read what the arithmetic needs from the checkpoint's config files."""
+
+    @abstractmethod
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """Placeholder tokens for one image of this size (pixels, before preprocessing)."""
+
+    @property
+    def fixed_num_image_tokens(self) -> int | None:
+        """The count when it does not depend on the image size, else None (then an item known
+        only by its uuid cannot be placed)."""
+        return None
+
+    def expand(self, prompt_ids: list[int], item_tokens: list[int],
+               param: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Replace the k-th image token by ``item_tokens[k]`` copies of it.
+
+        Returns the new ids and each item's (offset, length) in them. Every single image token
+        is one item: a prompt pre-expanded by the client is a count mismatch (400), as it
+        can't be told apart from many images.
+        """
+        tok = self.image_token_id
+        found = sum(1 for t in prompt_ids if t == tok)
+        if found != len(item_tokens):
+            raise RequestError(
+                f"the prompt has {found} image placeholder(s) but {len(item_tokens)} image(s) "
+                "were given", param)
+        out: list[int] = []
+        ranges: list[tuple[int, int]] = []
+        k = 0
+        for t in prompt_ids:
+            if t == tok:
+                n = item_tokens[k]
+                ranges.append((len(out), n))
+                out.extend([tok] * n)
+                k += 1
+            else:
+                out.append(t)
+        return out, ranges
+
+
+# HF architecture -> (module under frontend.models, class), or None for text-only models.
+# Modules are imported on use so the frontend loads only its model's slice.
+MEDIA_SLICES: dict[str, tuple[str, str] | None] = {
+    "LlavaForConditionalGeneration": ("llava", "LlavaPlaceholders"),
+    "LlamaForCausalLM": None,
+    "MistralForCausalLM": None,
+    "Qwen2ForCausalLM": None,
+}
+
+
+def load_placeholders(model_dir: str | Path) -> MediaPlaceholders | None:
+    """The frontend slice of the checkpoint in ``model_dir``; None for a text-only model.
+    Unknown architectures are a startup error (ValueError), not a silent text-only mode."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in MEDIA_SLICES:
+            entry = MEDIA_SLICES[arch]
+            if entry is None:
+                return None
+            module = importlib.import_module(f"frontend.models.{entry[0]}")
+            return getattr(module, entry[1]).from_pretrained(model_dir)
+    raise ValueError(f"{model_dir}: unsupported architecture {archs!r} "
+                     f"(known: {', '.join(MEDIA_SLICES)})")
+
+
+def require_image_support(placeholders: MediaPlaceholders | None, param: str) -> MediaPlaceholders:
+    """400 for a media part sent to a text-only model."""
+    if placeholders is None:
+        raise RequestError("this model does not accept image input", param)
+    return placeholders
