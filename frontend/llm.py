@@ -12,6 +12,7 @@ from typing import Any
 
 from frontend.chat import ChatRenderer, load_chat_template
 from frontend.errors import RequestError
+from frontend.mm_parse import expand_items
 from frontend.outputs import RequestOutput, SequenceState
 from frontend.sampling_params import SamplingParams
 
@@ -34,9 +35,15 @@ class LLM:
         device: str = "auto",
         seed: int = 0,
         chat_template: str | None = None,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        media_io_kwargs: dict[str, dict] | None = None,
+        allowed_local_media_path: str | None = None,
+        allowed_media_domains: Sequence[str] = (),
     ):
         import transformers
 
+        from frontend.config import FrontendConfig
+        from frontend.llm_media import OfflineMedia
         from frontend.processor import InputProcessor
         from llm_worker.config import LLMWorkerConfig
         from llm_worker.engine import EngineCore
@@ -59,6 +66,12 @@ class LLM:
         self.processor = InputProcessor(self.tokenizer, self.engine.max_model_len,
                                         self.engine.vocab_size, model_path=model)
         self.chat_renderer = ChatRenderer(self.tokenizer, load_chat_template(chat_template))
+        media = {"limit_mm_per_prompt": limit_mm_per_prompt, "media_io_kwargs": media_io_kwargs,
+                 "allowed_local_media_path": allowed_local_media_path}
+        self.media = OfflineMedia(
+            FrontendConfig(model=model, allowed_media_domains=tuple(allowed_media_domains),
+                           **{k: v for k, v in media.items() if v is not None}),
+            device, dtype)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -70,23 +83,33 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in the order of ``prompts``. A prompt is a string, a list of token ids, or a
-        dict with "prompt" or "prompt_token_ids"."""
+        dict with "prompt" or "prompt_token_ids", and optionally "multi_modal_data"
+        ({"image": PIL | [PIL | None, ...] | tensor [num_items, feature, hidden]}) and
+        "multi_modal_uuids" ({"image": [str | None, ...]}; a None image reuses its uuid's item)."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
         items = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
+            media: list = []
             if isinstance(p, dict):
+                unknown = set(p) - {"prompt", "prompt_token_ids", "multi_modal_data",
+                                    "multi_modal_uuids"}
+                if unknown:
+                    raise RequestError(f"unknown prompt keys {sorted(unknown)}", f"prompts[{i}]")
+                if p.get("multi_modal_data"):
+                    media = self.media.from_multi_modal_data(
+                        p["multi_modal_data"], p.get("multi_modal_uuids"), f"prompts[{i}]")
                 if "prompt_token_ids" in p:
-                    items.append((None, list(p["prompt_token_ids"])))
+                    items.append((None, list(p["prompt_token_ids"]), media))
                 elif "prompt" in p:
-                    items.append((p["prompt"], p["prompt"]))
+                    items.append((p["prompt"], p["prompt"], media))
                 else:
                     raise RequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'",
-                                       "prompts")
+                                       f"prompts[{i}]")
             else:
-                items.append((p if isinstance(p, str) else None, p))
+                items.append((p if isinstance(p, str) else None, p, media))
         return self._run(items, sampling_params, add_special_tokens=True)
 
     def chat(
@@ -103,12 +126,13 @@ class LLM:
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         items = []
         for conv in convs:
+            conv, media = self.media.from_chat(conv)
             r = self.chat_renderer.render(
                 conv, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 chat_template_kwargs=chat_template_kwargs, chat_template=chat_template,
             )
-            items.append((r.prompt, r.prompt_token_ids))
+            items.append((r.prompt, r.prompt_token_ids, media))
         return self._run(items, sampling_params, add_special_tokens=False)
 
     def _run(self, items, sampling_params, add_special_tokens: bool) -> list[RequestOutput]:
@@ -124,9 +148,15 @@ class LLM:
         results: list[RequestOutput] = []
         states: dict[str, SequenceState] = {}
         try:
-            for (text, prompt), sp in zip(items, params):
+            for (text, prompt, media), sp in zip(items, params):
                 rid = str(next(self._ids))
-                reqs = self.processor.process(rid, prompt, sp,
+                mm_items = []
+                if media:
+                    ids = self.processor.tokenize(prompt, add_special_tokens)
+                    prompt, mm_items = expand_items(self.media.placeholders, ids, media,
+                                                    "prompt")
+                    self.media.provide(self.engine, media)
+                reqs = self.processor.process(rid, prompt, sp, mm_items=mm_items,
                                               add_special_tokens=add_special_tokens)
                 ids = reqs[0].prompt_token_ids
                 out = RequestOutput(rid, text, ids, [], finished=False)

@@ -15,7 +15,7 @@ from frontend.config import FrontendConfig
 from frontend.encoder_pool import EncoderPool
 from frontend.errors import EngineUnavailable
 from frontend.media_fetch import MediaFetcher
-from frontend.mm_parse import ResolvedItem, parse_media, resolve
+from frontend.mm_parse import ResolvedItem, expand_items, parse_media, resolve
 from frontend.models import MediaPlaceholders, load_placeholders
 from protocol.codec import tensor_ref
 from protocol.messages import EncodeRequest, MMItem
@@ -39,13 +39,7 @@ class MediaInputs:
 
     def expand(self, prompt_ids: list[int], items: list[ResolvedItem],
                param: str = "messages") -> tuple[list[int], list[MMItem]]:
-        if not items:
-            return prompt_ids, []
-        assert self.placeholders is not None  # resolve() refused media for text-only models
-        ids, spans = self.placeholders.expand(prompt_ids, [it.num_tokens for it in items], param)
-        mm = [MMItem(it.key, it.modality, off, n, it.meta or {})
-              for it, (off, n) in zip(items, spans)]
-        return ids, mm
+        return expand_items(self.placeholders, prompt_ids, items, param)
 
     async def dispatch(self, request_id: str, items: list[ResolvedItem], deliver_to: str,
                        reply_to: str) -> None:

@@ -20,6 +20,7 @@ from frontend.errors import RequestError
 from frontend.image_probe import probe_image
 from frontend.models import MediaPlaceholders, require_image_support
 from protocol.hashing import content_key, uuid_key
+from protocol.messages import MMItem
 
 if TYPE_CHECKING:
     import torch
@@ -240,3 +241,16 @@ def _encode_png(image: Any, param: str) -> bytes:
     except (OSError, ValueError):
         raise RequestError("image_pil could not be encoded as PNG", param) from None
     return buf.getvalue()
+
+
+# -- expand -------------------------------------------------------------------------------------
+
+def expand_items(placeholders: MediaPlaceholders | None, prompt_ids: list[int],
+                 items: list[ResolvedItem], param: str) -> tuple[list[int], list[MMItem]]:
+    """Each item's placeholder token becomes its run of embedding positions -> wire mm items."""
+    if not items:
+        return prompt_ids, []
+    model = require_image_support(placeholders, param)
+    ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param)
+    return ids, [MMItem(it.key, it.modality, off, n, it.meta or {})
+                 for it, (off, n) in zip(items, spans)]

@@ -7,8 +7,7 @@ import pytest
 import torch
 import transformers
 
-from frontend.llm import LLM
-from frontend.sampling_params import SamplingParams
+from frontend import LLM, SamplingParams
 
 PROMPTS = [
     "Hello world",
