@@ -24,7 +24,7 @@ from frontend.mm_inputs import MediaInputs
 from frontend.openai_format import error_json
 from frontend.openai_protocol import DetokenizeRequest, TokenizeRequest, decode_body
 from frontend.openai_serving import REQUEST_ID, OpenAIServing
-from protocol.messages import EngineStats
+from protocol.messages import EncoderStats, EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,15 @@ async def metrics(request: web.Request) -> web.Response:
     for field in EngineStats.__struct_fields__:
         add(f"mmserve_{field}", "counter" if field in _COUNTERS else "gauge",
             getattr(client.stats, field), f"engine {field.replace('_', ' ')}")
+    pool = serving.media.pool
+    if pool is not None:
+        add("mmserve_encoders_live", "gauge", len(pool.live()), "encoders sending heartbeats")
+        for field in EncoderStats.__struct_fields__:
+            name = f"mmserve_encoder_{field}"
+            lines.extend([f"# HELP {name} encoder {field.replace('_', ' ')}",
+                          f"# TYPE {name} {'gauge' if field.startswith('store') else 'counter'}"])
+            for i, enc in enumerate(pool.encoders.values()):
+                lines.append(f'{name}{{encoder="{i}"}} {getattr(enc.stats, field)}')
     for name, value in serving.counters.items():
         add(f"mmserve_frontend_{name}", "counter", value, f"frontend {name.replace('_', ' ')}")
     return web.Response(text="\n".join(lines) + "\n",

@@ -32,3 +32,10 @@ def tiny_qwen2(tmp_path_factory):
     from frontend.random_model import build_random_checkpoint
 
     return str(build_random_checkpoint(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from frontend.random_model import build_random_llava
+
+    return str(build_random_llava(tmp_path_factory.mktemp("tiny_llava")))
