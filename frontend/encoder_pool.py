@@ -52,7 +52,7 @@ class EncoderPool:
         self.encoders = {a: _Encoder(ctx, a) for a in addrs}
         self.reply_to = reply_to
         self.frontend_id = frontend_id
-        self.dead_after = env.engine_dead_after_s()
+        self.dead_after = env.encoder_dead_after_s()
         self.inflight: dict[tuple[str, str], _InFlight] = {}  # (request_id, key)
         self._task: asyncio.Task | None = None
 

@@ -31,3 +31,9 @@ def engine_dead_after_s() -> float:
 def image_fetch_timeout_s() -> float:
     """Total time allowed to fetch one http(s) image, redirects included."""
     return float(os.environ.get("MMSERVE_IMAGE_FETCH_TIMEOUT", "5"))
+
+
+def encoder_dead_after_s() -> float:
+    """No heartbeat from an encoder for this long => its in-flight items move to another one.
+    Longer than the engine's: a false alarm costs a second encode of the same items."""
+    return float(os.environ.get("MMSERVE_ENCODER_TIMEOUT", "3.0"))

@@ -64,10 +64,11 @@ def metric(base: str, name: str) -> float:
 
 
 class Server:
-    def __init__(self, model: str, *extra: str, timeout: float = 120.0):
+    def __init__(self, model: str, *extra: str, timeout: float = 120.0,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, MMSERVE_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, MMSERVE_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "frontend.cli", "serve", model, "--port", str(self.port),
              *extra],
@@ -81,9 +82,12 @@ class Server:
             time.sleep(0.2)
 
     def child(self, role: str) -> int:
-        pids = [p for p in children_of(self.proc.pid) if f" {role} " in cmdline(p)]
+        pids = self.children(role)
         assert len(pids) == 1, (role, pids)
         return pids[0]
+
+    def children(self, role: str) -> list[int]:
+        return [p for p in children_of(self.proc.pid) if f" {role} " in cmdline(p)]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -1,0 +1,56 @@
+"""Configuration of the encoder role (decode + preprocess + tower + projector + embedding store)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model: str  # local Hugging Face checkpoint folder
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    store_bytes: int = 2 << 30  # embedding store (LRU by bytes), host memory
+    max_batch_items: int = 32  # images per tower forward
+    max_wait_ms: float = 5.0  # how long a ready image may wait for others to fill its batch
+    decode_threads: int = 4  # decode + preprocess pool (PIL releases the GIL while decoding)
+    max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width * height
+    min_image_side: int = 2  # thinner images can't be resized into the tower's input
+    heartbeat_s: float = 0.2  # EncoderHeartbeat period to every frontend that said Hello
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model: no config.json in {self.model!r} (a local HF checkpoint folder)")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be auto or one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.store_bytes < 0:
+            raise ValueError("store_bytes must be >= 0 (0 disables the embedding store)")
+        if self.max_batch_items < 1:
+            raise ValueError("max_batch_items must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if self.decode_threads < 1:
+            raise ValueError("decode_threads must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError("max_image_pixels must be >= 1")
+        if self.min_image_side < 1:
+            raise ValueError("min_image_side must be >= 1")
+        if self.heartbeat_s <= 0:
+            raise ValueError("heartbeat_s must be > 0")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"

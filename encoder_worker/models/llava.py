@@ -1,0 +1,145 @@
+"""LLaVA-1.5, encoder slice: CLIP preprocessing, the CLIP vision tower and the MLP projector.
+
+Only ``vision_tower.*`` and ``multi_modal_projector.*`` are read from the checkpoint (the LM is
+the decoder's). The tower reuses transformers' CLIP embedding and encoder-layer modules but runs
+only up to the deepest ``vision_feature_layer``: LLaVA-1.5 takes layer -2, so the last layer and
+the post-layernorm never run (and are never loaded).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig
+from transformers.activations import ACT2FN
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
+
+from encoder_worker.models.base import EncoderModel
+from encoder_worker.models.clip_image import ClipImageProcessor
+from encoder_worker.models.weights import copy_into, load_weights
+
+
+class ClipTower(nn.Module):
+    """CLIP ViT truncated after ``num_layers`` encoder layers; returns chosen hidden states."""
+
+    def __init__(self, config, num_layers: int):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # HF's typo
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(num_layers))
+
+    def forward(self, pixel_values: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> hidden states [B, 1 + patches, vision_hidden] at indices ``keep``
+        (0 = embeddings after pre_layrnorm, i = output of layer i, as HF's hidden_states)."""
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values))
+        states = [hidden]
+        for layer in self.layers:
+            hidden = layer(hidden, None)  # no mask: every image has the same patch count
+            states.append(hidden)
+        return [states[i] for i in keep]
+
+
+class LlavaProjector(nn.Module):
+    """linear -> act -> linear; parameter names match HF's ``multi_modal_projector``."""
+
+    def __init__(self, in_features: int, hidden: int, act: str, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden, bias=bias)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def _absolute_layers(feature_layer: int | list[int], num_layers: int) -> list[int]:
+    """Indices into the L + 1 hidden states (negative ones count from the end, as in Python)."""
+    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    if not layers:
+        raise ValueError("vision_feature_layer is an empty list")
+    out = []
+    for i in layers:
+        if not -(num_layers + 1) <= i <= num_layers:
+            raise ValueError(f"vision_feature_layer {i} is outside a {num_layers}-layer tower")
+        out.append(i if i >= 0 else num_layers + 1 + i)
+    return out
+
+
+class LlavaEncoder(EncoderModel):
+    modality = "image"
+
+    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
+        hf = AutoConfig.from_pretrained(model_dir)
+        vision = hf.vision_config
+        if vision.model_type != "clip_vision_model":
+            raise ValueError(f"{model_dir}: vision tower {vision.model_type!r} is not supported "
+                             "(only CLIP)")
+        vision._attn_implementation = "sdpa"  # fused attention; equal to eager up to rounding
+        self.select_strategy = hf.vision_feature_select_strategy
+        if self.select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy {self.select_strategy!r} is not "
+                             "'default' or 'full'")
+        self.feature_layers = _absolute_layers(hf.vision_feature_layer, vision.num_hidden_layers)
+        self.processor = ClipImageProcessor.from_pretrained(model_dir)
+        side = vision.image_size
+        if self.processor.output_hw() != (side, side):
+            raise ValueError(f"{model_dir}: the image processor makes {self.processor.output_hw()} "
+                             f"images but the tower takes {side}x{side}")
+        self._num_tokens = (side // vision.patch_size) ** 2 + (self.select_strategy == "full")
+        self.hidden_size = hf.text_config.hidden_size
+        self.device, self.dtype = torch.device(device), dtype
+        self.num_tower_layers = max(self.feature_layers)
+        # Built on the meta device, then allocated once in the target dtype on the target device:
+        # no random init of a 300M-parameter tower that the checkpoint overwrites anyway.
+        with torch.device("meta"):
+            self.tower = ClipTower(vision, self.num_tower_layers)
+            self.projector = LlavaProjector(vision.hidden_size * len(self.feature_layers),
+                                            self.hidden_size, hf.projector_hidden_act,
+                                            getattr(hf, "multimodal_projector_bias", True))
+        self.tower = self.tower.to(dtype).to_empty(device=self.device).eval()
+        self.projector = self.projector.to(dtype).to_empty(device=self.device).eval()
+        # A non-persistent buffer: not in the checkpoint, so to_empty left it uninitialized.
+        pos = self.tower.embeddings.position_ids
+        pos.copy_(torch.arange(pos.shape[-1], device=self.device).expand_as(pos))
+        weights = load_weights(model_dir, self._local_name)
+        copy_into(self.tower, {k[6:]: v for k, v in weights.items() if k.startswith("tower.")},
+                  f"{model_dir} vision_tower")
+        copy_into(self.projector, {k[10:]: v for k, v in weights.items()
+                                   if k.startswith("projector.")}, f"{model_dir} projector")
+
+    def _local_name(self, name: str) -> str | None:
+        """Checkpoint name -> ``tower.*`` / ``projector.*``, or None for weights we don't use.
+
+        Accepts transformers 4 names (``vision_tower.vision_model.*``), transformers 5 names
+        (``vision_tower.*``) and either behind a ``model.`` prefix.
+        """
+        name = name.removeprefix("model.")
+        if name.startswith("multi_modal_projector."):
+            return "projector." + name.removeprefix("multi_modal_projector.")
+        if not name.startswith("vision_tower."):
+            return None
+        rest = name.removeprefix("vision_tower.").removeprefix("vision_model.")
+        if rest.startswith("encoder.layers."):
+            if int(rest.split(".")[2]) >= self.num_tower_layers:
+                return None  # past the deepest feature layer: never runs
+            rest = rest.removeprefix("encoder.")
+        elif not rest.startswith(("embeddings.", "pre_layrnorm.")):
+            return None  # post_layernorm (and any head) only feed CLIP's pooled output
+        return "tower." + rest
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(image)  # [3, side, side] float32
+
+    def num_tokens(self, width: int, height: int) -> int:
+        return self._num_tokens  # resize + center crop: independent of the input size
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        pixel_values = pixel_values.to(self.device, self.dtype)  # [B, 3, side, side]
+        states = self.tower(pixel_values, self.feature_layers)  # each [B, 1 + P, vision_hidden]
+        if self.select_strategy == "default":
+            states = [s[:, 1:] for s in states]  # drop CLS
+        features = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        out = self.projector(features)  # [B, num_tokens, hidden_size]
+        return list(out.unbind(0))

@@ -1,0 +1,261 @@
+"""The encoder process: EncodeRequest in; Embedding to decoder inboxes, EncodeDone to frontends.
+
+The busy loop reads aloud as: drain inputs, step (one tower batch). Sockets live on the IO
+threads of ``EncoderIO`` and decoding + preprocessing on a thread pool, so the loop only moves
+queue items and runs the tower. Finished embeddings go to the LRU store, then out to every
+``deliver_to`` address as one zero-copy frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import msgspec
+import torch
+
+from encoder_worker.config import EncoderConfig
+from encoder_worker.decode import MediaError, decode_image
+from encoder_worker.io_threads import EncoderIO, UserEmbeds
+from encoder_worker.models import load_encoder
+from encoder_worker.store import EmbeddingStore
+from protocol.codec import tensor_ref
+from protocol.messages import (
+    Embedding,
+    EncodeDone,
+    EncodeRequest,
+    EncoderHeartbeat,
+    EncoderStats,
+    Shutdown,
+)
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "internal error while encoding"
+
+
+class _Decoded(NamedTuple):
+    key: str
+    future: Future  # -> pixel values [3, H, W] float32, or MediaError / a bug
+
+
+class _Ready(NamedTuple):
+    key: str
+    pixels: torch.Tensor  # [3, H, W] float32, CPU
+    since: float  # monotonic time it became ready (the batch deadline counts from the oldest)
+
+
+class HostCopier:
+    """Tower outputs -> CPU tensors that own their memory (a view would pin a whole batch).
+
+    On CUDA every batch goes through one reused pinned staging buffer, then one clone per item:
+    3x faster than a pageable copy per item (H100, 32 LLaVA-1.5 images: 40 ms instead of 130).
+    """
+
+    def __init__(self) -> None:
+        self._staging: torch.Tensor | None = None  # flat pinned uint8, grown to the largest batch
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not tensors or tensors[0].device.type != "cuda":
+            return [t.to("cpu", copy=True).contiguous() for t in tensors]
+        total = sum(t.nbytes for t in tensors)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        views, offset = [], 0
+        for t in tensors:  # same dtype throughout, so every offset stays aligned
+            view = self._staging[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
+            view.copy_(t, non_blocking=True)
+            views.append(view)
+            offset += t.nbytes
+        torch.cuda.current_stream(tensors[0].device).synchronize()
+        return [v.clone() for v in views]
+
+
+class EncoderProc:
+    def __init__(self, config: EncoderConfig, input_addr: str):
+        self.config = config
+        self.input_addr = input_addr
+        self.encoder_id = f"encoder-{uuid.uuid4().hex[:8]}"
+        dtype = getattr(torch, config.resolved_dtype())
+        self.model = load_encoder(config.model, torch.device(config.resolved_device()), dtype)
+        self.store = EmbeddingStore(config.store_bytes)
+        self.stats = EncoderStats()
+        self.waiters: dict[str, list[EncodeRequest]] = {}  # key in flight -> requests wanting it
+        self.ready: list[_Ready] = []  # decoded, waiting for the tower
+        self.num_decoding = 0
+        self.to_host = HostCopier()
+        self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="encoder-decode")
+        self.running = True
+        self.io = EncoderIO(input_addr, self._heartbeat, config.heartbeat_s)
+        self.inbox = self.io.inbox  # requests from the socket, decode results from the pool
+
+    # -- busy loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("%s serving %s at %s", self.encoder_id, self.config.model, self.input_addr)
+        while self.running:
+            self._drain_inputs(self._wait_s())
+            self._step()
+
+    def close(self) -> None:
+        self.running = False
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.io.close()
+
+    def _batch_due(self, now: float) -> bool:
+        """Run the tower now: the batch is full, its oldest item waited long enough, or no
+        decode is in flight that could still join it."""
+        return (len(self.ready) >= self.config.max_batch_items or self.num_decoding == 0
+                or now - self.ready[0].since >= self.config.max_wait_ms / 1000)
+
+    def _wait_s(self) -> float:
+        """How long the loop may block on its inbox: until the oldest ready item's deadline."""
+        if not self.ready:
+            return 0.1  # idle; wake now and then to notice ``running`` turned off
+        now = time.monotonic()
+        if self._batch_due(now):
+            return 0.0
+        return max(0.0, self.ready[0].since + self.config.max_wait_ms / 1000 - now)
+
+    def _drain_inputs(self, wait_s: float) -> None:
+        try:
+            if wait_s > 0:
+                self._handle(self.inbox.get(timeout=wait_s))
+            while True:
+                self._handle(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, _Decoded):
+            self._on_decoded(msg)
+        elif isinstance(msg, EncodeRequest):
+            self._on_encode(msg)
+        elif isinstance(msg, UserEmbeds):
+            self._on_encode(msg.msg, msg)
+        elif isinstance(msg, Shutdown):
+            self.running = False
+        else:
+            log.warning("unexpected %s on the encoder input", type(msg).__name__)
+
+    def _on_encode(self, msg: EncodeRequest, user: UserEmbeds | None = None) -> None:
+        self.stats.num_requests += 1
+        if msg.modality != self.model.modality:
+            self._done([msg], 400, f"modality {msg.modality!r} is not supported by this model's "
+                                   f"encoder ({self.model.modality!r})")
+            return
+        tensor = self.store.get(msg.key)
+        if tensor is not None:
+            self.stats.num_cache_hits += 1
+            self._publish(msg.key, tensor, [msg], cache_hit=True)
+        elif msg.key in self.waiters:
+            self.waiters[msg.key].append(msg)  # the same item is already being encoded: join it
+        elif user is not None:
+            self._on_user_embeds(msg, user)
+        elif msg.data is None:
+            self._done([msg], 400, f"media item {msg.key} was sent by uuid only and is not in "
+                                   "the embedding cache (any more): send its data again")
+        else:
+            self.waiters[msg.key] = [msg]
+            self.num_decoding += 1
+            fut = self.pool.submit(self._decode, msg.data, msg.kwargs)
+            fut.add_done_callback(lambda f, key=msg.key: self.inbox.put(_Decoded(key, f)))
+
+    def _decode(self, data: bytes, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Decode-pool thread: bytes -> pixel values [3, H, W] float32."""
+        image = decode_image(data, kwargs, max_pixels=self.config.max_image_pixels,
+                             min_side=self.config.min_image_side)
+        return self.model.preprocess(image)
+
+    def _on_decoded(self, msg: _Decoded) -> None:
+        self.num_decoding -= 1
+        try:
+            self.ready.append(_Ready(msg.key, msg.future.result(), time.monotonic()))
+        except MediaError as e:
+            self._done(self.waiters.pop(msg.key), 400, e.message)
+        except Exception:
+            reqs = self.waiters.pop(msg.key)
+            log.exception("decode failed for %s (requests %s)", msg.key,
+                          ",".join(r.request_id for r in reqs))
+            self._done(reqs, 500, INTERNAL_ERROR)
+
+    def _on_user_embeds(self, msg: EncodeRequest, user: UserEmbeds) -> None:
+        t, hidden = user.tensor, self.model.hidden_size
+        if t is None:
+            self._done([msg], 400, user.error)
+        elif t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != hidden or not t.is_floating_point():
+            self._done([msg], 400, f"image embeddings must be floating [n, {hidden}], got "
+                                   f"{t.dtype} {list(t.shape)}")
+        else:
+            t = t.to(self.model.dtype)  # [n, hidden], stored like the tower's own
+            self.store.put(msg.key, t)
+            self._publish(msg.key, t, [msg], cache_hit=False)
+
+    def _step(self) -> None:
+        """Run the tower over one batch of ready items, if one is due."""
+        if not self.ready or not self._batch_due(time.monotonic()):
+            return
+        batch = self.ready[:self.config.max_batch_items]
+        del self.ready[:self.config.max_batch_items]
+        by_shape: dict[tuple[int, ...], list[_Ready]] = {}  # only equal shapes stack
+        for item in batch:
+            by_shape.setdefault(tuple(item.pixels.shape), []).append(item)
+        for group in by_shape.values():
+            self._encode(group)
+
+    def _encode(self, group: list[_Ready]) -> None:
+        try:
+            outs = self.model.encode(torch.stack([r.pixels for r in group]))  # [B, 3, H, W] in
+            outs = self.to_host(outs)  # each [n, hidden], CPU, owned
+        except Exception:
+            ids = [r.request_id for g in group for r in self.waiters.get(g.key, [])]
+            log.exception("encoding failed for requests %s", ",".join(ids))
+            for item in group:
+                self._done(self.waiters.pop(item.key), 500, INTERNAL_ERROR)
+            return
+        self.stats.num_encoded += len(group)
+        for item, tensor in zip(group, outs):
+            self.store.put(item.key, tensor)
+            self._publish(item.key, tensor, self.waiters.pop(item.key), cache_hit=False)
+
+    # -- emit -------------------------------------------------------------------------------
+
+    def _publish(self, key: str, tensor: torch.Tensor, reqs: list[EncodeRequest],
+                 cache_hit: bool) -> None:
+        """Embedding (+ one zero-copy frame) to each destination once, then EncodeDone each."""
+        ref, buf = tensor_ref(tensor, frame=2)
+        emb = Embedding(key, ref, meta={})
+        for addr in dict.fromkeys(a for r in reqs for a in r.deliver_to):  # unique, in order
+            self.io.send(addr, emb, [buf])
+        for r in reqs:
+            self.io.send(r.reply_to, EncodeDone(key, r.request_id, 200, cache_hit=cache_hit))
+
+    def _done(self, reqs: list[EncodeRequest], status: int, message: str) -> None:
+        """Report a failure to every request waiting on the item."""
+        for r in reqs:
+            self.stats.num_errors += 1
+            log.info("%s %s: %d %s", r.request_id, r.key, status, message)
+            self.io.send(r.reply_to, EncodeDone(r.key, r.request_id, status, message))
+
+    def _heartbeat(self) -> EncoderHeartbeat:
+        """Called on the IO threads: the counters are ints, safe to read while the loop runs."""
+        stats = msgspec.structs.replace(self.stats, store_bytes=self.store.bytes,
+                                        store_items=len(self.store))
+        return EncoderHeartbeat(self.encoder_id, time.time(), stats, addr=self.input_addr)
+
+
+def run_encoder(config: EncoderConfig, input_addr: str) -> None:
+    """Serve until a Shutdown message arrives (or the process is killed)."""
+    if config.resolved_device().startswith("cuda"):
+        # Here the CPU side of torch only stacks and copies; a thread per core would fight the
+        # decode pool (H100 host, 640x480 JPEGs: 113 img/s with 16 torch threads, 221 with 2).
+        torch.set_num_threads(2)
+    proc = EncoderProc(config, input_addr)
+    try:
+        proc.run()
+    finally:
+        proc.close()
