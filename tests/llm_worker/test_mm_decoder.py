@@ -118,3 +118,15 @@ def test_bad_embeddings_are_refused(llava):
     core.step()
     assert core.errors and core.errors[0][0] == "r" and core.errors[0][1] == 400
     assert not core.has_work() and core.embeds.refs == {}
+
+
+def test_decoder_loads_no_tower_weights(llava):
+    """Disaggregation: the decoder role builds and loads only the LM of a LLaVA checkpoint."""
+    path, _, model = llava
+    core = EngineCore(LLMWorkerConfig(model=path))
+    names = [n for n, _ in core.executor.worker.runner.model.named_parameters()]
+    assert names and not any("vision" in n or "projector" in n for n in names)
+    ours = sum(p.numel() for p in core.executor.worker.runner.model.parameters())
+    lm = sum(p.numel() for n, p in model.named_parameters()
+             if "vision_tower" not in n and "multi_modal_projector" not in n)
+    assert ours == lm
