@@ -108,13 +108,13 @@ def encoder_throughput(model: str, images: list[bytes], num_encoders: int) -> di
 
 
 def frontend_work(model: str, data: bytes, n: int) -> dict:
+    import transformers
+
     from frontend.chat import ChatRenderer
     from frontend.config import FrontendConfig
     from frontend.mm_inputs import MediaInputs
     from frontend.processor import InputProcessor
     from frontend.sampling_params import SamplingParams
-
-    import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model)
     config = FrontendConfig(model=model, engine_addr="tcp://127.0.0.1:1")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.checkpoint import resolve_device, resolve_dtype
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -44,13 +46,7 @@ class EncoderConfig:
             raise ValueError("heartbeat_s must be > 0")
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+        return resolve_dtype(self.dtype, self.device)

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.checkpoint import resolve_device, resolve_dtype
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -48,16 +50,10 @@ class LLMWorkerConfig:
         return json.loads((Path(self.model) / "config.json").read_text())
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+        return resolve_dtype(self.dtype, self.device)
 
     def resolved_max_model_len(self) -> int:
         if self.max_model_len is not None:

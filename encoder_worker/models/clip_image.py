@@ -12,7 +12,6 @@ broadcasting over the image, and it writes the channel-first layout directly.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,25 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protocol.checkpoint import image_processor_config as read_image_processor_config
+
 # transformers' CLIPImageProcessor defaults, for configs saved without them.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def image_processor_config(folder: str | Path) -> dict[str, Any]:
-    """Image processor settings: transformers 5 nests them in processor_config.json under
-    "image_processor"; older checkpoints keep them flat in preprocessor_config.json."""
-    folder = Path(folder)
-    new = folder / "processor_config.json"
-    if new.is_file():
-        nested = json.loads(new.read_text(encoding="utf-8")).get("image_processor")
-        if isinstance(nested, dict):
-            return nested
-    old = folder / "preprocessor_config.json"
-    if old.is_file():
-        return json.loads(old.read_text(encoding="utf-8"))
-    raise FileNotFoundError(f"{folder}: no image processor config "
-                            "(processor_config.json or preprocessor_config.json)")
+    config = read_image_processor_config(folder)
+    if config is None:
+        raise FileNotFoundError(f"{folder}: no image processor config (processor_config.json "
+                                "or preprocessor_config.json)")
+    return config
 
 
 def _hw(size: Any, what: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from frontend.models import MediaPlaceholders
+from protocol.checkpoint import image_processor_config
 
 # Defaults of transformers' CLIPVisionConfig, for configs saved without the default values.
 _CLIP_IMAGE_SIZE = 224
@@ -49,7 +50,7 @@ class LlavaPlaceholders(MediaPlaceholders):
         patch = int(vision.get("patch_size", _CLIP_PATCH_SIZE))
         hidden = int((config.get("text_config") or {}).get("hidden_size", _LLAMA_HIDDEN))
         strategy = config.get("vision_feature_select_strategy", "default")
-        size = _processed_size(_image_processor_config(folder), tower_side)
+        size = _processed_size(image_processor_config(folder) or {}, tower_side)
         return cls(token, size, patch, strategy, hidden)
 
     def num_image_tokens(self, width: int, height: int) -> int:
@@ -59,19 +60,6 @@ class LlavaPlaceholders(MediaPlaceholders):
     def fixed_num_image_tokens(self) -> int | None:
         return self._count
 
-
-def _image_processor_config(folder: Path) -> dict[str, Any]:
-    """Image processor settings: transformers 5 nests them in processor_config.json under
-    "image_processor"; older checkpoints keep them flat in preprocessor_config.json."""
-    new = folder / "processor_config.json"
-    if new.is_file():
-        nested = json.loads(new.read_text(encoding="utf-8")).get("image_processor")
-        if isinstance(nested, dict):
-            return nested
-    old = folder / "preprocessor_config.json"
-    if old.is_file():
-        return json.loads(old.read_text(encoding="utf-8"))
-    return {}
 
 
 def _processed_size(proc: dict[str, Any], tower_side: int) -> tuple[int, int]:

@@ -4,10 +4,10 @@ smoke run. Skipped without a GPU."""
 from __future__ import annotations
 
 import pytest
+from test_offline_parity import MAX_NEW, PROMPTS, assert_greedy_equal
 
 from frontend.llm import LLM
 from frontend.sampling_params import SamplingParams
-from test_offline_parity import MAX_NEW, PROMPTS, assert_greedy_equal
 
 pytestmark = pytest.mark.gpu
 

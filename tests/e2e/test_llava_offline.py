@@ -4,10 +4,10 @@ image_embeds == the image itself, uuid reuse and its failure modes."""
 from __future__ import annotations
 
 import pytest
+from llava_utils import HFLlava, image
 
 from frontend import LLM, SamplingParams
 from frontend.errors import RequestError
-from llava_utils import HFLlava, image
 
 N = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)

@@ -17,7 +17,6 @@ import aiohttp
 import openai
 import pytest
 import torch
-
 from image_host import ImageHost
 from llava_utils import HFLlava, image, png
 from server_utils import Server, get, metric

@@ -14,7 +14,6 @@ import openai
 import pytest
 import torch
 import transformers
-
 from server_utils import Server, alive, children_of, get, metric
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import time
 
 import pytest
 import zmq
+from server_utils import get
 
 from protocol.addresses import free_port, tcp
 from protocol.messages import MsgType
-from server_utils import get
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,42 @@
+"""Reading a Hugging Face checkpoint folder's metadata, which every role needs the same way.
+
+JSON only (no torch, no transformers), so the frontend can size placeholders and the encoder can
+preprocess from the same settings without either importing the other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def image_processor_config(folder: str | Path) -> dict[str, Any] | None:
+    """Image processor settings: transformers 5 nests them in processor_config.json under
+    "image_processor"; older checkpoints keep them flat in preprocessor_config.json."""
+    folder = Path(folder)
+    new = folder / "processor_config.json"
+    if new.is_file():
+        nested = json.loads(new.read_text(encoding="utf-8")).get("image_processor")
+        if isinstance(nested, dict):
+            return nested
+    old = folder / "preprocessor_config.json"
+    if old.is_file():
+        return json.loads(old.read_text(encoding="utf-8"))
+    return None
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda when a GPU is visible, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """"auto" -> bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if resolve_device(device).startswith("cuda") else "float32"
