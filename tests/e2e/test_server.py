@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tiny_llama):
-    srv = Server(tiny_llama, "--max-num-batched-tokens", "32", "--max-model-len", "512")
+    srv = Server(tiny_llama, "--max-num-batched-tokens", "32", "--max-model-len", "2048")
     yield srv
     srv.stop()
 
@@ -131,7 +131,7 @@ def test_disconnect_mid_stream_frees_kv_blocks(server):
     baseline = metric(base, "mmserve_num_total_blocks")
 
     async def go():
-        body = {"model": server.proc.args[4], "prompt": "Hello", "max_tokens": 400,
+        body = {"model": server.proc.args[4], "prompt": "Hello", "max_tokens": 2000,
                 "ignore_eos": True, "stream": True}
         async with aiohttp.ClientSession() as s:
             resp = await s.post(base + "/v1/completions", json=body)
