@@ -45,6 +45,7 @@ class LLMWorkerConfig:
             raise ValueError("tensor_parallel_size > 1 needs the mp/ray executors (not yet built)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
+        self.resolved_max_model_len()  # checks it against the checkpoint
 
     def hf_config_dict(self) -> dict:
         return json.loads((Path(self.model) / "config.json").read_text())
@@ -56,8 +57,13 @@ class LLMWorkerConfig:
         return resolve_dtype(self.dtype, self.device)
 
     def resolved_max_model_len(self) -> int:
-        if self.max_model_len is not None:
-            return self.max_model_len
         cfg = self.hf_config_dict()
         cfg = cfg.get("text_config", cfg)
-        return int(cfg.get("max_position_embeddings", 2048))
+        limit = int(cfg.get("max_position_embeddings", 2048))
+        if self.max_model_len is None:
+            return limit
+        if self.max_model_len > limit:
+            # RoPE beyond the trained positions silently degrades output: refuse, don't guess.
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {limit}")
+        return self.max_model_len

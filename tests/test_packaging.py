@@ -29,3 +29,13 @@ def test_console_script_help():
                          text=True, check=True).stdout
     for cmd in ("serve", "frontend", "llm-worker"):
         assert cmd in out
+
+
+def test_serve_rejects_bad_flags_before_starting_anything(tiny_llama):
+    out = subprocess.run([sys.executable, "-m", "frontend.cli", "serve", tiny_llama,
+                          "--max-model-len", "999999"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "max_position_embeddings" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "frontend.cli", "serve", "/no/such/model"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "config.json" in out.stderr
