@@ -77,12 +77,17 @@ def serve(args: argparse.Namespace) -> int:
     from frontend.cli import engine_config
 
     if args.model is None:
-        from frontend.random_model import DEFAULT_RANDOM_MODEL, default_model_path
+        from frontend.random_model import DEFAULT_RANDOM_MODEL, default_model
 
-        args.model = str(default_model_path())
-        args.served_model_name = args.served_model_name or [DEFAULT_RANDOM_MODEL]
-        log.warning("no MODEL given: serving the built-in placeholder model with RANDOM weights "
-                    "(its answers are arbitrary text) from %s", args.model)
+        path, name = default_model()
+        args.model = str(path)
+        args.served_model_name = args.served_model_name or [name]
+        if name == DEFAULT_RANDOM_MODEL:
+            log.warning("no MODEL given and no demo checkpoint here: serving a placeholder "
+                        "model with RANDOM weights (arbitrary text) from %s", args.model)
+        else:
+            log.info("no MODEL given: serving the built-in demo model %s from %s", name,
+                     args.model)
     try:
         engine_config(args)  # validate flags here, before any process starts
     except ValueError as e:

@@ -49,9 +49,9 @@ class LLM:
         from llm_worker.engine import EngineCore
 
         if model is None:
-            from frontend.random_model import default_model_path
+            from frontend.random_model import default_model
 
-            model = str(default_model_path())
+            model = str(default_model()[0])
         self.model = model
         self.engine = EngineCore(
             LLMWorkerConfig(

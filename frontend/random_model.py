@@ -201,6 +201,25 @@ def build_random_llava(
     return out
 
 
+DEMO_MODEL = "mmserve-demo-shapes"
+
+
+def demo_model_path() -> Path | None:
+    """The trained demo VLM shipped in the repository (deploy/demo_model/checkpoint), if this
+    is a source checkout / editable install that has it."""
+    path = Path(__file__).resolve().parents[1] / "deploy" / "demo_model" / "checkpoint"
+    return path if (path / "config.json").is_file() else None
+
+
+def default_model() -> tuple[Path, str]:
+    """(folder, served name) of the built-in default: the trained demo model, else (e.g. a
+    wheel install without deploy/) the random placeholder."""
+    demo = demo_model_path()
+    if demo is not None:
+        return demo, DEMO_MODEL
+    return default_model_path(), DEFAULT_RANDOM_MODEL
+
+
 def default_model_path() -> Path:
     """The random placeholder model, created on first use under the mmserve cache folder."""
     from frontend.env import cache_dir

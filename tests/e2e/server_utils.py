@@ -65,13 +65,13 @@ def metric(base: str, name: str) -> float:
 
 class Server:
     def __init__(self, model: str, *extra: str, timeout: float = 120.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, no_model: bool = False):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, MMSERVE_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "frontend.cli", "serve", model, "--port", str(self.port),
-             *extra],
+            [sys.executable, "-m", "frontend.cli", "serve",
+             *([] if no_model else [model]), "--port", str(self.port), *extra],
             env=env, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
