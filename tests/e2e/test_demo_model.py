@@ -12,9 +12,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from server_utils import Server
 
 from frontend.random_model import DEMO_MODEL, demo_model_path
-from server_utils import Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "demo_model"))
 import shapes  # noqa: E402
