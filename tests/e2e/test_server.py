@@ -141,7 +141,9 @@ def test_disconnect_mid_stream_frees_kv_blocks(server):
             while metric(base, "mmserve_num_free_blocks") == baseline:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
-            assert metric(base, "mmserve_num_running") == 1
+            # >= 1: a stop-string request of an earlier test may still be finishing its abort;
+            # the check after the hang-up (running == 0, every block free) catches any leak.
+            assert metric(base, "mmserve_num_running") >= 1
             resp.close()  # hang up mid-stream
 
     asyncio.run(go())
