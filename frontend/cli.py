@@ -41,6 +41,19 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-n", type=int, default=16, help="largest n (choices) a request may ask")
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--max-body-mb", type=float, default=32.0, help="larger bodies answer 413")
+    g.add_argument("--chat-template-content-format", default="auto",
+                   choices=["auto", "string", "openai"],
+                   help="message content as one string or as a list of parts (auto: read the "
+                        "template)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template (run sandboxed, bounded)")
+    g.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt in characters, checked before tokenization "
+                        "(default: 32 per token of the context length)")
+    g.add_argument("--http-header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers")
+    g.add_argument("--http-body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a request's body")
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +128,11 @@ def frontend_config(args: argparse.Namespace):
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         reply_addr=args.reply_addr,
         encoder_addrs=tuple(args.encoder_addrs or ()),
+        chat_template_content_format=args.chat_template_content_format,
+        trust_request_chat_template=args.trust_request_chat_template,
+        max_prompt_chars=args.max_prompt_chars,
+        http_header_timeout_s=args.http_header_timeout,
+        http_body_timeout_s=args.http_body_timeout,
         **media_kwargs(args),
     )
 

@@ -14,6 +14,7 @@ DEFAULT_MAX_MEDIA_BYTES = 20 * 1024 * 1024
 # probe and encoder work predictable. Raise it per deployment for many-image models.
 DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 8}
 MODALITIES = ("image", "video", "audio")
+CONTENT_FORMATS = ("auto", "string", "openai")
 # media_io_kwargs keys understood per modality; anything else is a typo that would silently
 # change nothing but the cache key.
 _MEDIA_IO_KEYS = {"image": ("rgba_background_color",)}
@@ -49,6 +50,21 @@ class FrontendConfig:
     # Per modality kwargs for media decoding; they enter the content key of each item.
     media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width*height
+    # -- chat templates (see frontend/chat.py) --
+    # How message content reaches the template: "string" (parts joined into one string, media as
+    # the model's placeholder text), "openai" (a list of typed parts), or "auto" (read from the
+    # template: one that loops over message['content'] gets parts).
+    chat_template_content_format: str = "auto"
+    # A request's own `chat_template` runs only when this is set (then sandboxed, in a separate
+    # process with time and output bounds); otherwise such a request is a 400.
+    trust_request_chat_template: bool = False
+    # -- request bounds --
+    # Characters in one prompt (or rendered chat) before tokenization; None: 32 per token of the
+    # context length, which no real prompt that fits the context can exceed.
+    max_prompt_chars: int | None = None
+    tokenizer_workers: int = 2  # threads (each with its own tokenizer copy) for tokenization
+    http_header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    http_body_timeout_s: float = 60.0  # and its body within this (slow clients are cut off)
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -85,6 +101,15 @@ class FrontendConfig:
             raise ValueError(f"reply_addr must be a zmq address (tcp://...), got {self.reply_addr!r}")
         if self.engine_ready_timeout_s < 0:
             raise ValueError("engine_ready_timeout_s must be >= 0")
+        if self.chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, "
+                             f"got {self.chat_template_content_format!r}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be >= 1")
+        if self.tokenizer_workers < 1:
+            raise ValueError("tokenizer_workers must be >= 1")
+        if not (self.http_header_timeout_s > 0 and self.http_body_timeout_s > 0):
+            raise ValueError("http_header_timeout_s and http_body_timeout_s must be > 0")
         self._validate_media()
 
     def _validate_media(self) -> None:

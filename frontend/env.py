@@ -1,4 +1,8 @@
-"""Every environment variable mmserve reads, in one place (prefix MMSERVE_)."""
+"""Every environment variable mmserve reads, in one place (prefix MMSERVE_).
+
+Where vLLM has the same knob, its ``VLLM_`` name is honoured when the ``MMSERVE_`` one is unset,
+so a deployment moving over keeps its settings.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +32,37 @@ def engine_dead_after_s() -> float:
     return float(os.environ.get("MMSERVE_ENGINE_TIMEOUT", "1.0"))
 
 
+def _vllm_compatible(name: str, default: str) -> str:
+    """``MMSERVE_<name>``, else vLLM's ``VLLM_<name>``, else ``default``."""
+    for prefix in ("MMSERVE_", "VLLM_"):
+        value = os.environ.get(prefix + name)
+        if value is not None and value.strip():
+            return value
+    return default
+
+
+def _positive_float(name: str, default: str) -> float:
+    raw = _vllm_compatible(name, default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"MMSERVE_{name} (or VLLM_{name}): not a number: {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"MMSERVE_{name} (or VLLM_{name}) must be > 0, got {raw!r}")
+    return value
+
+
 def image_fetch_timeout_s() -> float:
     """Total time allowed to fetch one http(s) image, redirects included."""
-    return float(os.environ.get("MMSERVE_IMAGE_FETCH_TIMEOUT", "5"))
+    return _positive_float("IMAGE_FETCH_TIMEOUT", "5")
+
+
+def video_fetch_timeout_s() -> float:
+    return _positive_float("VIDEO_FETCH_TIMEOUT", "30")
+
+
+def audio_fetch_timeout_s() -> float:
+    return _positive_float("AUDIO_FETCH_TIMEOUT", "10")
 
 
 def encoder_dead_after_s() -> float:

@@ -24,7 +24,9 @@ _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "blo
                  "num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "dtype",
                  "device", "seed")
 _FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb",
-                   "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs")
+                   "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs",
+                   "chat_template_content_format", "trust_request_chat_template",
+                   "max_prompt_chars", "http_header_timeout", "http_body_timeout")
 _ENCODER_FLAGS = ("encoder_device", "encoder_store_gb")
 MAX_RESTARTS = 3  # within RESTART_WINDOW_S; more means a crash loop, not a transient failure
 RESTART_WINDOW_S = 60.0
@@ -34,8 +36,11 @@ def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     out: list[str] = []
     for name in names:
         value = getattr(args, name)
-        if value is not None:
-            out += [f"--{name.replace('_', '-')}", str(value)]
+        flag = f"--{name.replace('_', '-')}"
+        if value is True:  # a store_true flag that is set
+            out.append(flag)
+        elif value is not None and value is not False:
+            out += [flag, str(value)]
     return out
 
 
