@@ -21,9 +21,11 @@ from frontend.encoder_pool import EncoderPool
 from frontend.engine_client import EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
 from frontend.mm_inputs import MediaInputs
+from frontend.models import load_placeholders, placeholder_texts
 from frontend.openai_format import error_json
 from frontend.openai_protocol import DetokenizeRequest, TokenizeRequest, decode_body
 from frontend.openai_serving import REQUEST_ID, OpenAIServing
+from frontend.tokenizer import load_tokenizer
 from protocol.messages import EncoderStats, EngineStats
 
 log = logging.getLogger(__name__)
@@ -164,12 +166,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(config: FrontendConfig) -> web.Application:
     """The app; the engine client starts with the app (it needs the running loop)."""
-    from transformers import AutoTokenizer
-
     if config.engine_addr is None:
         raise ValueError("engine_addr is required to serve HTTP")
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
-    renderer = ChatRenderer(tokenizer, load_chat_template(config.chat_template))
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    renderer = ChatRenderer(
+        tokenizer, load_chat_template(config.chat_template),
+        content_format=config.chat_template_content_format,
+        media_placeholders=placeholder_texts(load_placeholders(config.model), tokenizer),
+        trust_request_template=config.trust_request_chat_template)
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[error_middleware])
     app[CONFIG] = config

@@ -129,9 +129,17 @@ _ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.co
 class ChatRenderer:
     """Renders chat requests with the template given at startup (file), else the tokenizer's."""
 
-    def __init__(self, tokenizer: Any, chat_template: str | None = None):
+    def __init__(self, tokenizer: Any, chat_template: str | None = None, *,
+                 content_format: str = "auto",
+                 media_placeholders: dict[str, str] | None = None,
+                 trust_request_template: bool = False):
         self.tokenizer = tokenizer
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        # "auto" | "string" | "openai": see FrontendConfig.chat_template_content_format.
+        self.content_format = content_format
+        # modality -> the text the template would print for one item (e.g. {"image": "<image>"})
+        self.media_placeholders = dict(media_placeholders or {})
+        self.trust_request_template = trust_request_template
 
     def render(
         self,

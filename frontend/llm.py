@@ -15,6 +15,7 @@ from frontend.errors import RequestError
 from frontend.mm_parse import expand_items
 from frontend.outputs import RequestOutput, SequenceState
 from frontend.sampling_params import SamplingParams
+from frontend.tokenizer import load_tokenizer
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -40,8 +41,6 @@ class LLM:
         allowed_local_media_path: str | None = None,
         allowed_media_domains: Sequence[str] = (),
     ):
-        import transformers
-
         from frontend.config import FrontendConfig
         from frontend.llm_media import OfflineMedia
         from frontend.processor import InputProcessor
@@ -62,7 +61,7 @@ class LLM:
                 seed=seed,
             )
         )
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        self.tokenizer = load_tokenizer(model)
         self.processor = InputProcessor(self.tokenizer, self.engine.max_model_len,
                                         self.engine.vocab_size, model_path=model)
         self.chat_renderer = ChatRenderer(self.tokenizer, load_chat_template(chat_template))

@@ -8,6 +8,7 @@ import importlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 from frontend.errors import RequestError
 
@@ -89,6 +90,14 @@ def load_placeholders(model_dir: str | Path) -> MediaPlaceholders | None:
             return getattr(module, entry[1]).from_pretrained(model_dir)
     raise ValueError(f"{model_dir}: unsupported architecture {archs!r} "
                      f"(known: {', '.join(MEDIA_SLICES)})")
+
+
+def placeholder_texts(placeholders: MediaPlaceholders | None, tokenizer: Any) -> dict[str, str]:
+    """modality -> the placeholder token's text (what a string-content chat template needs
+    where a media part was), e.g. {"image": "<image>"}; empty for a text-only model."""
+    if placeholders is None:
+        return {}
+    return {"image": tokenizer.convert_ids_to_tokens(placeholders.image_token_id)}
 
 
 def require_image_support(placeholders: MediaPlaceholders | None, param: str) -> MediaPlaceholders:
