@@ -31,6 +31,8 @@ class _ReqState:
     num_computed_tokens: int
     mm_items: list[MMItem] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # Token ids kept out of the sample until min_tokens outputs exist (EOS and stop ids).
+    min_tokens_block: tuple[int, ...] = ()
 
 
 class ModelRunner:
@@ -128,6 +130,7 @@ class ModelRunner:
             num_computed_tokens=new.num_computed_tokens,
             mm_items=list(new.mm_items),
             generator=gen,
+            min_tokens_block=_stop_ids(new.sampling, new.eos_token_ids),
         )
 
     @torch.inference_mode()
@@ -203,12 +206,14 @@ class ModelRunner:
         rows = []
         for rid in sample_rows:
             st = self.requests[rid]
+            num_out = len(st.token_ids) - st.num_prompt_tokens
             rows.append(
                 SamplingRow(
                     params=st.sampling,
                     prompt_ids=st.token_ids[: st.num_prompt_tokens],
                     output_ids=st.token_ids[st.num_prompt_tokens :],
                     generator=st.generator,
+                    blocked_ids=st.min_tokens_block if num_out < st.sampling.min_tokens else (),
                 )
             )
         tokens, lps = self.sampler(logits, rows)
@@ -220,3 +225,13 @@ class ModelRunner:
             if lp is not None:
                 logprobs[rid] = lp
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+
+def _stop_ids(sampling: Sampling, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """What min_tokens keeps out (vLLM's rule): the stop token ids, and EOS unless ignored."""
+    if sampling.min_tokens <= 0:
+        return ()
+    ids = list(sampling.stop_token_ids)
+    if not sampling.ignore_eos:
+        ids += eos_token_ids
+    return tuple(dict.fromkeys(ids))

@@ -23,6 +23,8 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None  # set when the request has a seed
+    # Ids that may not be sampled this step (EOS and stop ids before min_tokens is reached).
+    blocked_ids: tuple[int, ...] = ()
 
 
 class Sampler:
@@ -40,6 +42,7 @@ class Sampler:
             # OpenAI semantics: logprobs of the model's distribution, before sampling transforms.
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, rows)
+        logits = self._block(logits, rows)
         tokens = self._sample(logits, rows)
         token_list = tokens.tolist()
         lps: list[TokenLogprobs | None] = [None] * len(rows)
@@ -70,6 +73,16 @@ class Sampler:
         logits = torch.where(seen, penalised, logits)
         logits = logits - self._col([x.frequency_penalty for x in p]) * counts
         logits = logits - self._col([x.presence_penalty for x in p]) * (counts > 0).float()
+        return logits
+
+    def _block(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """-inf for each row's blocked ids, in one indexed write (no per-row kernels)."""
+        pairs = [(i, t) for i, r in enumerate(rows) for t in r.blocked_ids
+                 if 0 <= t < self.vocab_size]
+        if not pairs:
+            return logits
+        idx = torch.tensor(pairs, device=logits.device).T  # [2, num_blocked]
+        logits[idx[0], idx[1]] = float("-inf")
         return logits
 
     def _col(self, values: list[float]) -> torch.Tensor:

@@ -26,6 +26,8 @@ class NewRequestData:
     block_ids: list[int]  # the whole block table, prefix-cache hits first
     num_computed_tokens: int  # prefix-cache hit: KV already in block_ids; compute from here
     mm_items: list[MMItem] = field(default_factory=list)
+    # Ids that end generation (the sampler keeps them out until min_tokens is reached).
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass

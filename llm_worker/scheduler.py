@@ -214,6 +214,7 @@ class Scheduler:
                     block_ids=list(req.block_ids),
                     num_computed_tokens=req.num_computed_tokens,
                     mm_items=list(req.mm_items),
+                    eos_token_ids=tuple(req.eos_token_ids),
                 )
             )
             out.num_scheduled_tokens[req.request_id] = n
