@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder_worker.models import ENCODER_REGISTRY
 from protocol.checkpoint import resolve_device, resolve_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -26,6 +28,10 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if not (Path(self.model) / "config.json").is_file():
             raise ValueError(f"model: no config.json in {self.model!r} (a local HF checkpoint folder)")
+        archs = json.loads((Path(self.model) / "config.json").read_text()).get("architectures")
+        if not any(a in ENCODER_REGISTRY for a in archs or []):
+            raise ValueError(f"{self.model}: no encoder for architecture {archs}; supported: "
+                             f"{', '.join(sorted(ENCODER_REGISTRY))}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto or one of {DTYPES}, got {self.dtype!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

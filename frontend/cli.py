@@ -26,10 +26,45 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in blocks (default: from memory)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="CPU KV cache budget")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", action="store_true",
+                   dest="no_prefix_caching")
+    g.add_argument("--enable-prefix-caching", action="store_false", dest="no_prefix_caching",
+                   help="on by default")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (none are captured yet: every step is eager)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
+
+
+def _add_vllm_args(p: argparse.ArgumentParser) -> None:
+    """vLLM flags that keep their meaning here, so vLLM command lines run unchanged; a value
+    mmserve can't honour stops with a clear error (frontend.llm.check_vllm_options)."""
+    g = p.add_argument_group("vLLM compatibility")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted; checkpoint code is never run (architectures are built in)")
+    g.add_argument("--runner", default="auto", help="auto or generate")
+    g.add_argument("--revision", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--tokenizer-revision", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--quantization", "-q", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)
+    g.add_argument("--swap-space", type=float, default=4, help=argparse.SUPPRESS)
+    g.add_argument("--disable-log-stats", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--disable-log-requests", action="store_true", help=argparse.SUPPRESS)
+
+
+def _check_vllm_args(args: argparse.Namespace) -> None:
+    from frontend.llm import check_vllm_options
+
+    if not hasattr(args, "runner"):
+        return
+    check_vllm_options(runner=args.runner, revision=args.revision,
+                       tokenizer_revision=args.tokenizer_revision,
+                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                       trust_remote_code=args.trust_remote_code)
+    if args.swap_space < 0:
+        raise ValueError(f"--swap-space must be >= 0, got {args.swap_space}")
 
 
 def _add_frontend_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +142,8 @@ def engine_config(args: argparse.Namespace):
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
@@ -165,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_media_args(serve)
     _add_engine_args(serve)
     _add_encoder_args(serve)
+    _add_vllm_args(serve)
     fe = sub.add_parser("frontend", help="run the HTTP frontend alone")
     fe.add_argument("--model", required=True)
     fe.add_argument("--engine-addr", required=True, help="the engine core's input address")
@@ -174,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="input addresses of the encoder workers")
     _add_frontend_args(fe)
     _add_media_args(fe)
+    _add_vllm_args(fe)
     eng = sub.add_parser("llm-worker", help="run one engine core alone")
     eng.add_argument("--model", required=True)
     eng.add_argument("--input-addr", required=True, help="address to bind, e.g. tcp://127.0.0.1:5555")
     _add_engine_args(eng)
+    _add_vllm_args(eng)
     eng.add_argument("--embed-addr", default=None,
                      help="address of the embedding inbox (default: a free port on the input host)")
     enc = sub.add_parser("encoder", help="run one encoder worker alone")
@@ -196,24 +236,35 @@ def main(argv: list[str] | None = None) -> int:
         from protocol.procs import exit_with_parent
 
         exit_with_parent()
-    if args.command == "serve":
-        from frontend.launcher import serve
+    try:
+        # Every flag and the checkpoint itself (architecture, lengths) are checked here, before
+        # any process starts or any weight loads: a mistake is one line and exit code 2.
+        _check_vllm_args(args)
+        if args.command == "serve":
+            from frontend.launcher import prepare
 
-        return serve(args)
-    if args.command == "frontend":
-        from frontend.api_server import run_frontend
+            run = prepare(args)
+        elif args.command == "frontend":
+            from frontend.api_server import run_frontend
+            from frontend.models import load_placeholders
 
-        run_frontend(frontend_config(args))
-        return 0
-    if args.command == "encoder":
-        from encoder_worker.server import run_encoder
+            config = frontend_config(args)
+            load_placeholders(config.model)  # an unknown architecture stops here
+            run = lambda: run_frontend(config)  # noqa: E731
+        elif args.command == "encoder":
+            from encoder_worker.server import run_encoder
 
-        run_encoder(encoder_config(args), args.input_addr)
-        return 0
-    from llm_worker.engine import run_engine_core
+            enc = encoder_config(args)
+            run = lambda: run_encoder(enc, args.input_addr)  # noqa: E731
+        else:
+            from llm_worker.engine import run_engine_core
 
-    run_engine_core(engine_config(args), args.input_addr, args.embed_addr)
-    return 0
+            eng = engine_config(args)
+            run = lambda: run_engine_core(eng, args.input_addr, args.embed_addr)  # noqa: E731
+    except ValueError as e:
+        print(f"mmserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return run() or 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 
 from protocol.addresses import tcp
 
@@ -22,7 +23,7 @@ log = logging.getLogger("mmserve")
 
 _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "dtype",
-                 "device", "seed")
+                 "device", "seed", "tensor_parallel_size", "enforce_eager")
 _FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb",
                    "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs",
                    "chat_template_content_format", "trust_request_chat_template",
@@ -78,8 +79,11 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def serve(args: argparse.Namespace) -> int:
-    from frontend.cli import engine_config
+def prepare(args: argparse.Namespace) -> Callable[[], int]:
+    """Check everything ``serve`` needs (flags, checkpoint, architecture) before any child
+    starts; ValueError with one line if something is wrong. Returns the supervisor to run."""
+    from frontend.cli import engine_config, frontend_config
+    from frontend.models import load_placeholders
 
     if args.model is None:
         from frontend.random_model import DEFAULT_RANDOM_MODEL, default_model
@@ -93,11 +97,23 @@ def serve(args: argparse.Namespace) -> int:
         else:
             log.info("no MODEL given: serving the built-in demo model %s from %s", name,
                      args.model)
-    try:
-        engine_config(args)  # validate flags here, before any process starts
-    except ValueError as e:
-        print(f"mmserve: error: {e}", file=sys.stderr)
-        return 2
+    engine_config(args)
+    load_placeholders(args.model)  # the frontend's slice of the architecture
+    frontend_config(_with(args, engine_addr="tcp://127.0.0.1:1", reply_addr=None,
+                          encoder_addrs=None))
+    if args.encoders:
+        from frontend.cli import encoder_config
+
+        encoder_config(args)
+    return lambda: serve(args)
+
+
+def _with(args: argparse.Namespace, **values) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **values})
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start and supervise the children of ``mmserve serve`` (after ``prepare``)."""
     engine_addr = tcp()
     engine_argv = ["llm-worker", "--model", args.model, "--input-addr", engine_addr,
                    *_flags(args, _ENGINE_FLAGS)] + (["--no-prefix-caching"]

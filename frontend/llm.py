@@ -21,56 +21,89 @@ PromptType = str | list[int] | dict[str, Any]
 
 
 class LLM:
+    """vLLM's offline entry point. Keywords keep vLLM's names; those without an effect here are
+    accepted at their harmless values and refused (ValueError naming the keyword) otherwise."""
+
     def __init__(
         self,
         model: str | None = None,
         *,
+        tokenizer: str | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_gb: float = 1.0,
+        gpu_memory_utilization: float = 0.85,
         enable_prefix_caching: bool = True,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
         dtype: str = "auto",
         device: str = "auto",
         seed: int = 0,
+        trust_remote_code: bool = False,
+        runner: str = "auto",
         chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
         limit_mm_per_prompt: dict[str, int] | None = None,
         media_io_kwargs: dict[str, dict] | None = None,
         allowed_local_media_path: str | None = None,
         allowed_media_domains: Sequence[str] = (),
+        # vLLM keywords that change nothing here at these values
+        revision: str | None = None,
+        tokenizer_revision: str | None = None,
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
+        swap_space: float = 4,
+        disable_log_stats: bool = True,
+        max_logprobs: int = 20,
+        served_model_name: str | list[str] | None = None,
     ):
         from frontend.config import FrontendConfig
         from frontend.llm_media import OfflineMedia
+        from frontend.models import placeholder_texts
         from frontend.processor import InputProcessor
         from llm_worker.config import LLMWorkerConfig
         from llm_worker.engine import EngineCore
 
+        check_vllm_options(runner=runner, revision=revision,
+                           tokenizer_revision=tokenizer_revision, quantization=quantization,
+                           kv_cache_dtype=kv_cache_dtype, trust_remote_code=trust_remote_code)
+        if swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0, got {swap_space}")
         if model is None:
             from frontend.random_model import default_model
 
             model = str(default_model()[0])
         self.model = model
+        self.max_logprobs = max_logprobs
         self.engine = EngineCore(
             LLMWorkerConfig(
                 model=model, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                 num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
-                enable_prefix_caching=enable_prefix_caching, dtype=dtype, device=device,
-                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=enable_prefix_caching,
+                tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                dtype=dtype, device=device, seed=seed,
             )
         )
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(tokenizer or model)
         self.processor = InputProcessor(self.tokenizer, self.engine.max_model_len,
                                         self.engine.vocab_size, model_path=model)
-        self.chat_renderer = ChatRenderer(self.tokenizer, load_chat_template(chat_template))
         media = {"limit_mm_per_prompt": limit_mm_per_prompt, "media_io_kwargs": media_io_kwargs,
                  "allowed_local_media_path": allowed_local_media_path}
-        self.media = OfflineMedia(
-            FrontendConfig(model=model, allowed_media_domains=tuple(allowed_media_domains),
-                           **{k: v for k, v in media.items() if v is not None}),
-            device, dtype)
+        config = FrontendConfig(model=model, allowed_media_domains=tuple(allowed_media_domains),
+                                chat_template_content_format=chat_template_content_format,
+                                **{k: v for k, v in media.items() if v is not None})
+        self.media = OfflineMedia(config, device, dtype)
+        # A template passed to chat() is the caller's own code: it runs in-process, unsandboxed.
+        self.chat_renderer = ChatRenderer(
+            self.tokenizer, load_chat_template(chat_template),
+            content_format=chat_template_content_format,
+            media_placeholders=placeholder_texts(self.media.placeholders, self.tokenizer),
+            trust_request_template=True)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -80,11 +113,15 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
     ) -> list[RequestOutput]:
         """Outputs in the order of ``prompts``. A prompt is a string, a list of token ids, or a
         dict with "prompt" or "prompt_token_ids", and optionally "multi_modal_data"
         ({"image": PIL | [PIL | None, ...] | tensor [num_items, feature, hidden]}) and
-        "multi_modal_uuids" ({"image": [str | None, ...]}; a None image reuses its uuid's item)."""
+        "multi_modal_uuids" ({"image": [str | None, ...]}; a None image reuses its uuid's item).
+        ``use_tqdm`` is accepted for vLLM's sake (no progress bar is drawn)."""
+        _no_lora(lora_request)
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -115,6 +152,8 @@ class LLM:
         self,
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
         *,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
@@ -122,6 +161,7 @@ class LLM:
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a batch of them."""
+        _no_lora(lora_request)
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         items = []
         for conv in convs:
@@ -190,3 +230,31 @@ class LLM:
                     del live[out.request_id]
                     if out.finish_reason is None:  # a stop string ended it: free the engine side
                         self.engine.abort([out.request_id])
+
+
+def _no_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request is not supported (no LoRA adapters in mmserve yet)")
+
+
+def check_vllm_options(*, runner: str = "auto", revision: str | None = None,
+                       tokenizer_revision: str | None = None, quantization: str | None = None,
+                       kv_cache_dtype: str = "auto", trust_remote_code: bool = False) -> None:
+    """vLLM options mmserve takes by name: a value it can't honour is a ValueError that says
+    why, instead of a TypeError or a silent difference. Shared by LLM() and the CLI."""
+    if runner not in ("auto", "generate"):
+        raise ValueError(f"runner {runner!r} is not supported: mmserve runs generative models "
+                         "only (runner 'auto' or 'generate')")
+    if revision is not None or tokenizer_revision is not None:
+        raise ValueError("revision / tokenizer_revision: mmserve loads local checkpoint folders "
+                         "only (no model hub); check out the revision you want into a folder")
+    if quantization is not None:
+        raise ValueError(f"quantization {quantization!r} is not supported (unquantized "
+                         "checkpoints only)")
+    if kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported (only 'auto': the "
+                         "KV cache uses the model dtype)")
+    if not isinstance(trust_remote_code, bool):
+        raise ValueError("trust_remote_code must be true or false")
+    # trust_remote_code=True is accepted and changes nothing: every architecture mmserve serves
+    # is built in, and a checkpoint's own Python code is never imported or run.

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_worker.models import model_class_path
 from protocol.checkpoint import resolve_device, resolve_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -26,6 +27,9 @@ class LLMWorkerConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available
     tensor_parallel_size: int = 1
+    # No CUDA graphs are captured yet, so every step runs eagerly either way; the flag is here so
+    # vLLM command lines and LLM() calls work unchanged.
+    enforce_eager: bool = False
     executor: str = "uni"
     attention_backend: str = "auto"
     seed: int = 0
@@ -33,6 +37,10 @@ class LLMWorkerConfig:
     def __post_init__(self) -> None:
         if not (Path(self.model) / "config.json").is_file():
             raise ValueError(f"model: no config.json in {self.model!r} (a local HF checkpoint folder)")
+        try:
+            model_class_path(self.hf_config_dict())
+        except ValueError as e:
+            raise ValueError(f"{self.model}: {e}") from None
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < self.block_size:
@@ -41,8 +49,12 @@ class LLMWorkerConfig:
             raise ValueError("block_size must be 8, 16, 32 or 64")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto or one of {DTYPES}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
         if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 needs the mp/ray executors (not yet built)")
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} is not supported "
+                             "yet: this build runs one decoder process (1)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
         self.resolved_max_model_len()  # checks it against the checkpoint

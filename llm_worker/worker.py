@@ -24,7 +24,8 @@ class Worker:
             torch.cuda.set_device(device)
         self.device = device
         torch.manual_seed(config.seed)
-        hf_config = transformers.AutoConfig.from_pretrained(config.model)
+        # Never the checkpoint's own code (and never transformers' interactive y/N question).
+        hf_config = transformers.AutoConfig.from_pretrained(config.model, trust_remote_code=False)
         self.max_model_len = config.resolved_max_model_len()
         self.runner = ModelRunner(
             config.model,

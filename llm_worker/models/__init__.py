@@ -1,25 +1,28 @@
-"""LM decoder registry: HF `architectures` name -> our model class."""
+"""LM decoder registry: HF `architectures` name -> our model class.
+
+Values are import paths, so validating a checkpoint's architecture (the launcher does it before
+any process starts) imports neither torch nor the model code.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import Any
 
-from llm_worker.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+_LLAMA = "llm_worker.models.llama"
+MODEL_REGISTRY: dict[str, str] = {
+    "LlamaForCausalLM": f"{_LLAMA}:LlamaForCausalLM",
+    "MistralForCausalLM": f"{_LLAMA}:MistralForCausalLM",
+    "Qwen2ForCausalLM": f"{_LLAMA}:Qwen2ForCausalLM",
 }
-
 
 # Multimodal checkpoints whose decoder is a plain LM named by `text_config.model_type`
 # (the towers live in encoder_worker/; this role loads only the LM's weights).
-MULTIMODAL_LM_TYPES: dict[str, dict[str, type[nn.Module]]] = {
+MULTIMODAL_LM_TYPES: dict[str, dict[str, str]] = {
     "LlavaForConditionalGeneration": {
-        "llama": LlamaForCausalLM,
-        "mistral": MistralForCausalLM,
-        "qwen2": Qwen2ForCausalLM,
+        "llama": f"{_LLAMA}:LlamaForCausalLM",
+        "mistral": f"{_LLAMA}:MistralForCausalLM",
+        "qwen2": f"{_LLAMA}:Qwen2ForCausalLM",
     },
 }
 
@@ -29,18 +32,30 @@ def text_config(hf_config):
     return getattr(hf_config, "text_config", None) or hf_config
 
 
-def get_model_class(hf_config) -> type[nn.Module]:
-    """The decoder class for the first of the config's `architectures` that we support."""
-    archs = getattr(hf_config, "architectures", None) or []
+def _get(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def model_class_path(hf_config: Any) -> str:
+    """"module:Class" of the decoder for the first of the config's `architectures` we support.
+    ``hf_config`` is a transformers config or the parsed config.json; one-line ValueError if
+    nothing matches."""
+    archs = _get(hf_config, "architectures") or []
     for arch in archs:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
         lm_types = MULTIMODAL_LM_TYPES.get(arch)
         if lm_types is not None:
-            lm_type = text_config(hf_config).model_type
+            lm_type = _get(_get(hf_config, "text_config") or {}, "model_type")
             if lm_type not in lm_types:
-                raise ValueError(f"{arch} with a {lm_type!r} language model is not supported")
+                raise ValueError(f"{arch} with a {lm_type!r} language model is not supported "
+                                 f"(supported: {', '.join(lm_types)})")
             return lm_types[lm_type]
-    raise ValueError(
-        f"unsupported architectures {archs}; supported: {', '.join(sorted([*MODEL_REGISTRY, *MULTIMODAL_LM_TYPES]))}"
-    )
+    known = ", ".join(sorted([*MODEL_REGISTRY, *MULTIMODAL_LM_TYPES]))
+    raise ValueError(f"unsupported architecture {archs or '(none in config.json)'}; "
+                     f"supported: {known}")
+
+
+def get_model_class(hf_config):
+    module, name = model_class_path(hf_config).split(":")
+    return getattr(importlib.import_module(module), name)
