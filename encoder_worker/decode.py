@@ -1,8 +1,11 @@
 """Image bytes -> RGB ``PIL.Image``, refusing anything that could hurt the encoder process.
 
-The frontend already probed the header, but the encoder trusts no peer: the size limits are
-checked again from the header before a single pixel is decoded, truncated files fail instead of
-being padded with grey, and only a short list of formats is even tried. Every refusal is a
+The frontend already probed the header, but the encoder trusts no peer: the size limits (pixel
+count, shortest side, aspect ratio) are checked again from the header before a single pixel is
+decoded, truncated files fail instead of being padded with grey, and only a short list of
+formats is even tried. Only the first frame of an animated or multi-page file is ever decoded,
+so frame counts cost nothing; 16-bit and float modes are clipped to 8 bits by ``convert``, as
+transformers' processors do. Every refusal is a
 ``MediaError`` (the user's fault: the server answers 400 with its message).
 """
 
@@ -18,6 +21,9 @@ from PIL import Image, ImageFile
 # where decoder bugs live.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
 DEFAULT_BACKGROUND = (255, 255, 255)
+# Long side / short side, as frontend/image_probe.py (and vLLM, Qwen2-VL) bound it: a resize to
+# the tower's short side scales the long one by the same factor.
+MAX_ASPECT_RATIO = 200
 
 # A process-wide PIL switch: if anything turned it on, a truncated file would decode into an
 # image padded with grey and embed silently. We want it to fail.
@@ -50,7 +56,8 @@ def background_color(kwargs: Mapping[str, Any]) -> tuple[int, int, int]:
 
 
 def decode_image(data: bytes, kwargs: Mapping[str, Any] | None = None, *,
-                 max_pixels: int = 50_000_000, min_side: int = 2) -> Image.Image:
+                 max_pixels: int = 50_000_000, min_side: int = 2,
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
     """Decode ``data`` fully into an RGB image; raises MediaError for anything unusable."""
     kwargs = kwargs or {}
     color = background_color(kwargs)  # validated first: a bad kwarg fails without decoding
@@ -71,6 +78,9 @@ def decode_image(data: bytes, kwargs: Mapping[str, Any] | None = None, *,
     if width < min_side or height < min_side:
         raise MediaError(f"image is too small: {width}x{height}; each side must be at least "
                          f"{min_side} pixels")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise MediaError(f"image aspect ratio is too extreme: {width}x{height} is more than "
+                         f"{max_aspect_ratio:g}:1")
     try:
         img.load()  # the whole file: truncated or corrupt data raises here
         return _to_rgb(img, color)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from frontend.config import DEFAULT_LIMIT_MM_PER_PROMPT, FrontendConfig
 from frontend.errors import RequestError
-from frontend.image_probe import probe_image
+from frontend.image_probe import probe_image, to_pil_image
 from frontend.models import MediaPlaceholders, require_image_support
 from protocol.hashing import content_key, uuid_key
 from protocol.messages import MMItem
@@ -60,14 +60,19 @@ class ResolvedItem(NamedTuple):
 
 # -- parse --------------------------------------------------------------------------------------
 
+def check_uuid(uuid: object, param: str) -> str:
+    """A uuid as a cache key: a short printable string (control characters and lone surrogates
+    would break logs and the UTF-8 wire encoding of the key)."""
+    if (not isinstance(uuid, str) or not 1 <= len(uuid) <= MAX_UUID_CHARS
+            or not uuid.isprintable() or any("\ud800" <= c <= "\udfff" for c in uuid)):
+        raise RequestError(f"{param} must be a non-empty string of at most {MAX_UUID_CHARS} "
+                           "printable characters", param)
+    return uuid
+
+
 def _uuid(part: dict[str, Any], where: str) -> str | None:
     uuid = part.get("uuid")
-    if uuid is None:
-        return None
-    if not isinstance(uuid, str) or not 1 <= len(uuid) <= MAX_UUID_CHARS:
-        raise RequestError(f"{where}.uuid must be a non-empty string of at most "
-                           f"{MAX_UUID_CHARS} characters", f"{where}.uuid")
-    return uuid
+    return None if uuid is None else check_uuid(uuid, f"{where}.uuid")
 
 
 def _image_url(part: dict[str, Any], where: str) -> MediaRef:
@@ -96,8 +101,10 @@ def _image_embeds(part: dict[str, Any], where: str) -> MediaRef:
         if uuid is None:
             raise RequestError(f"{param} is null: give a uuid to reuse cached embeddings", param)
         return MediaRef("image", "uuid", None, uuid, param)
-    if not isinstance(value, str):
-        raise RequestError(f"{param} must be the base64 of torch.save(tensor)", param)
+    # A tensor only comes from the offline API (JSON has none); validate_image_embeds checks it.
+    if not isinstance(value, str) and not _is_tensor(value):
+        raise RequestError(f"{param} must be the base64 of torch.save(tensor) (or, offline, a "
+                           "tensor)", param)
     return MediaRef("image", "embeds", value, uuid, param)
 
 
@@ -105,10 +112,21 @@ def _image_pil(part: dict[str, Any], where: str) -> MediaRef:
     from PIL import Image
 
     param = f"{where}.image_pil"
-    value = part.get("image_pil")
-    if not isinstance(value, Image.Image):
-        raise RequestError(f"{param} must be a PIL.Image.Image", param)
-    return MediaRef("image", "pil", value, _uuid(part, where), param)
+    value, uuid = part.get("image_pil"), _uuid(part, where)
+    if value is None:
+        if uuid is None:
+            raise RequestError(f"{param} is null: give a uuid to reuse a cached image", param)
+        return MediaRef("image", "uuid", None, uuid, param)
+    # vLLM hands image_pil to the HF processor, which takes numpy arrays as well.
+    if not isinstance(value, Image.Image) and type(value).__module__ != "numpy":
+        raise RequestError(f"{param} must be a PIL.Image.Image or a numpy array, got "
+                           f"{type(value).__name__}", param)
+    return MediaRef("image", "pil", value, uuid, param)
+
+
+def _is_tensor(value: object) -> bool:
+    # Only the offline API can pass a tensor; checking the module avoids importing torch here.
+    return type(value).__module__.startswith("torch")
 
 
 # Part type -> parser. Other modalities add theirs here.
@@ -192,7 +210,7 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
     if ref.kind == "embeds":
         return await _from_embeds(ref, model, config)
     if ref.kind == "pil":
-        data = await asyncio.to_thread(_encode_png, ref.value, ref.param)
+        data = await asyncio.to_thread(_encode_png, ref.value, ref.param, config.max_image_pixels)
     else:
         data = await fetcher.fetch(ref.value, ref.param)
     if len(data) > _THREAD_BYTES:
@@ -214,32 +232,37 @@ def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any],
 
 async def _from_embeds(ref: MediaRef, model: MediaPlaceholders,
                        config: FrontendConfig) -> ResolvedItem:
-    from frontend.embeds import load_image_embeds
+    from frontend.embeds import load_image_embeds, validate_image_embeds
 
-    args = (ref.value, model.hidden_size, ref.param, config.max_media_bytes)
-    if len(ref.value) > _THREAD_BYTES:
-        tensors = await asyncio.to_thread(load_image_embeds, *args)
+    # max_images=1: one part renders one placeholder; a batch would not line up with the prompt.
+    if not isinstance(ref.value, str):
+        tensors = validate_image_embeds(ref.value, model.hidden_size, ref.param, max_images=1)
+    elif len(ref.value) > _THREAD_BYTES:
+        tensors = await asyncio.to_thread(load_image_embeds, ref.value, model.hidden_size,
+                                          ref.param, config.max_media_bytes, max_images=1)
     else:
-        tensors = load_image_embeds(*args)
-    if len(tensors) != 1:
-        # One part renders one placeholder; a batch would not line up with the prompt.
-        raise RequestError(f"one image_embeds part carries one image, got {len(tensors)}: "
-                           "send one part per image", ref.param)
+        tensors = load_image_embeds(ref.value, model.hidden_size, ref.param,
+                                    config.max_media_bytes, max_images=1)
     t = tensors[0]  # [feature_size, hidden] float32, contiguous
     key = uuid_key(ref.uuid) if ref.uuid else content_key(
         memoryview(t.numpy()).cast("B"), {"embeds": True})
     return ResolvedItem(ref.modality, key, None, t, int(t.shape[0]), {}, ref.param)
 
 
-def _encode_png(image: Any, param: str) -> bytes:
-    """Lossless bytes of an in-memory PIL image, so it hashes and travels like fetched bytes."""
-    if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
-        image = image.convert("RGB")  # e.g. CMYK, YCbCr: modes PNG can't store
+def _encode_png(value: Any, param: str, max_pixels: int) -> bytes:
+    """Lossless bytes of an in-memory image (PIL, numpy array or tensor; its size checked
+    first), so it hashes and travels like fetched bytes."""
+    image = to_pil_image(value, param, max_pixels)
     buf = io.BytesIO()
     try:
+        if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+            image = image.convert("RGB")  # e.g. CMYK, YCbCr: modes PNG can't store
         image.save(buf, format="PNG")
-    except (OSError, ValueError):
-        raise RequestError("image_pil could not be encoded as PNG", param) from None
+    except MemoryError:
+        raise
+    except Exception:
+        # A lazily opened image reads its file here: truncated or odd files raise anything.
+        raise RequestError("the image could not be encoded as PNG", param) from None
     return buf.getvalue()
 
 

@@ -5,6 +5,13 @@ the image is smaller than the crop), rescale by 1/255 (computed in float64, stor
 transformers does), normalize by mean/std. torchvision is not needed (it can't be installed next
 to our torch), and matching the PIL backend bit for bit keeps the tower parity test exact.
 
+Every intermediate is bounded whatever the config says: the resize target is computed first;
+past ``EXACT_RESIZE_PIXELS`` only the region that survives the center crop is resized (PIL's
+``box``: cost scales with the output, pixels within 1-2 levels of the full resize on a few
+pixels per thousand), and a target that would still exceed ``MAX_RESIZE_PIXELS`` is refused.
+A 200:1 image at LLaVA's 336 would otherwise be a 336x67200 intermediate, and the probe's
+100000x2 PNG (673 bytes) a 336 x 16.8M one.
+
 Rescale + normalize map each uint8 value of each channel to one float, so they are a lookup in a
 [3, 256] table built with transformers' exact arithmetic: same bits, several times faster than
 broadcasting over the image, and it writes the channel-first layout directly.
@@ -21,11 +28,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoder_worker.decode import MediaError
 from protocol.checkpoint import image_processor_config as read_image_processor_config
 
 # transformers' CLIPImageProcessor defaults, for configs saved without them.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Full resizes up to this many pixels (12 MB of RGB) match transformers bit for bit; past it only
+# the cropped region is resized.
+EXACT_RESIZE_PIXELS = 1 << 22
+# No resize output may exceed this (100 MB of RGB), whatever the config asks for.
+MAX_RESIZE_PIXELS = 1 << 25
 
 
 def image_processor_config(folder: str | Path) -> dict[str, Any]:
@@ -99,12 +112,15 @@ class ClipImageProcessor:
         return self.shortest_edge, new_long
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB image -> pixel values [3, H, W] float32."""
+        """RGB image -> pixel values [3, H, W] float32; MediaError if an intermediate would be
+        too large."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         h, w = self._resized_hw(image.height, image.width)
+        if h < 1 or w < 1:
+            raise MediaError(f"image is too small to resize: {image.width}x{image.height}")
         if (h, w) != (image.height, image.width) or self.shortest_edge is not None:
-            image = image.resize((w, h), resample=self.resample)
+            image = self._resize(image, h, w)
         pixels = np.asarray(image)  # [H, W, 3] uint8
         if self.crop_hw is not None:
             pixels = _center_crop(pixels, *self.crop_hw)
@@ -113,6 +129,24 @@ class ClipImageProcessor:
         for c in range(3):
             np.take(self.lut[c], planes[c], out=out[c])
         return torch.from_numpy(out)
+
+    def _resize(self, image: Image.Image, h: int, w: int) -> Image.Image:
+        """Resize to (h, w); past EXACT_RESIZE_PIXELS, only the part the center crop keeps."""
+        if h * w <= EXACT_RESIZE_PIXELS or self.crop_hw is None:
+            if h * w > MAX_RESIZE_PIXELS:
+                raise MediaError(f"image of {image.width}x{image.height} would be resized to "
+                                 f"{w}x{h}, more than {MAX_RESIZE_PIXELS} pixels")
+            return image.resize((w, h), resample=self.resample)
+        crop_h, crop_w = self.crop_hw
+        # Per axis: the crop's window of the full resize (or all of it where the crop pads).
+        top, out_h = ((h - crop_h) // 2, crop_h) if h > crop_h else (0, h)
+        left, out_w = ((w - crop_w) // 2, crop_w) if w > crop_w else (0, w)
+        if out_h * out_w > MAX_RESIZE_PIXELS:
+            raise MediaError(f"image of {image.width}x{image.height} would be resized to "
+                             f"{out_w}x{out_h}, more than {MAX_RESIZE_PIXELS} pixels")
+        sy, sx = image.height / h, image.width / w  # source pixels per output pixel
+        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+        return image.resize((out_w, out_h), resample=self.resample, box=box)
 
 
 def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

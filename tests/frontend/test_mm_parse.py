@@ -197,7 +197,7 @@ def test_resolve_embeds(config):
         run_resolve(_user({"type": "image_embeds", "image_embeds": _embeds_b64(t[:, :8])}),
                     config)
     assert e.value.param == "messages[0].content[0].image_embeds"
-    with pytest.raises(RequestError, match="one image"):
+    with pytest.raises(RequestError, match="holds 2 images; at most 1"):
         run_resolve(_user({"type": "image_embeds",
                            "image_embeds": _embeds_b64(torch.randn(2, 5, HIDDEN))}), config)
 
