@@ -1,25 +1,35 @@
 """Chat messages -> prompt text -> token ids, through the model's Jinja chat template.
 
-Messages are validated here (roles, content parts) so every mistake is a 400 naming the field.
-Content parts are handled by type through `PART_HANDLERS`; media parts get their handlers when the
-multimodal path lands, and until then they answer a clear 400.
+Messages are validated here (roles, content parts) so every mistake is a 400 naming the field,
+then given the content format the template expects (vLLM's "string" / "openai", "auto" read from
+the template's syntax tree). The server's template renders in-process; a request's own template
+only when trusted, and then in frontend.template_sandbox's worker processes.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jinja2
+from jinja2 import nodes
 
 from frontend.errors import RequestError
+from frontend.template_sandbox import TemplateSandbox, sandbox_environment
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Message keys passed to the template as they are; anything else is refused, not silently dropped.
 _PASSTHROUGH_KEYS = ("name", "tool_call_id")
 _UNSUPPORTED_KEYS = ("tool_calls", "function_call", "audio")
+CONTENT_FORMATS = ("auto", "string", "openai")
 
 
 class RenderedChat(NamedTuple):
@@ -70,7 +80,7 @@ PART_HANDLERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
 
 # -- messages -----------------------------------------------------------------------------------
 
-def _content(content: Any, where: str, as_string: bool) -> str | list[dict[str, Any]]:
+def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -87,14 +97,12 @@ def _content(content: Any, where: str, as_string: bool) -> str | list[dict[str, 
             raise RequestError(f"{at}.type: unknown content part type {part['type']!r}",
                                f"{at}.type")
         parts.append(handler(part, at))
-    if as_string:
-        # Templates that print message['content'] as a string get the text parts joined.
-        return "\n".join(p["text"] for p in parts if p["type"] == "text")
     return parts
 
 
-def validate_messages(messages: Any, as_string: bool = True) -> list[dict[str, Any]]:
-    """Checked, normalized copies of OpenAI chat messages, ready for the template."""
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Checked copies of OpenAI chat messages: content a string, a list of parts ({"type": "text",
+    "text": ...} or {"type": <modality>}), or None (assistant only). See `to_content_format`."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", "messages")
     out = []
@@ -112,34 +120,173 @@ def validate_messages(messages: Any, as_string: bool = True) -> list[dict[str, A
             if key not in ("role", "content", *_PASSTHROUGH_KEYS):
                 raise RequestError(f"{where}.{key} is not a known message field", f"{where}.{key}")
         content = msg.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        elif content is None:
+        if content is None and role != "assistant":
             raise RequestError(f"{where}.content is required", f"{where}.content")
-        clean = {"role": role, "content": _content(content, f"{where}.content", as_string)}
+        clean = {"role": role,
+                 "content": None if content is None else _content(content, f"{where}.content")}
         clean.update({k: msg[k] for k in _PASSTHROUGH_KEYS if k in msg})
         out.append(clean)
     return out
 
 
-# Templates that loop over message['content'] want OpenAI-style part lists; others want strings.
+# -- content format -----------------------------------------------------------------------------
+# As vLLM's --chat-template-content-format: "string" templates print message['content'], "openai"
+# templates loop over its parts. "auto" reads which from the template's syntax tree.
+
+def to_content_format(messages: list[dict[str, Any]], content_format: str,
+                      placeholders: dict[str, str]) -> list[dict[str, Any]]:
+    """Validated messages with every content in one shape: a list of parts ("openai"), or one
+    string ("string": text parts joined by newlines, after the placeholder text of each media
+    item the text does not already hold, as vLLM does)."""
+    out = []
+    for i, msg in enumerate(messages):
+        content = msg["content"]
+        if content_format == "openai":
+            if content is None:
+                content = []
+            elif isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            else:
+                content = [dict(p) for p in content]
+        elif isinstance(content, list):
+            content = _as_string(content, placeholders, f"messages[{i}].content")
+        elif content is None:
+            content = ""
+        out.append({**msg, "content": content})
+    return out
+
+
+def _as_string(parts: list[dict[str, Any]], placeholders: dict[str, str], where: str) -> str:
+    text = "\n".join(p["text"] for p in parts if p["type"] == "text")
+    counts: dict[str, int] = {}
+    for j, p in enumerate(parts):
+        if p["type"] != "text":
+            if p["type"] not in placeholders:
+                raise RequestError(f"{where}[{j}]: this model has no placeholder for "
+                                   f"{p['type']} input", f"{where}[{j}].type")
+            counts[placeholders[p["type"]]] = counts.get(placeholders[p["type"]], 0) + 1
+    missing = []
+    for placeholder, n in counts.items():
+        n -= text.count(placeholder)  # placed by the user in the text: kept where they are
+        if n < 0:
+            raise RequestError(f"{where} has more {placeholder} placeholders in its text than "
+                               "media items", where)
+        missing += [placeholder] * n
+    return "\n".join([*missing, text]) if missing else text
+
+
+def _reads(node: nodes.Node, names: set[str], key: str | None) -> bool:
+    """Whether `node` is a variable in `names` (key None) or its `key` item/attribute, maybe
+    filtered, tested, sliced or chosen by an inline if."""
+    if isinstance(node, (nodes.Filter, nodes.Test)):
+        return node.node is not None and _reads(node.node, names, key)
+    if isinstance(node, nodes.CondExpr):
+        return _reads(node.expr1, names, key) or (node.expr2 is not None
+                                                  and _reads(node.expr2, names, key))
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):
+        return _reads(node.node, names, key)
+    if key is None:
+        return isinstance(node, nodes.Name) and node.name in names
+    if isinstance(node, nodes.Getitem):
+        picked = isinstance(node.arg, nodes.Const) and node.arg.value == key
+    elif isinstance(node, nodes.Getattr):
+        picked = node.attr == key
+    else:
+        return False
+    return picked and isinstance(node.node, nodes.Name) and node.node.name in names
+
+
+def _bindings(root: nodes.Template) -> list[tuple[str, nodes.Node]]:
+    """(variable, expression) for each `{% set %}` and each macro argument passed by a call."""
+    out = [(a.target.name, a.node) for a in root.find_all(nodes.Assign)
+           if isinstance(a.target, nodes.Name)]
+    macros = {m.name: [p.name for p in m.args] for m in root.find_all(nodes.Macro)}
+    for call in root.find_all(nodes.Call):
+        params = macros.get(call.node.name) if isinstance(call.node, nodes.Name) else None
+        if params:
+            out += list(zip(params, call.args))
+            out += [(k.key, k.value) for k in call.kwargs if k.key in params]
+    return out
+
+
+def _bound_to(bindings: list[tuple[str, nodes.Node]], names: set[str], key: str | None) -> set[str]:
+    """Variables holding `names` (or their `key`), directly or through other such variables."""
+    found: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for var, expr in bindings:
+            if var not in found and (_reads(expr, names, key) or _reads(expr, found, None)):
+                found.add(var)
+                grew = True
+    return found
+
+
+def _loops_over_content(root: nodes.Template) -> bool:
+    bindings = _bindings(root)
+    loops = list(root.find_all(nodes.For))
+    message_lists = {"messages"} | _bound_to(bindings, {"messages"}, None)
+    messages = {f.target.name for f in loops
+                if isinstance(f.target, nodes.Name) and _reads(f.iter, message_lists, None)}
+    messages |= _bound_to(bindings, messages, None)
+    contents = _bound_to(bindings, messages, "content")
+    return any(_reads(f.iter, messages, "content") or _reads(f.iter, contents, None)
+               for f in loops)
+
+
+# The fallback for a template jinja2 cannot parse (it will fail to render anyway).
 _ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
+_PARSER = sandbox_environment()
+
+
+@functools.lru_cache(maxsize=64)
+def detect_content_format(template: str) -> str:
+    """"openai" if the template loops over a message's content, else "string" (cached by text)."""
+    try:
+        iterates = _loops_over_content(_PARSER.parse(template))
+    except Exception:  # syntax errors, or a syntax tree too deep to walk
+        iterates = _ITERATES_CONTENT.search(template) is not None
+    return "openai" if iterates else "string"
+
+
+# -- the renderer -------------------------------------------------------------------------------
+
+_RESERVED_KWARGS = ("messages", "tokenize", "chat_template", "add_generation_prompt",
+                    "continue_final_message", "conversation")
 
 
 class ChatRenderer:
-    """Renders chat requests with the template given at startup (file), else the tokenizer's."""
+    """Renders chat requests with the template given at startup (file), else the tokenizer's.
+
+    That template runs in-process through the tokenizer's `apply_chat_template` (exact parity
+    with transformers). A request's own `chat_template` is refused unless
+    `trust_request_template`; then it runs in `sandbox` (a `TemplateSandbox` made on first use)
+    or, with `sandbox_request_templates=False` (offline, where it is the caller's own code),
+    in-process like the server's. `max_prompt_chars` bounds the rendered prompt before it is
+    tokenized. Call `close()` to stop the sandbox's workers."""
 
     def __init__(self, tokenizer: Any, chat_template: str | None = None, *,
                  content_format: str = "auto",
                  media_placeholders: dict[str, str] | None = None,
-                 trust_request_template: bool = False):
+                 trust_request_template: bool = False,
+                 sandbox_request_templates: bool = True,
+                 sandbox: TemplateSandbox | None = None,
+                 max_prompt_chars: int | None = None):
+        if content_format not in CONTENT_FORMATS:
+            raise ValueError(f"content_format must be one of {CONTENT_FORMATS}, "
+                             f"got {content_format!r}")
         self.tokenizer = tokenizer
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
-        # "auto" | "string" | "openai": see FrontendConfig.chat_template_content_format.
         self.content_format = content_format
         # modality -> the text the template would print for one item (e.g. {"image": "<image>"})
         self.media_placeholders = dict(media_placeholders or {})
         self.trust_request_template = trust_request_template
+        self.sandbox_request_templates = sandbox_request_templates
+        self.max_prompt_chars = max_prompt_chars
+        self._sandbox = sandbox
+        self._owns_sandbox = sandbox is None
+        self._sandbox_lock = threading.Lock()
+        self._closed = False
 
     def render(
         self,
@@ -150,7 +297,15 @@ class ChatRenderer:
         chat_template_kwargs: dict[str, Any] | None = None,
         chat_template: str | None = None,
     ) -> RenderedChat:
-        """``add_generation_prompt`` None means: True unless continuing the final message."""
+        """``add_generation_prompt`` None means: True unless continuing the final message.
+        ``chat_template`` is a request's own template (see the class docstring)."""
+        if chat_template is not None:
+            if not self.trust_request_template:
+                raise RequestError(
+                    "this server does not run chat templates sent with requests; its operator "
+                    "can allow them with --trust-request-chat-template", "chat_template")
+            if not isinstance(chat_template, str) or not chat_template:
+                raise RequestError("chat_template must be a non-empty string", "chat_template")
         template = chat_template or self.template
         if not template:
             raise RequestError(
@@ -158,8 +313,6 @@ class ChatRenderer:
                 "or use /v1/completions",
                 "messages",
             )
-        if not isinstance(template, str):
-            raise RequestError("chat_template must be a string", "chat_template")
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
         if add_generation_prompt and continue_final_message:
@@ -167,19 +320,40 @@ class ChatRenderer:
                 "add_generation_prompt and continue_final_message cannot both be true",
                 "continue_final_message",
             )
-        as_string = _ITERATES_CONTENT.search(template) is None
-        msgs = validate_messages(messages, as_string=as_string)
+        msgs = validate_messages(messages)
         if continue_final_message and msgs[-1]["role"] != "assistant":
             raise RequestError(
                 "continue_final_message needs the last message to be from the assistant",
                 "continue_final_message",
             )
         kwargs = dict(chat_template_kwargs or {})
-        for reserved in ("messages", "tokenize", "chat_template", "add_generation_prompt",
-                         "continue_final_message", "conversation"):
+        for reserved in _RESERVED_KWARGS:
             if reserved in kwargs:
                 raise RequestError(f"chat_template_kwargs cannot set {reserved!r}",
                                    "chat_template_kwargs")
+        if chat_template is not None and self.sandbox_request_templates:
+            prompt = self._render_sandboxed(chat_template, msgs, add_generation_prompt,
+                                            continue_final_message, kwargs)
+        else:
+            prompt = self._render_in_process(template, msgs, add_generation_prompt,
+                                             continue_final_message, kwargs,
+                                             from_request=chat_template is not None)
+        if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+            raise RequestError(f"the rendered chat has {len(prompt)} characters, more than this "
+                               f"server's limit of {self.max_prompt_chars}", "messages")
+        # The template already wrote the special tokens (bos, role markers): add none.
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return RenderedChat(prompt, list(ids))
+
+    def _format(self, template: str) -> str:
+        if self.content_format == "auto":
+            return detect_content_format(template)
+        return self.content_format
+
+    def _render_in_process(self, template: str, msgs: list[dict[str, Any]],
+                           add_generation_prompt: bool, continue_final_message: bool,
+                           kwargs: dict[str, Any], from_request: bool) -> str:
+        msgs = to_content_format(msgs, self._format(template), self.media_placeholders)
         try:
             prompt = self.tokenizer.apply_chat_template(
                 msgs,
@@ -189,15 +363,58 @@ class ChatRenderer:
                 continue_final_message=continue_final_message,
                 **kwargs,
             )
+        except jinja2.TemplateSyntaxError as e:
+            raise RequestError(f"chat template syntax error at line {e.lineno}: {_one_line(e)}",
+                               "chat_template" if from_request else "messages") from None
         except (jinja2.TemplateError, ValueError) as e:
-            # raise_exception() in the template, bad syntax in a user template, or transformers
-            # failing to find the final message to continue: the request's fault, so 400.
+            # raise_exception() in the template, or transformers failing to find the final
+            # message to continue: texts written for the user.
             raise RequestError(f"chat template error: {_one_line(e)}", "messages") from None
+        except Exception as e:
+            # The template tripping over odd input (a None, a wrong type): still the request's.
+            log.debug("chat template failed", exc_info=True)
+            raise RequestError(f"the chat template cannot render these messages "
+                               f"({type(e).__name__})", "messages") from None
         if not isinstance(prompt, str):
             raise RequestError("the chat template did not render to a string", "messages")
-        # The template already wrote the special tokens (bos, role markers): add none.
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return RenderedChat(prompt, list(ids))
+        return prompt
+
+    def _render_sandboxed(self, template: str, msgs: list[dict[str, Any]],
+                          add_generation_prompt: bool, continue_final_message: bool,
+                          kwargs: dict[str, Any]) -> str:
+        with self._sandbox_lock:
+            if self._closed:
+                raise RuntimeError("the chat renderer is closed")
+            if self._sandbox is None:
+                self._sandbox = TemplateSandbox()
+            sandbox = self._sandbox
+        variables = {k: v for k, v in self.tokenizer.special_tokens_map.items() if v is not None}
+        variables.update(kwargs)  # as transformers: kwargs override special tokens
+        try:
+            json.dumps([msgs, variables])
+        except (TypeError, ValueError):
+            raise RequestError("chat_template_kwargs must be JSON values",
+                               "chat_template_kwargs") from None
+        prompt = sandbox.render({
+            "template": template, "messages": msgs, "content_format": self.content_format,
+            "placeholders": self.media_placeholders, "variables": variables,
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+            # One past the cap: a longer prompt then gets the clearer "messages" error below.
+            "max_chars": None if self.max_prompt_chars is None else self.max_prompt_chars + 1,
+        })
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from escapes in the template
+            raise RequestError("the chat template rendered invalid text", "chat_template") from None
+        return prompt
+
+    def close(self) -> None:
+        """Stops the sandbox's worker processes (if this renderer made them)."""
+        with self._sandbox_lock:
+            sandbox, self._sandbox, self._closed = self._sandbox, None, True
+        if sandbox is not None and self._owns_sandbox:
+            sandbox.close()
 
 
 def _one_line(e: Exception) -> str:

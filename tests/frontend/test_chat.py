@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from frontend.chat import PART_HANDLERS, ChatRenderer, load_chat_template, validate_messages
+from frontend.chat import (
+    PART_HANDLERS,
+    ChatRenderer,
+    load_chat_template,
+    to_content_format,
+    validate_messages,
+)
 from frontend.config import FrontendConfig
 from frontend.errors import RequestError
 from frontend.processor import InputProcessor, load_eos_token_ids
@@ -132,7 +138,9 @@ def test_message_validation_names_the_field(messages, param):
 
 def test_part_handlers_can_grow():
     assert {"text", "image_url", "input_audio", "video_url"} <= set(PART_HANDLERS)
-    assert validate_messages([{"role": "assistant", "content": None}])[0]["content"] == ""
+    msgs = validate_messages([{"role": "assistant", "content": None}])
+    assert to_content_format(msgs, "string", {})[0]["content"] == ""
+    assert to_content_format(msgs, "openai", {})[0]["content"] == []
 
 
 # -- the processor on the same checkpoint --------------------------------------------------------
