@@ -10,13 +10,22 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from frontend.config import FrontendConfig
 from frontend.embeds import validate_image_embeds
 from frontend.errors import RequestError
 from frontend.media_fetch import MediaFetcher
-from frontend.mm_parse import MediaRef, ResolvedItem, parse_media, resolve
+from frontend.mm_parse import (
+    MediaRef,
+    ResolvedItem,
+    check_uuid,
+    mm_limit,
+    parse_media,
+    resolve,
+)
 from frontend.models import load_placeholders, require_image_support
 from protocol.hashing import content_key, uuid_key
 
@@ -41,45 +50,108 @@ class OfflineMedia:
 
     # -- items from the two offline request shapes -----------------------------------------------
 
-    def from_multi_modal_data(self, data: dict[str, Any], uuids: dict[str, Any] | None,
-                              param: str) -> list[ResolvedItem]:
+    def from_multi_modal_data(self, data: Any, uuids: Any, param: str) -> list[ResolvedItem]:
+        """``{"image": ...}`` of one prompt -> items, checked like vLLM's. The image value is
+        a PIL image, a numpy array ([H, W] / [H, W, C] one image, [N, H, W, C] several), a
+        tensor ([feature, hidden] / [num_items, feature, hidden] embeddings, [N, C, H, W]
+        images), or a list of: PIL, numpy, 2-D tensor (embeddings), 3-D tensor ([C, H, W]
+        image) or None (reuse the item of its uuid)."""
+        where_data = f"{param}.multi_modal_data"
+        if not isinstance(data, dict):
+            raise RequestError("multi_modal_data must be a dict like {'image': ...}", where_data)
         unknown = set(data) - {"image"}
         if unknown:
-            raise RequestError(f"unsupported modalities {sorted(unknown)} (supported: image)",
-                               f"{param}.multi_modal_data")
+            raise RequestError(f"unsupported modalities {sorted(map(str, unknown))} "
+                               "(supported: image)", where_data)
         images = data.get("image")
         if images is None:
+            self._check_uuids(uuids, 0, param)
             return []
-        model = require_image_support(self.placeholders, f"{param}.multi_modal_data")
-        if isinstance(images, torch.Tensor):  # [num_items, feature, hidden] or [feature, hidden]
-            items: list[Any] = list(validate_image_embeds(images, model.hidden_size,
-                                                          f"{param}.multi_modal_data.image"))
-        else:
-            items = list(images) if isinstance(images, (list, tuple)) else [images]
-        ids = (uuids or {}).get("image")
-        if ids is None:
-            ids = [None] * len(items)
-        if len(ids) != len(items):
-            raise RequestError(f"multi_modal_uuids has {len(ids)} image uuids for {len(items)} "
-                               "images", f"{param}.multi_modal_uuids")
+        model = require_image_support(self.placeholders, where_data)
+        limit = mm_limit(self.config.limit_mm_per_prompt, "image")
+        # Counted from the shape first: a tensor over the limit is refused before it is copied.
+        count = _count(images)
+        if count > limit:
+            raise RequestError(f"at most {limit} image(s) may be provided in one prompt, got "
+                               f"{count}", where_data)
+        items, indexed = self._image_items(images, f"{where_data}.image", model.hidden_size,
+                                           limit)
+        ids = self._check_uuids(uuids, len(items), param)
         refs, embeds_at = [], {}
         for i, (item, uid) in enumerate(zip(items, ids)):
-            where = f"{param}.multi_modal_data.image[{i}]"
+            where = f"{where_data}.image[{i}]" if indexed else f"{where_data}.image"
             if item is None:
                 if not uid:
                     raise RequestError("a None image needs its uuid (to reuse a cached item)",
                                        where)
                 refs.append(MediaRef("image", "uuid", None, uid, where))
-            elif isinstance(item, torch.Tensor):
+            elif _is_embeds(item):
+                emb = validate_image_embeds(item, model.hidden_size, where, max_images=1)[0]
                 embeds_at[i] = ResolvedItem(
                     "image", uuid_key(uid) if uid else content_key(
-                        memoryview(item.contiguous().numpy()).cast("B"), {"embeds": True}),
-                    None, item, int(item.shape[0]), {}, where)
+                        memoryview(emb.numpy()).cast("B"), {"embeds": True}),
+                    None, emb, int(emb.shape[0]), {}, where)
                 refs.append(None)
             else:
                 refs.append(MediaRef("image", "pil", item, uid, where))
         resolved = iter(self._resolve([r for r in refs if r is not None]))
         return [embeds_at[i] if r is None else next(resolved) for i, r in enumerate(refs)]
+
+    @staticmethod
+    def _image_items(images: Any, param: str, hidden_size: int,
+                     limit: int) -> tuple[list[Any], bool]:
+        """The image value as a list of items (each None, an image or a [feature, hidden]
+        embedding tensor), and whether the value was indexable (errors name ``image[i]``);
+        anything else is a RequestError naming where it is."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim == 2:
+                return list(validate_image_embeds(images, hidden_size, param)), False
+            if images.ndim == 3:  # embeddings, vLLM's meaning of a 3-D tensor
+                return list(validate_image_embeds(images, hidden_size, param,
+                                                  max_images=limit)), True
+            if images.ndim == 4:
+                return list(images.unbind(0)), True  # [N, C, H, W]: N images
+            raise RequestError("an image tensor must be [feature, hidden] or [num_items, "
+                               "feature, hidden] embeddings, or [N, C, H, W] images, got "
+                               f"shape {list(images.shape)}", param)
+        if isinstance(images, np.ndarray):
+            if images.ndim == 4:
+                return list(images), True  # [N, H, W, C]: N images
+            return [images], False
+        if isinstance(images, (list, tuple)):
+            items = list(images)
+            for i, item in enumerate(items):
+                if item is not None and not _is_image(item) and not _is_embeds(item):
+                    raise RequestError(_not_an_image(item), f"{param}[{i}]")
+            return items, True
+        if isinstance(images, Image.Image):
+            return [images], False
+        raise RequestError(_not_an_image(images), param)
+
+    @staticmethod
+    def _check_uuids(uuids: Any, n: int, param: str) -> list[str | None]:
+        """``multi_modal_uuids`` -> one uuid (or None) per image, vLLM's accepted shapes."""
+        where = f"{param}.multi_modal_uuids"
+        if uuids is None:
+            return [None] * n
+        if not isinstance(uuids, dict):
+            raise RequestError("multi_modal_uuids must be a dict like {'image': [...]}", where)
+        unknown = set(uuids) - {"image"}
+        if unknown:
+            raise RequestError(f"unsupported modalities {sorted(map(str, unknown))} "
+                               "(supported: image)", where)
+        ids = uuids.get("image")
+        if ids is None:
+            return [None] * n
+        if isinstance(ids, str):
+            ids = [ids]  # vLLM allows one string for one item
+        if not isinstance(ids, (list, tuple)):
+            raise RequestError("multi_modal_uuids.image must be a list of str or None", where)
+        if len(ids) != n:
+            raise RequestError(f"multi_modal_uuids has {len(ids)} image uuids for {n} images",
+                               where)
+        return [None if u is None else check_uuid(u, f"{where}.image[{i}]")
+                for i, u in enumerate(ids)]
 
     def from_chat(self, messages: Any) -> tuple[Any, list[ResolvedItem]]:
         parsed = parse_media(messages, self.config.limit_mm_per_prompt)
@@ -124,10 +196,36 @@ class OfflineMedia:
         for it in todo.values():
             try:
                 image = decode_image(it.data, it.kwargs, max_pixels=self.config.max_image_pixels)
+                pixels.append(enc.preprocess(image))  # bounds its intermediates: MediaError
             except MediaError as e:
-                raise RequestError(str(e), it.param) from None
-            pixels.append(enc.preprocess(image))
+                raise RequestError(e.message, it.param) from None
         for it, emb in zip(todo.values(), enc.encode(torch.stack(pixels))):
             err = engine.add_embedding(it.key, emb.cpu())
             if err is not None:
                 raise RequestError(err, it.param)
+
+
+def _count(images: Any) -> int:
+    """Items in an image value, from its length or shape alone."""
+    if isinstance(images, (list, tuple)):
+        return len(images)
+    if (isinstance(images, torch.Tensor) and images.ndim in (3, 4)
+            or isinstance(images, np.ndarray) and images.ndim == 4):
+        return int(images.shape[0])
+    return 1
+
+
+def _is_image(item: Any) -> bool:
+    """PIL, numpy, or a 3-D tensor ([C, H, W]: vLLM's list-of-images form)."""
+    return (isinstance(item, (Image.Image, np.ndarray))
+            or isinstance(item, torch.Tensor) and item.ndim == 3)
+
+
+def _is_embeds(item: Any) -> bool:
+    return isinstance(item, torch.Tensor) and item.ndim == 2  # [feature, hidden]
+
+
+def _not_an_image(item: Any) -> str:
+    hint = " (open files with PIL.Image.open)" if isinstance(item, (str, bytes)) else ""
+    return ("an image must be a PIL image, a numpy array, a tensor or None, got "
+            f"{type(item).__name__}{hint}")

@@ -138,6 +138,11 @@ PART_PARSERS: dict[str, Callable[[dict[str, Any], str], MediaRef]] = {
 }
 
 
+def mm_limit(limit_mm_per_prompt: dict[str, int], modality: str) -> int:
+    """Items of ``modality`` one prompt may carry (configured, else the default)."""
+    return limit_mm_per_prompt.get(modality, DEFAULT_LIMIT_MM_PER_PROMPT.get(modality, 0))
+
+
 def parse_media(messages: Any, limit_mm_per_prompt: dict[str, int]) -> ParsedMessages:
     """Replace media parts by template parts and collect their refs; structural checks of
     messages themselves stay with ``frontend.chat.validate_messages``."""
@@ -167,8 +172,7 @@ def parse_media(messages: Any, limit_mm_per_prompt: dict[str, int]) -> ParsedMes
                                    f"{where}.type")
             ref = parser(part, where)
             counts[ref.modality] = counts.get(ref.modality, 0) + 1
-            limit = limit_mm_per_prompt.get(ref.modality,
-                                            DEFAULT_LIMIT_MM_PER_PROMPT.get(ref.modality, 0))
+            limit = mm_limit(limit_mm_per_prompt, ref.modality)
             if counts[ref.modality] > limit:
                 raise RequestError(f"at most {limit} {ref.modality}(s) may be provided in one "
                                    "prompt", "messages")
