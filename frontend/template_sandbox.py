@@ -268,11 +268,14 @@ class TemplateSandbox:
     """A pool of `workers` persistent processes rendering untrusted chat templates.
 
     `render` blocks its (worker) thread on a pipe with the GIL released; at most `workers`
-    renders run at once, others wait for a free worker up to `timeout_s`, then answer 429."""
+    renders run at once, others wait for a free worker up to `wait_s` (default `timeout_s`),
+    then answer 429."""
 
-    def __init__(self, workers: int = 2, *, timeout_s: float = 2.0, max_chars: int = 1_000_000,
-                 memory_bytes: int = 1 << 30, start_timeout_s: float = 30.0):
+    def __init__(self, workers: int = 2, *, timeout_s: float = 2.0, wait_s: float | None = None,
+                 max_chars: int = 1_000_000, memory_bytes: int = 1 << 30,
+                 start_timeout_s: float = 30.0):
         self.timeout_s = timeout_s
+        self.wait_s = timeout_s if wait_s is None else wait_s
         self.max_chars = max_chars
         self.memory_bytes = memory_bytes
         self.start_timeout_s = start_timeout_s
@@ -298,11 +301,14 @@ class TemplateSandbox:
         max_chars = min(self.max_chars, request.get("max_chars") or self.max_chars)
         line = json.dumps({**request, "max_chars": max_chars}).encode()
         try:
-            worker = self._free.get(timeout=self.timeout_s)
+            worker = self._free.get(timeout=self.wait_s)
         except queue.Empty:
             raise RequestError("too many requests with their own chat_template are rendering; "
                                "retry later", "chat_template", status=429) from None
         try:
+            if worker is not None and worker.proc.poll() is not None:
+                self._retire(worker)  # died while idle: not this request's doing
+                worker = None
             worker, out = self._exchange(worker or self._spawn(), line, max_chars)
         finally:
             self._free.put(worker)
