@@ -118,3 +118,36 @@ def test_la_and_palette_transparency_are_composited():
 def test_bad_background_colour(color, make_image):
     with pytest.raises(MediaError, match="rgba_background_color"):
         decode_image(_save(make_image(3), "PNG"), {"rgba_background_color": color})
+
+
+# -- issue 7: aspect ratio, frame counts, odd modes ------------------------------------------------
+
+@pytest.mark.parametrize("w,h", [(100_000, 2), (2, 100_000), (401, 2)])
+def test_extreme_aspect_ratio_is_refused_from_the_header(w, h):
+    with pytest.raises(MediaError, match="aspect ratio"):
+        decode_image(bomb_png(w, h))
+
+
+def test_aspect_ratio_at_the_bound_decodes():
+    img = decode_image(_save(Image.new("RGB", (400, 2), (1, 2, 3)), "PNG"))
+    assert img.size == (400, 2)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "TIFF", "WEBP"])
+def test_many_frames_decode_only_the_first(fmt):
+    frames = [Image.new("RGB", (64, 64), (i % 256, 255 - i % 256, 7)) for i in range(300)]
+    data = _save(frames[0], fmt, save_all=True, append_images=frames[1:])
+    start = time.perf_counter()
+    img = decode_image(data)
+    assert time.perf_counter() - start < 1.0  # 300 frames cost what one does
+    assert img.size == (64, 64) and img.mode == "RGB"
+    r, g, _ = img.getpixel((3, 3))
+    assert abs(r - 0) <= 8 and abs(g - 255) <= 8  # the first frame's colour (lossy formats)
+
+
+@pytest.mark.parametrize("mode,fmt", [("I;16", "PNG"), ("I", "TIFF"), ("F", "TIFF"),
+                                      ("CMYK", "TIFF"), ("LAB", "TIFF"), ("1", "PNG"),
+                                      ("YCbCr", "TIFF"), ("I;16B", "TIFF")])
+def test_wide_and_odd_modes_become_rgb(mode, fmt):
+    img = decode_image(_save(Image.new(mode, (9, 7)), fmt))
+    assert img.mode == "RGB" and img.size == (9, 7)

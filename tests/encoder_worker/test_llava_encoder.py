@@ -146,3 +146,57 @@ def test_cuda_matches_cpu(tiny_llava, encoder, make_image, dtype, tol):
     assert out[0].device.type == "cuda" and out[0].dtype == dtype
     for o, r in zip(out, encoder.encode(pixels)):
         torch.testing.assert_close(o.float().cpu(), r, atol=tol, rtol=tol)
+
+
+# -- issue 7: every resize intermediate is bounded, whatever the config says ---------------------
+
+LLAVA15 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
+
+
+@pytest.fixture
+def resize_sizes(monkeypatch):
+    """The (width, height) of every PIL resize output (PIL itself still does the work)."""
+    from PIL import Image
+
+    sizes, original = [], Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return original(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("w,h", [(100_000, 2), (2, 100_000), (67_200, 336)])
+def test_extreme_aspect_resizes_only_the_crop(w, h, resize_sizes):
+    from PIL import Image
+
+    from encoder_worker.models.clip_image import EXACT_RESIZE_PIXELS
+
+    out = ClipImageProcessor.from_dict(LLAVA15)(Image.new("RGB", (w, h), (200, 10, 10)))
+    assert out.shape == (3, 336, 336)
+    assert all(rw * rh <= EXACT_RESIZE_PIXELS for rw, rh in resize_sizes)
+    assert resize_sizes == [(336, 336)]  # the crop window, not 336 x 16.8M
+
+
+def test_crop_window_resize_is_close_to_the_full_one(make_image):
+    # 200:1, past EXACT_RESIZE_PIXELS at 336: within 2 levels of transformers on few pixels.
+    cfg = {**LLAVA15, "do_normalize": False}
+    img = make_image(3, 80, 16_000)
+    ours = ClipImageProcessor.from_dict(cfg)(img).numpy()
+    ref = transformers.CLIPImageProcessorPil(**cfg)(img, return_tensors="np")["pixel_values"][0]
+    diff = np.abs(ours - ref) * 255
+    assert diff.max() <= 2.01 and (diff > 0.5).mean() < 0.01
+
+
+def test_uncropped_giant_targets_are_refused():
+    from PIL import Image
+
+    from encoder_worker.decode import MediaError
+
+    proc = ClipImageProcessor.from_dict({"size": {"shortest_edge": 2048},
+                                         "do_center_crop": False})
+    with pytest.raises(MediaError, match="would be resized to"):
+        proc(Image.new("RGB", (400, 2)))  # 409600 x 2048
+    assert proc(Image.new("RGB", (40, 20))).shape == (3, 2048, 4096)

@@ -160,3 +160,57 @@ def test_validate_in_memory_tensor():
 
     with pytest.raises(RequestError, match="single tensor"):
         validate_image_embeds(torch.randn(4, HIDDEN).as_subclass(Sub), HIDDEN, PARAM)
+
+
+# -- sizes judged from metadata before any element is read (issue 7) -----------------------------
+
+@pytest.mark.parametrize("t", [
+    torch.zeros(1).expand(10**6, 10**6),  # hidden size wrong: refused from the shape
+    torch.zeros(HIDDEN).expand(10**9, 1, HIDDEN),  # 10^9 images over a 64-byte storage
+    torch.zeros(HIDDEN).expand(10**6, 4, HIDDEN),
+])
+def test_zero_stride_giants_are_refused_from_the_shape(t):
+    with pytest.raises(RequestError) as e:
+        validate_image_embeds(t, HIDDEN, PARAM)
+    assert e.value.param == PARAM
+    refused(_b64(t), "hidden size|images; at most|repeats")  # and through torch.save
+
+
+@pytest.mark.parametrize("t", [
+    torch.zeros(1, HIDDEN).expand(8000, HIDDEN),  # in bounds, but 512 kB claimed over 64 B
+    torch.zeros(HIDDEN).expand(3, 2, HIDDEN),
+    torch.zeros(4 * HIDDEN).as_strided((2, 8, HIDDEN), (HIDDEN, 1, 1)),  # overlapping rows
+])
+def test_views_that_repeat_their_storage_are_refused(t):
+    refused(_b64(t), "repeats or overruns")
+
+
+def test_a_slice_of_a_larger_storage_is_fine():
+    big = torch.randn(10, 7, HIDDEN)
+    out = validate_image_embeds(big[3:5], HIDDEN, PARAM)
+    assert len(out) == 2 and torch.equal(out[1], big[4])
+    out = load(_b64(big[2, 1:4]))  # torch.save keeps the whole storage behind the view
+    assert torch.equal(out[0], big[2, 1:4])
+
+
+def test_max_images():
+    refused(_b64(torch.zeros(3, 2, HIDDEN)), "holds 3 images; at most 2", max_images=2)
+    assert len(load(_b64(torch.zeros(2, 2, HIDDEN)), max_images=2)) == 2
+
+
+def test_finite_in_float64_but_not_in_float32():
+    refused(_b64(torch.full((2, HIDDEN), 1e300, dtype=torch.float64)), "infinite")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested and quantized are deprecated APIs
+@pytest.mark.parametrize("make", [
+    lambda: torch.nested.nested_tensor([torch.zeros(2, HIDDEN), torch.zeros(3, HIDDEN)]),
+    lambda: torch.nested.nested_tensor([torch.zeros(2, HIDDEN), torch.zeros(3, HIDDEN)],
+                                       layout=torch.jagged),
+    lambda: torch.zeros(2, HIDDEN, device="meta"),
+    lambda: torch.quantize_per_tensor(torch.zeros(2, HIDDEN), 0.1, 0, torch.qint8),
+])
+def test_other_tensor_kinds_in_memory(make):
+    with pytest.raises(RequestError) as e:
+        validate_image_embeds(make(), HIDDEN, PARAM)
+    assert e.value.param == PARAM

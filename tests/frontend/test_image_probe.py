@@ -77,3 +77,53 @@ def test_undecodable(data):
     with pytest.raises(RequestError, match="cannot decode") as e:
         probe_image(data, PARAM, LIMIT)
     assert e.value.param == PARAM and e.value.status == 400
+
+
+# -- issue 7: aspect ratio, and in-memory arrays checked from their shape -------------------------
+
+@pytest.mark.parametrize("w,h", [(100_000, 2), (2, 100_000), (401, 2), (20_001, 100)])
+def test_extreme_aspect_ratio(w, h):
+    with pytest.raises(RequestError, match="aspect ratio") as e:
+        probe_image(_png_claiming(w, h), PARAM, LIMIT)
+    assert e.value.param == PARAM
+
+
+def test_aspect_ratio_at_the_bound():
+    assert probe_image(_png_claiming(400, 2), PARAM, LIMIT) == ImageInfo(400, 2, "PNG")
+
+
+def test_to_pil_image_layouts():
+    import numpy as np
+    import torch
+
+    from frontend.image_probe import to_pil_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)  # [H, W, C]
+    for value in (rgb, rgb / 255.0, rgb.astype(np.int32), torch.from_numpy(rgb).permute(2, 0, 1),
+                  torch.from_numpy(rgb).permute(2, 0, 1).to(torch.bfloat16) / 255):
+        img = to_pil_image(value, PARAM, LIMIT)
+        assert img.mode == "RGB" and img.size == (9, 6)
+        if value.dtype != torch.bfloat16:  # bfloat16 keeps 8 bits of mantissa: not exact
+            assert np.array_equal(np.asarray(img), rgb)
+    assert to_pil_image(rgb[..., 0], PARAM, LIMIT).mode == "L"
+    assert to_pil_image(np.dstack([rgb, rgb[..., :1]]), PARAM, LIMIT).mode == "RGBA"
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda np, torch: np.broadcast_to(np.zeros(3, np.uint8), (10**6, 10**6, 3)), "too large"),
+    (lambda np, torch: torch.zeros(1, 1, 1).expand(3, 10**6, 10**6), "too large"),
+    (lambda np, torch: torch.zeros(1, 1, 1, dtype=torch.bfloat16).expand(3, 10**6, 10**6),
+     "too large"),
+    (lambda np, torch: np.zeros((3, 2000), np.uint8)[None].repeat(3, 0).T, "aspect"),
+    (lambda np, torch: np.zeros((4, 4, 3), object), "uint8 or float"),
+    (lambda np, torch: "cat.png", "got str"),
+])
+def test_to_pil_image_refuses_before_reading(make, match):
+    import numpy as np
+    import torch
+
+    from frontend.image_probe import to_pil_image
+
+    with pytest.raises(RequestError, match=match) as e:
+        to_pil_image(make(np, torch), PARAM, LIMIT)
+    assert e.value.param == PARAM
