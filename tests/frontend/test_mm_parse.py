@@ -121,6 +121,14 @@ def test_limit_per_prompt():
     ({"type": "image_embeds", "image_embeds": {"a": "b"}}, "messages[0].content[0].image_embeds",
      "base64"),
     ({"type": "image_pil", "image_pil": "x.png"}, "messages[0].content[0].image_pil", "PIL"),
+    ({"type": "image_pil", "image_pil": None}, "messages[0].content[0].image_pil", "uuid"),
+    ({"type": "image_pil", "image_pil": [[0]]}, "messages[0].content[0].image_pil", "numpy"),
+    # uuids become cache keys, log lines and UTF-8 on the wire: printable text only.
+    (_img("https://a/b", uuid="a\nb"), "messages[0].content[0].uuid", "printable"),
+    (_img("https://a/b", uuid="a\x00b"), "messages[0].content[0].uuid", "printable"),
+    (_img("https://a/b", uuid="\ud800x"), "messages[0].content[0].uuid", "printable"),
+    (_img("https://a/b", uuid="\u202e"), "messages[0].content[0].uuid", "printable"),
+    (_img("https://a/b", uuid=["u"]), "messages[0].content[0].uuid", "non-empty string"),
 ])
 def test_bad_parts(part, param, match):
     with pytest.raises(RequestError, match=match) as e:
@@ -130,6 +138,28 @@ def test_bad_parts(part, param, match):
 
 def test_uuid_length_boundary():
     assert parse_media(_user(_img(None, uuid="u" * 256)), LIMITS).refs[0].uuid == "u" * 256
+    odd = "ünï cödé/../?#%20 \u4e2d"  # printable, however odd: a fine uuid
+    assert parse_media(_user(_img(None, uuid=odd)), LIMITS).refs[0].uuid == odd
+
+
+def test_offline_only_part_values(config):
+    import numpy as np
+
+    pil = Image.new("RGB", (20, 30), (1, 2, 3))
+    t = torch.randn(5, HIDDEN)
+    a, b, c, d = run_resolve(_user({"type": "image_pil", "image_pil": pil},
+                                   {"type": "image_pil", "image_pil": np.asarray(pil)},
+                                   {"type": "image_pil", "image_pil": None, "uuid": "p"},
+                                   {"type": "image_embeds", "image_embeds": t}), config)
+    assert a.key == b.key and b.meta == {"width": 20, "height": 30, "format": "PNG"}
+    assert c.key == uuid_key("p") and c.data is None
+    assert torch.equal(d.embeds, t) and d.num_tokens == 5
+    for bad, match in [(torch.zeros(1).expand(10**4, HIDDEN), "repeats"),
+                       (torch.zeros(2, 5, HIDDEN), "holds 2 images"),
+                       (torch.zeros(5, HIDDEN, dtype=torch.complex64), "dtype")]:
+        with pytest.raises(RequestError, match=match) as e:
+            run_resolve(_user({"type": "image_embeds", "image_embeds": bad}), config)
+        assert e.value.param == "messages[0].content[0].image_embeds"
 
 
 # -- resolve ------------------------------------------------------------------------------------
