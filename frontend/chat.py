@@ -299,13 +299,7 @@ class ChatRenderer:
     ) -> RenderedChat:
         """``add_generation_prompt`` None means: True unless continuing the final message.
         ``chat_template`` is a request's own template (see the class docstring)."""
-        if chat_template is not None:
-            if not self.trust_request_template:
-                raise RequestError(
-                    "this server does not run chat templates sent with requests; its operator "
-                    "can allow them with --trust-request-chat-template", "chat_template")
-            if not isinstance(chat_template, str) or not chat_template:
-                raise RequestError("chat_template must be a non-empty string", "chat_template")
+        self.check_request_template(chat_template)
         template = chat_template or self.template
         if not template:
             raise RequestError(
@@ -344,6 +338,18 @@ class ChatRenderer:
         # The template already wrote the special tokens (bos, role markers): add none.
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return RenderedChat(prompt, list(ids))
+
+    def check_request_template(self, chat_template: Any) -> None:
+        """The 400 for a request's own template this renderer will not run (callers may check
+        before fetching media; `render` checks too)."""
+        if chat_template is None:
+            return
+        if not self.trust_request_template:
+            raise RequestError(
+                "this server does not run chat templates sent with requests; its operator "
+                "can allow them with --trust-request-chat-template", "chat_template")
+        if not isinstance(chat_template, str) or not chat_template:
+            raise RequestError("chat_template must be a non-empty string", "chat_template")
 
     def _format(self, template: str) -> str:
         if self.content_format == "auto":
@@ -392,7 +398,7 @@ class ChatRenderer:
         variables.update(kwargs)  # as transformers: kwargs override special tokens
         try:
             json.dumps([msgs, variables])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise RequestError("chat_template_kwargs must be JSON values",
                                "chat_template_kwargs") from None
         prompt = sandbox.render({

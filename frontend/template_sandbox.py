@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -208,8 +209,6 @@ def _short(e: BaseException) -> str:
 
 def _where(e: BaseException) -> str:
     # jinja2 rewrites tracebacks so template frames carry the template's line numbers.
-    import traceback
-
     lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == "<template>"]
     return f" at line {lines[-1]}" if lines else ""
 
@@ -316,7 +315,9 @@ class TemplateSandbox:
             raise RequestError(f"the chat template did not finish within {self.timeout_s:g} s "
                                "and its limits", "chat_template")
         if "error" in out:
-            param = out.get("param") if out.get("param") in _PARAMS else "chat_template"
+            param = str(out.get("param"))
+            if param not in _PARAMS and not param.startswith("messages["):
+                param = "chat_template"
             raise RequestError(str(out["error"])[:300], param)
         prompt = out.get("prompt")
         if not isinstance(prompt, str):

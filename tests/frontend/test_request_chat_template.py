@@ -96,6 +96,18 @@ def test_sandbox_matches_transformers(tok, trusted, template, kwargs):
     assert got == expected
 
 
+def test_sandbox_string_mode(tok, sandbox):
+    r = ChatRenderer(tok, trust_request_template=True, sandbox=sandbox, content_format="string",
+                     media_placeholders={"image": IMAGE_TOKEN})
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    image_text = [{"type": "image"}, {"type": "text", "text": "What?"}, {"type": "image"}]
+    got = r.render([{"role": "user", "content": image_text}], chat_template=template)
+    assert got.prompt == "user: <image>\n<image>\nWhat?\n"
+    image_text[1]["text"] = "<image>" * 3
+    e = error_of(r.render, [{"role": "user", "content": image_text}], chat_template=template)
+    assert e.param == "messages[0].content"
+
+
 @pytest.mark.parametrize("template, param, words", [
     ("{{ 1/0 }}", "chat_template", "ZeroDivisionError"),
     ("{% for m in messages %}\n{{ m.content + 1 }}{% endfor %}", "chat_template", "line 2"),
