@@ -180,6 +180,23 @@ def test_timeout(server, tmp_path, monkeypatch):
     refused(cfg, f"{server}/slow", "timed out")
 
 
+def test_vllm_timeout_variable_is_honoured(server, tmp_path, monkeypatch):
+    # The image host answers /slow after 3 s; only VLLM_IMAGE_FETCH_TIMEOUT says 0.3 s.
+    import time
+
+    monkeypatch.delenv("MMSERVE_IMAGE_FETCH_TIMEOUT", raising=False)
+    monkeypatch.setenv("VLLM_IMAGE_FETCH_TIMEOUT", "0.3")
+    cfg = _config(tmp_path, allowed_media_domains=("127.0.0.1",))
+    start = time.monotonic()
+    refused(cfg, f"{server}/slow", "timed out .* after 0.3s")
+    assert time.monotonic() - start < 2.0
+    # The MMSERVE_ name wins when both are set.
+    monkeypatch.setenv("MMSERVE_IMAGE_FETCH_TIMEOUT", "0.2")
+    monkeypatch.setenv("VLLM_IMAGE_FETCH_TIMEOUT", "30")
+    refused(cfg, f"{server}/slow", "after 0.2s")
+    assert fetch(cfg, f"{server}/png") == PNG  # fast hosts still answer
+
+
 @pytest.mark.parametrize("path", ["/to-localhost", "/to-127-0-0-2"])
 def test_redirect_to_unlisted_host_is_refused(server, tmp_path, path):
     cfg = _config(tmp_path, allowed_media_domains=("127.0.0.1",))
@@ -260,6 +277,9 @@ def _data_url(payload: bytes, mime: str = "image/png") -> str:
 
 def test_data_url(tmp_path):
     assert fetch(_config(tmp_path), _data_url(PNG)) == PNG
+    b64 = base64.b64encode(PNG).decode()
+    for url in (f"data:image/png;charset=utf-8;BASE64,{b64}", f"data:image/png;base64,\n{b64}\n"):
+        assert fetch(_config(tmp_path), url) == PNG
     assert fetch(_config(tmp_path), _data_url(PNG, "IMAGE/jpeg")) == PNG  # probe decides format
 
 
@@ -270,6 +290,14 @@ def test_data_url(tmp_path):
     ("data:image/png;base64,not*base64!", "not valid base64"),
     ("data:image/png;base64,QUJ", "not valid base64"),
     ("data:image/png;base64", "','"),
+    # Odd parameters and payloads: each a 400 naming the part, never a 500.
+    ("data:;base64," + base64.b64encode(PNG).decode(), "image/"),
+    ("data:image/;base64," + base64.b64encode(PNG).decode(), "image/"),
+    ("data:image/png;base64,iVBOR\u00e9w0K", "not valid base64"),
+    ("data:image/png;base64,iVBORw0K%3D%3D", "not valid base64"),
+    ("data:image/png;base64,\x00\x00\x00\x00", "not valid base64"),
+    ("data:image/png;name=a,b;base64,AAAA", "base64 encoded"),
+    ("data:image/png" + ";x" * 10_000 + "," + base64.b64encode(PNG).decode(), "base64"),
 ])
 def test_bad_data_urls(tmp_path, url, match):
     refused(_config(tmp_path), url, match)
