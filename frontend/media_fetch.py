@@ -168,7 +168,7 @@ class MediaFetcher:
             # One deadline for the whole chain of redirects, not one per hop.
             return await asyncio.wait_for(self._follow(target, param), self.timeout_s)
         except asyncio.TimeoutError:
-            raise RequestError(f"timed out fetching {target.host} after {self.timeout_s:g}s",
+            raise RequestError(f"timed out fetching {target.raw_host} after {self.timeout_s:g}s",
                                param) from None
 
     async def _follow(self, target: URL, param: str) -> bytes:
@@ -181,23 +181,23 @@ class MediaFetcher:
                         location = resp.headers.get("Location")
                         if not location:
                             raise RequestError(f"http {resp.status} without a Location header "
-                                               f"from {target.host}", param)
+                                               f"from {target.raw_host}", param)
                         target = resp.url.join(URL(location))
                         continue
                     if not 200 <= resp.status < 300:
-                        raise RequestError(f"fetching {target.host} failed: http {resp.status}",
+                        raise RequestError(f"fetching {target.raw_host} failed: http {resp.status}",
                                            param)
                     return await self._read_capped(resp, param)
             except RequestError:
                 raise
             except aiohttp.ClientConnectorError as e:
                 if isinstance(e.os_error, BlockedAddress):
-                    raise RequestError(f"refusing to fetch from {target.host}: "
+                    raise RequestError(f"refusing to fetch from {target.raw_host}: "
                                        "it resolves to a non-public address", param) from None
-                raise RequestError(f"could not connect to {target.host}", param) from None
+                raise RequestError(f"could not connect to {target.raw_host}", param) from None
             except (aiohttp.ClientError, ValueError):
                 # Malformed responses, resets, invalid redirect targets: the client's URL.
-                raise RequestError(f"fetching {target.host} failed", param) from None
+                raise RequestError(f"fetching {target.raw_host} failed", param) from None
         raise RequestError(f"too many redirects (more than {MAX_REDIRECTS})", param)
 
     async def _read_capped(self, resp: aiohttp.ClientResponse, param: str) -> bytes:
@@ -245,7 +245,7 @@ class MediaFetcher:
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
             raise RequestError("file URL must look like file:///absolute/path", param)
         path = unquote(parts.path)
-        if not path.startswith("/") or "\x00" in path:
+        if not path.startswith("/") or "\x00" in path or not _encodable(path):
             raise RequestError("file URL must look like file:///absolute/path", param)
         return await asyncio.to_thread(self._read_local, path, param)
 
@@ -281,6 +281,15 @@ class MediaFetcher:
         if len(data) > self.max_bytes:
             raise RequestError(f"image is larger than {self.max_bytes} bytes", param)
         return data
+
+
+def _encodable(path: str) -> bool:
+    """False for lone surrogates, which no file system name can hold (os.open would raise)."""
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        return False
+    return True
 
 
 def _b64decode(payload: str, param: str) -> bytes:

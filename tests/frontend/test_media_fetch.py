@@ -385,3 +385,14 @@ def test_media_config_defaults_and_normalization(tmp_path):
 def test_media_config_validation(tmp_path, kw):
     with pytest.raises(ValueError):
         _config(tmp_path, **kw)
+
+
+@pytest.mark.parametrize("url", ["http://xn--/", "http://xn--a/x", "https://\u00e4.xn--/"])
+def test_urls_whose_host_cannot_be_decoded(tmp_path, url):
+    # The error message used to decode the IDNA host again, and that raised inside the handler.
+    refused(_config(tmp_path), url, "")
+
+
+def test_file_url_with_a_lone_surrogate(tmp_path):
+    cfg = _config(tmp_path, allowed_local_media_path=str(tmp_path))
+    refused(cfg, f"file://{tmp_path}/\ud800.png", "file URL must look like")
