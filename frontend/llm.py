@@ -98,16 +98,24 @@ class LLM:
                                 chat_template_content_format=chat_template_content_format,
                                 **{k: v for k, v in media.items() if v is not None})
         self.media = OfflineMedia(config, device, dtype)
-        # A template passed to chat() is the caller's own code: it runs in-process, unsandboxed.
-        self.chat_renderer = ChatRenderer(
-            self.tokenizer, load_chat_template(chat_template),
-            content_format=chat_template_content_format,
-            media_placeholders=placeholder_texts(self.media.placeholders, self.tokenizer),
-            trust_request_template=True)
+        self._template = load_chat_template(chat_template)
+        self._placeholder_texts = placeholder_texts(self.media.placeholders, self.tokenizer)
+        self._renderers: dict[str, ChatRenderer] = {}
+        self.chat_renderer = self.renderer(chat_template_content_format)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def renderer(self, content_format: str) -> ChatRenderer:
+        """The chat renderer for one content format (vLLM lets chat() pick it per call)."""
+        if content_format not in self._renderers:
+            # A template passed to chat() is the caller's own code: it runs in-process.
+            self._renderers[content_format] = ChatRenderer(
+                self.tokenizer, self._template, content_format=content_format,
+                media_placeholders=self._placeholder_texts, trust_request_template=True,
+                sandbox_request_templates=False)
+        return self._renderers[content_format]
 
     def generate(
         self,
@@ -157,16 +165,19 @@ class LLM:
         *,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template_content_format: str | None = None,
         add_generation_prompt: bool | None = None,
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a batch of them."""
         _no_lora(lora_request)
+        renderer = (self.chat_renderer if chat_template_content_format is None
+                    else self.renderer(chat_template_content_format))
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         items = []
         for conv in convs:
             conv, media = self.media.from_chat(conv)
-            r = self.chat_renderer.render(
+            r = renderer.render(
                 conv, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 chat_template_kwargs=chat_template_kwargs, chat_template=chat_template,
