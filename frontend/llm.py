@@ -126,7 +126,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Outputs in the order of ``prompts``. A prompt is a string, a list of token ids, or a
         dict with "prompt" or "prompt_token_ids", and optionally "multi_modal_data"
-        ({"image": PIL | [PIL | None, ...] | tensor [num_items, feature, hidden]}) and
+        ({"image": an image or a list of them: PIL, numpy [H, W(, C)] uint8 or float in [0, 1],
+        tensor [C, H, W] in a list, [N, C, H, W] images; or embeddings: tensor [feature, hidden]
+        or [num_items, feature, hidden]; None reuses the item of its uuid}) and
         "multi_modal_uuids" ({"image": [str | None, ...]}; a None image reuses its uuid's item).
         ``use_tqdm`` is accepted for vLLM's sake (no progress bar is drawn)."""
         _no_lora(lora_request)
@@ -142,9 +144,13 @@ class LLM:
                                     "multi_modal_uuids"}
                 if unknown:
                     raise RequestError(f"unknown prompt keys {sorted(unknown)}", f"prompts[{i}]")
-                if p.get("multi_modal_data"):
+                # `is not None`: a tensor or array has no truth value, and uuids without data
+                # must still be checked.
+                if (p.get("multi_modal_data") is not None
+                        or p.get("multi_modal_uuids") is not None):
                     media = self.media.from_multi_modal_data(
-                        p["multi_modal_data"], p.get("multi_modal_uuids"), f"prompts[{i}]")
+                        p.get("multi_modal_data", {}), p.get("multi_modal_uuids"),
+                        f"prompts[{i}]")
                 if "prompt_token_ids" in p:
                     items.append((None, list(p["prompt_token_ids"]), media))
                 elif "prompt" in p:

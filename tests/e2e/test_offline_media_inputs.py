@@ -161,3 +161,14 @@ def test_text_only_model_refuses_media(tiny_llama):
     llm = LLM(tiny_llama)
     refused(lambda: llm.generate({"prompt": "Hi", "multi_modal_data": {"image": image(0)}},
                                  GREEDY), "prompts[0].multi_modal_data", "does not accept")
+
+
+def test_multi_modal_data_that_is_not_a_dict(llm):
+    # A tensor or array given as multi_modal_data itself has no truth value: still a 400.
+    for bad in (torch.zeros(2, 3), np.zeros((4, 4, 3), np.uint8), "cat.png"):
+        refused(lambda: llm.generate({"prompt": "<image>Hi", "multi_modal_data": bad}, GREEDY),
+                "prompts[0].multi_modal_data")
+    # uuids without any data are checked too (they name no image).
+    with pytest.raises(RequestError):
+        llm.generate({"prompt": "Hi", "multi_modal_uuids": {"image": ["a"]}}, GREEDY)
+    assert not llm.engine.has_work()
