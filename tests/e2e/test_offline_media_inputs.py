@@ -30,7 +30,7 @@ def gen(llm, images, prompt=None, **extra):
     return tokens(llm.generate(p, GREEDY))
 
 
-def refused(fn, param: str, match: str = "") -> RequestError:
+def refused(fn, param: str, match: str | None = None) -> RequestError:
     with pytest.raises(RequestError, match=match) as e:
         fn()
     assert e.value.param == param and e.value.status == 400
@@ -166,7 +166,8 @@ def test_text_only_model_refuses_media(tiny_llama):
 def test_multi_modal_data_that_is_not_a_dict(llm):
     # A tensor or array given as multi_modal_data itself has no truth value: still a 400.
     for bad in (torch.zeros(2, 3), np.zeros((4, 4, 3), np.uint8), "cat.png"):
-        refused(lambda: llm.generate({"prompt": "<image>Hi", "multi_modal_data": bad}, GREEDY),
+        refused(lambda bad=bad: llm.generate({"prompt": "<image>Hi", "multi_modal_data": bad},
+                                             GREEDY),
                 "prompts[0].multi_modal_data")
     # uuids without any data are checked too (they name no image).
     with pytest.raises(RequestError):
