@@ -1,0 +1,879 @@
+"""The hostile request corpus (issue 7, point 4): concrete requests grouped by class, as data.
+
+Every case must answer a 4xx with the JSON error shape and leave the server serving. Bodies are
+raw bytes, so malformed JSON, invalid UTF-8 and odd content types are sent exactly as written.
+``build_main`` targets the default server (request templates refused, no allowed media domains,
+file:// under a folder); ``build_trusted`` the server started with --trust-request-chat-template
+and --allowed-media-domains 127.0.0.1 (redirects, timeouts, bounded templates).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+import numpy as np
+import torch
+from PIL import Image
+
+from frontend.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+CHAT, COMPLETIONS, TOKENIZE, DETOKENIZE = ("/v1/chat/completions", "/v1/completions",
+                                           "/tokenize", "/detokenize")
+SCHEMAS = {CHAT: ChatCompletionRequest, COMPLETIONS: CompletionRequest,
+           TOKENIZE: TokenizeRequest, DETOKENIZE: DetokenizeRequest}
+JSON = {"Content-Type": "application/json"}
+HUGE = 2**64 + 1
+MB = 1 << 20
+
+
+@dataclass
+class Case:
+    cls: str  # the class of hostile input, for grouping in reports
+    name: str
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=lambda: dict(JSON))
+    method: str = "POST"
+    statuses: tuple[int, ...] = tuple(range(400, 500))
+    param: str | None = None  # the error's param must name this field (or a path under it)
+    max_seconds: float = 30.0  # answered within this
+
+    @property
+    def id(self) -> str:
+        return f"{self.cls}/{self.name}"
+
+
+@dataclass
+class Context:
+    model: str  # a served model name
+    vocab_size: int
+    hidden_size: int  # of image embeddings (the LM's hidden size)
+    image_token_id: int
+    media_dir: Path  # holds allowed/ (the --allowed-local-media-path) and files outside it
+    ssrf_base: str  # http://127.0.0.1:PORT of a live image host that must never be fetched
+    marker: Path  # a pickle payload would create this file
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# -- media builders --------------------------------------------------------------------------------
+
+def png_bytes(width: int = 24, height: int = 24, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def png_declaring(width: int, height: int, rows: bytes = b"\x00" * 100) -> bytes:
+    """A tiny PNG whose header declares ``width`` x ``height`` (the pixels never match)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+            + _chunk(b"IDAT", zlib.compress(rows, 9)) + _chunk(b"IEND", b""))
+
+
+def thin_png(width: int, height: int) -> bytes:
+    """A real, fully decodable grey PNG of any aspect ratio: a few hundred bytes."""
+    row = b"\x00" + b"\x80" * width  # filter byte + one grey byte per pixel
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+            + _chunk(b"IDAT", zlib.compress(row * height, 9)) + _chunk(b"IEND", b""))
+
+
+def jpeg_bytes(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (size, size, 3), np.uint8)).save(
+        buf, format="JPEG")
+    return buf.getvalue()
+
+
+def gif_frames(frames: int, size: int = 8) -> bytes:
+    imgs = [Image.new("P", (size, size), i % 256) for i in range(frames)]
+    buf = io.BytesIO()
+    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=10)
+    return buf.getvalue()
+
+
+def gif_declaring(width: int, height: int) -> bytes:
+    """GIF89a whose logical screen is ``width`` x ``height`` with a 1x1 frame inside."""
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + frame + b"\x3b"
+
+
+def bmp_declaring(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + 16, 0, 0, 54) + info + b"\0" * 16
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+class _Boom:
+    """Unpickling this runs `touch marker`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def saved(obj: Any, **kw: Any) -> str:
+    buf = io.BytesIO()
+    torch.save(obj, buf, **kw)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# -- body helpers ---------------------------------------------------------------------------------
+
+def user(content: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": content}]
+
+
+def image_part(url: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": url if url is None else {"url": url}, **extra}
+
+
+class Bodies:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def chat(self, **kw: Any) -> dict[str, Any]:
+        body = {"model": self.ctx.model, "messages": user("hi"), "max_tokens": 2}
+        body.update(kw)
+        return body
+
+    def completion(self, **kw: Any) -> dict[str, Any]:
+        body = {"model": self.ctx.model, "prompt": "hi", "max_tokens": 2}
+        body.update(kw)
+        return body
+
+    def tokenize(self, **kw: Any) -> dict[str, Any]:
+        return {"model": self.ctx.model, "prompt": "hi", **kw}
+
+    def detokenize(self, **kw: Any) -> dict[str, Any]:
+        return {"model": self.ctx.model, "tokens": [1, 2], **kw}
+
+    def base(self, path: str) -> dict[str, Any]:
+        return {CHAT: self.chat, COMPLETIONS: self.completion, TOKENIZE: self.tokenize,
+                DETOKENIZE: self.detokenize}[path]()
+
+    def media(self, *parts: dict[str, Any]) -> bytes:
+        return dumps(self.chat(messages=user([*parts, {"type": "text", "text": "?"}])))
+
+
+# -- classes --------------------------------------------------------------------------------------
+
+def malformed_bodies(b: Bodies) -> list[Case]:
+    c = "malformed"
+    m = b.ctx.model
+    ok_chat = dumps(b.chat())
+    deep = 100_000
+    raw: dict[str, tuple[str, bytes]] = {
+        "empty": (CHAT, b""),
+        "whitespace": (CHAT, b"   \n\t "),
+        "truncated object": (CHAT, ok_chat[: len(ok_chat) // 2]),
+        "lone brace": (COMPLETIONS, b"{"),
+        "truncated string": (COMPLETIONS, b'{"prompt": "hi'),
+        "json string not object": (CHAT, b'"hello"'),
+        "json array not object": (CHAT, b"[]"),
+        "json null": (COMPLETIONS, b"null"),
+        "json number": (TOKENIZE, b"123"),
+        "trailing garbage": (CHAT, ok_chat + b" xyz"),
+        "two objects": (CHAT, ok_chat + ok_chat),
+        "single quotes": (COMPLETIONS, b"{'prompt': 'hi'}"),
+        "js comment": (COMPLETIONS, b'{"prompt": "hi" /* x */}'),
+        "invalid utf-8 in model": (CHAT, b'{"model": "\xff\xfe", "messages": [{"role": "user",'
+                                         b' "content": "hi"}]}'),
+        "invalid utf-8 in content": (
+            CHAT, b'{"messages": [{"role": "user", "content": "caf\xc3\x28"}], "max_tokens": 2}'),
+        "invalid utf-8 in prompt": (COMPLETIONS, b'{"prompt": "\xc0\xaf\xed\xa0\x80"}'),
+        "invalid utf-8 in tokenize": (TOKENIZE, b'{"prompt": "\xf8\x88\x80\x80\x80"}'),
+        "invalid utf-8 latin-1 body": (DETOKENIZE, '{"tokens": [1], "model": "é"}'.encode(
+            "latin-1")),
+        "lone surrogate escape in content": (
+            CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}'),
+        "lone surrogate escape in prompt": (COMPLETIONS, b'{"prompt": "a\\udfffb",'
+                                                         b' "max_tokens": 2}'),
+        "lone surrogate escape in tokenize": (TOKENIZE, b'{"prompt": "\\udc00"}'),
+        "lone surrogate in stop": (COMPLETIONS, b'{"prompt": "hi", "stop": ["\\ud800"],'
+                                                b' "max_tokens": 2}'),
+        "deep arrays top level": (CHAT, b"[" * deep + b"]" * deep),
+        "deep objects top level": (COMPLETIONS, b'{"a":' * deep + b"1" + b"}" * deep),
+        "deep arrays in metadata": (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], '
+                                    b'"metadata": {"x": '
+                                    + b"[" * deep + b"]" * deep + b"}}"),
+        "deep objects in chat_template_kwargs": (
+            CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": '
+            + b'{"a":' * deep + b"1" + b"}" * deep + b"}"),
+        "deep arrays in content": (
+            CHAT, b'{"messages": [{"role": "user", "content": ' + b"[" * deep + b"]" * deep
+            + b"}]}"),
+        "deep arrays in prompt": (COMPLETIONS, b'{"prompt": ' + b"[" * deep + b"]" * deep + b"}"),
+        "deep arrays in tokenize messages": (
+            TOKENIZE, b'{"messages": ' + b"[" * deep + b"]" * deep + b"}"),
+        "deep arrays in detokenize": (DETOKENIZE, b'{"tokens": ' + b"[" * deep + b"]" * deep
+                                      + b"}"),
+        "NaN temperature": (CHAT, ok_chat[:-1] + b', "temperature": NaN}'),
+        "Infinity top_p": (CHAT, ok_chat[:-1] + b', "top_p": Infinity}'),
+        "-Infinity presence_penalty": (COMPLETIONS, b'{"prompt": "hi", "presence_penalty":'
+                                                    b' -Infinity}'),
+        "1e999 temperature": (COMPLETIONS, b'{"prompt": "hi", "temperature": 1e999}'),
+        "-1e999 repetition_penalty": (CHAT, ok_chat[:-1] + b', "repetition_penalty": -1e999}'),
+        "1e400 max_tokens": (COMPLETIONS, b'{"prompt": "hi", "max_tokens": 1e400}'),
+        "duplicate max_tokens, last invalid": (
+            COMPLETIONS, f'{{"model": "{m}", "prompt": "hi", "max_tokens": 2, '
+                         '"max_tokens": -5}'.encode()),
+        "duplicate model, last unknown": (
+            COMPLETIONS, b'{"model": "' + m.encode() + b'", "prompt": "hi", "max_tokens": 2, '
+                         b'"model": "no-such-model"}'),
+        # Strict: an ambiguous body (two values for one field) is refused, whichever is valid.
+        "duplicate temperature, first invalid": (
+            COMPLETIONS, f'{{"model": "{m}", "prompt": "hi", "max_tokens": 2, '
+                         '"temperature": -3, "temperature": 0}'.encode()),
+        "unknown top-level field": (CHAT, dumps(b.chat(definitely_not_a_field=1))),
+        "unknown field in stream_options": (CHAT, dumps(b.chat(
+            stream=True, stream_options={"include_usage": True, "bogus": 1}))),
+        "unknown field in completions": (COMPLETIONS, dumps(b.completion(prompt_logprobs=1,
+                                                                         foo="bar"))),
+        "unknown field in tokenize": (TOKENIZE, dumps(b.tokenize(tokens=[1]))),
+        "unknown field in detokenize": (DETOKENIZE, dumps(b.detokenize(prompt="x"))),
+        "unknown message key": (CHAT, dumps(b.chat(messages=[{"role": "user", "content": "hi",
+                                                              "extra": 1}]))),
+        "missing messages": (CHAT, dumps({"model": m})),
+        "missing prompt": (COMPLETIONS, dumps({"model": m})),
+        "missing tokens": (DETOKENIZE, dumps({"model": m})),
+        "empty object tokenize": (TOKENIZE, b"{}"),
+    }
+    return [Case(c, name, path, body) for name, (path, body) in raw.items()]
+
+
+_WRONG = ({"nested": [[1]]}, "a string", 12345, True, [1, "x"], 0.5)
+
+
+def _wrong_value(tp: Any, start: int) -> Any | None:
+    """A JSON value msgspec refuses for type ``tp`` (trying candidates from ``start`` on, so
+    fields get different wrong types); None when every candidate is accepted."""
+    for k in range(len(_WRONG)):
+        candidate = _WRONG[(start + k) % len(_WRONG)]
+        try:
+            msgspec.convert(candidate, type=tp, strict=True)
+        except msgspec.ValidationError:
+            return candidate
+    return None
+
+
+def wrong_types(b: Bodies) -> list[Case]:
+    """Every declared field of every request schema with a value of the wrong type."""
+    cases = []
+    for path, schema in SCHEMAS.items():
+        for i, f in enumerate(msgspec.structs.fields(schema)):
+            value = _wrong_value(f.type, i)
+            if value is None:  # `Any` fields (declared to refuse them by name: see below)
+                continue
+            body = b.base(path)
+            body[f.name] = value
+            cases.append(Case("wrong_type", f"{path} {f.name}={json.dumps(value)}", path,
+                              dumps(body), param=f.name))
+    # Any-typed OpenAI fields we do not implement: refused by name, not silently ignored.
+    for name, value in (("tools", [{"type": "function", "function": {"name": "f"}}]),
+                        ("tool_choice", "required"), ("response_format", {"type": "json_schema"}),
+                        ("audio", {"voice": "x"}), ("prediction", {"type": "content"}),
+                        ("function_call", "auto")):
+        cases.append(Case("wrong_type", f"unsupported {name}", CHAT,
+                          dumps(b.chat(**{name: value})), param=name))
+    return cases
+
+
+def huge_ints(b: Bodies) -> list[Case]:
+    """2^64+1 (past uint64), 2^63 (past int64) and -2^64-1 in every integer field."""
+    cases = []
+    chat = {"n": {}, "seed": {}, "top_k": {}, "min_tokens": {"max_tokens": None},
+            "max_tokens": {}, "max_completion_tokens": {"max_tokens": None},
+            "top_logprobs": {"logprobs": True}}
+    completion = {"n": {}, "seed": {}, "top_k": {}, "min_tokens": {"max_tokens": None},
+                  "max_tokens": {}, "logprobs": {}, "best_of": {}}
+    for path, fields, make in ((CHAT, chat, b.chat), (COMPLETIONS, completion, b.completion)):
+        for name, extra in fields.items():
+            for value in (HUGE, 2**63, -HUGE):
+                body = make(**extra)
+                body[name] = value
+                body = {k: v for k, v in body.items() if v is not None}
+                cases.append(Case("huge_int", f"{path} {name}={value}", path, dumps(body),
+                                  param=name))
+    lists = [
+        (CHAT, "stop_token_ids", b.chat(stop_token_ids=[HUGE])),
+        (COMPLETIONS, "stop_token_ids", b.completion(stop_token_ids=[2**63])),
+        (COMPLETIONS, "prompt", b.completion(prompt=[HUGE])),
+        (COMPLETIONS, "prompt", b.completion(prompt=[[1, 2], [2**63]])),
+        (DETOKENIZE, "tokens", b.detokenize(tokens=[HUGE])),
+        (DETOKENIZE, "tokens", b.detokenize(tokens=[-HUGE])),
+        (DETOKENIZE, "tokens", b.detokenize(tokens=[2**63])),
+    ]
+    for path, name, body in lists:
+        cases.append(Case("huge_int", f"{path} {name} {json.dumps(body[name])}", path,
+                          dumps(body), param=name))
+    return cases
+
+
+def content_types(b: Bodies) -> list[Case]:
+    cases = []
+    for path in SCHEMAS:
+        body = dumps(b.base(path))
+        for label, ctype in (("missing", None), ("text/plain", "text/plain"),
+                             ("form-urlencoded", "application/x-www-form-urlencoded"),
+                             ("multipart", "multipart/form-data; boundary=x")):
+            headers = {} if ctype is None else {"Content-Type": ctype}
+            cases.append(Case("content_type", f"{path} {label}", path, body, headers,
+                              statuses=(415,)))
+    return cases
+
+
+def sampling_ranges(b: Bodies) -> list[Case]:
+    v = b.ctx.vocab_size
+    chat = {
+        "temperature -1": ({"temperature": -1}, "temperature"),
+        "top_p 0": ({"top_p": 0}, "top_p"),
+        "top_p 1.5": ({"top_p": 1.5}, "top_p"),
+        "top_p -0.0": ({"top_p": -0.0}, "top_p"),
+        "top_k -2": ({"top_k": -2}, "top_k"),
+        "min_p -0.1": ({"min_p": -0.1}, "min_p"),
+        "min_p 1.5": ({"min_p": 1.5}, "min_p"),
+        "presence_penalty 2.5": ({"presence_penalty": 2.5}, "presence_penalty"),
+        "presence_penalty -3": ({"presence_penalty": -3}, "presence_penalty"),
+        "frequency_penalty 2.01": ({"frequency_penalty": 2.01}, "frequency_penalty"),
+        "frequency_penalty -2.5": ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        "repetition_penalty 0": ({"repetition_penalty": 0}, "repetition_penalty"),
+        "repetition_penalty -1": ({"repetition_penalty": -1}, "repetition_penalty"),
+        "n 0": ({"n": 0}, "n"),
+        "n -1": ({"n": -1}, "n"),
+        "n over max_n": ({"n": 17}, "n"),
+        "max_tokens 0": ({"max_tokens": 0}, "max_tokens"),
+        "max_tokens -1": ({"max_tokens": -1}, "max_tokens"),
+        "max_tokens past context": ({"max_tokens": 100_000}, "max_tokens"),
+        "max_completion_tokens 0": ({"max_tokens": None, "max_completion_tokens": 0},
+                                    "max_completion_tokens"),
+        "max_tokens and max_completion_tokens disagree": (
+            {"max_tokens": 2, "max_completion_tokens": 3}, "max_completion_tokens"),
+        "min_tokens -1": ({"min_tokens": -1}, "min_tokens"),
+        "min_tokens above max_tokens": ({"min_tokens": 5}, "min_tokens"),
+        "top_logprobs 21": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        "top_logprobs -1": ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs"),
+        "stop empty string": ({"stop": ""}, "stop"),
+        "stop list with empty string": ({"stop": ["a", ""]}, "stop"),
+        "stop_token_ids negative": ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        "stop_token_ids out of vocab": ({"stop_token_ids": [v + 10]}, "stop_token_ids"),
+        "seed 2^63": ({"seed": 2**63}, "seed"),
+        "stream_options without stream": ({"stream_options": {"include_usage": True}},
+                                          "stream_options"),
+        "stream with temperature -1": ({"stream": True, "temperature": -1}, "temperature"),
+        "logit_bias": ({"logit_bias": {"1": 100}}, "logit_bias"),
+    }
+    completion = {
+        "logprobs 21": ({"logprobs": 21}, "logprobs"),
+        "logprobs -1": ({"logprobs": -1}, "logprobs"),
+        "best_of 3 with n 1": ({"best_of": 3}, "best_of"),
+        "echo with logprobs": ({"echo": True, "logprobs": 1}, "echo"),
+        "suffix": ({"suffix": "tail"}, "suffix"),
+        "max_tokens 0": ({"max_tokens": 0}, "max_tokens"),
+        "n over max_n": ({"n": 1000}, "n"),
+        "top_p 2": ({"top_p": 2}, "top_p"),
+        "stream with n 0": ({"stream": True, "n": 0}, "n"),
+    }
+    cases = []
+    for path, table, make in ((CHAT, chat, b.chat), (COMPLETIONS, completion, b.completion)):
+        for name, (extra, param) in table.items():
+            body = {k: val for k, val in make(**extra).items() if val is not None}
+            cases.append(Case("sampling", f"{path} {name}", path, dumps(body), param=param))
+    return cases
+
+
+def token_prompts(b: Bodies) -> list[Case]:
+    v = b.ctx.vocab_size
+    table = {
+        "negative id": [-1],
+        "id == vocab": [v],
+        "id 10^9": [10**9],
+        "id 2^31": [2**31],
+        "empty list": [],
+        "empty inner list": [[]],
+        "second prompt bad": [[1, 2], [-5]],
+        "mixed ids and strings": [1, "x"],
+        "mixed lists and ids": [[1], 2],
+        "bools": [True, False],
+        "floats": [1.5, 2.0],
+        "nested three deep": [[[1]]],
+        "null inside": [1, None],
+        "ids past the context": [5] * 2100,
+    }
+    cases = [Case("token_prompt", name, COMPLETIONS, dumps(b.completion(prompt=p)),
+                  param="prompt" if name != "ids past the context" else None)
+             for name, p in table.items()]
+    cases.append(Case("token_prompt", "empty string", COMPLETIONS, dumps(b.completion(prompt="")),
+                      param="prompt"))
+    cases.append(Case("token_prompt", "list with an empty string", COMPLETIONS,
+                      dumps(b.completion(prompt=["hi", ""])), param="prompt"))
+    return cases
+
+
+def long_prompts(b: Bodies) -> list[Case]:
+    """Over the character cap (a few MB, under the 32 MB body cap) and over the context."""
+    big = "hello world " * (4 * MB // 12)  # 4 MB
+    over_context = "Hello world " * 3000  # ~6000 tokens, 36 kB: under the char cap
+    return [
+        Case("long_prompt", "4 MB completion prompt", COMPLETIONS, dumps(b.completion(prompt=big)),
+             param="prompt", max_seconds=10),
+        Case("long_prompt", "4 MB prompt list", COMPLETIONS,
+             dumps(b.completion(prompt=["hi", big])), param="prompt", max_seconds=10),
+        Case("long_prompt", "4 MB chat message", CHAT, dumps(b.chat(messages=user(big))),
+             param="messages", max_seconds=10),
+        Case("long_prompt", "4 MB over many chat messages", CHAT,
+             dumps(b.chat(messages=user(big[: MB]) * 4)), param="messages", max_seconds=10),
+        Case("long_prompt", "4 MB text part", CHAT,
+             dumps(b.chat(messages=user([{"type": "text", "text": big}]))), param="messages",
+             max_seconds=10),
+        Case("long_prompt", "4 MB tokenize prompt", TOKENIZE, dumps(b.tokenize(prompt=big)),
+             param="prompt", max_seconds=10),
+        Case("long_prompt", "4 MB tokenize messages", TOKENIZE,
+             dumps({"model": b.ctx.model, "messages": user(big)}), param="messages",
+             max_seconds=10),
+        Case("long_prompt", "over context completion", COMPLETIONS,
+             dumps(b.completion(prompt=over_context))),
+        Case("long_prompt", "over context chat", CHAT, dumps(b.chat(messages=user(over_context)))),
+        Case("long_prompt", "body over the 32 MB cap", CHAT, b"{" + b" " * (33 * MB) + b"}",
+             statuses=(413,)),
+    ]
+
+
+def messages(b: Bodies) -> list[Case]:
+    table: dict[str, tuple[Any, dict[str, Any]]] = {
+        "empty list": ([], {}),
+        "not a list": ("hi", {}),
+        "a number": (5, {}),
+        "message is a string": (["hi"], {}),
+        "message is null": ([None], {}),
+        "empty message": ([{}], {}),
+        "unknown role": ([{"role": "root", "content": "hi"}], {}),
+        "role is a number": ([{"role": 5, "content": "hi"}], {}),
+        "role missing": ([{"content": "hi"}], {}),
+        "content missing": ([{"role": "user"}], {}),
+        "content a number": ([{"role": "user", "content": 5}], {}),
+        "content an object": ([{"role": "user", "content": {"text": "x"}}], {}),
+        "part without type": (user([{"text": "x"}]), {}),
+        "part type a number": (user([{"type": 5, "text": "x"}]), {}),
+        "unknown part type": (user([{"type": "bogus"}]), {}),
+        "text part without text": (user([{"type": "text"}]), {}),
+        "text part with number": (user([{"type": "text", "text": 5}]), {}),
+        "text part with list": (user([{"type": "text", "text": ["a"]}]), {}),
+        "nested content lists": (user([[["nested"]]]), {}),
+        "null part": (user([None]), {}),
+        "client-sent image part": (user([{"type": "image"}]), {}),
+        "tool_calls key": ([{"role": "assistant", "content": "x", "tool_calls": []}], {}),
+        "continue_final_message after user": (user("hi"), {"continue_final_message": True,
+                                                            "add_generation_prompt": False}),
+        "generation prompt and continue": (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+            {"continue_final_message": True, "add_generation_prompt": True}),
+        "chat_template_kwargs sets messages": (user("hi"), {"chat_template_kwargs": {
+            "messages": []}}),
+    }
+    return [Case("messages", name, CHAT, dumps(b.chat(messages=msgs, **extra)))
+            for name, (msgs, extra) in table.items()]
+
+
+TEMPLATES = {
+    "division by zero": "{{ 1/0 }}",
+    "4e8-iteration loop": "{% for i in range(20000) %}{% for j in range(20000) %}"
+                          "{% endfor %}{% endfor %}x",
+    "range of 4e8": "{% for i in range(400000000) %}x{% endfor %}",
+    "8 MB output": "{% for i in range(80000) %}{{ 'hello world ' * 9 }}{% endfor %}",
+    "syntax error": "{% for %}",
+    "unclosed block": "{% if true %}x",
+    "raise_exception": "{{ raise_exception('boom') }}",
+    "undefined call": "{{ nothing.here() }}",
+    "recursive macro": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "sandbox escape": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "empty output": "{% if false %}x{% endif %}",
+    "not a string": None,
+}
+
+
+def request_templates(b: Bodies, trusted: bool) -> list[Case]:
+    """Refused by default; with --trust-request-chat-template bounded, each failure a 400."""
+    cases = []
+    names = TEMPLATES if trusted else {k: TEMPLATES[k] for k in (
+        "division by zero", "4e8-iteration loop", "empty output")}
+    for name, template in names.items():
+        tpl: Any = template if template is not None else ["not", "a", "string"]
+        cases.append(Case("chat_template", f"chat {name}", CHAT,
+                          dumps(b.chat(chat_template=tpl)), max_seconds=20))
+    for name in ("division by zero", "4e8-iteration loop"):
+        cases.append(Case("chat_template", f"tokenize {name}", TOKENIZE,
+                          dumps({"model": b.ctx.model, "messages": user("hi"),
+                                 "chat_template": TEMPLATES[name]}), max_seconds=20))
+    if not trusted:  # even a harmless template is refused without the flag
+        cases.append(Case("chat_template", "benign template refused", CHAT,
+                          dumps(b.chat(chat_template="{{ messages[0]['content'] }}")),
+                          param="chat_template"))
+    return cases
+
+
+def special_tokens(b: Bodies) -> list[Case]:
+    """Image placeholders typed as text: the prompt's placeholders must match the images."""
+    img = image_part(data_url(png_bytes()))
+    tid = b.ctx.image_token_id
+    return [
+        Case("special_tokens", "<image> in text, no image", CHAT,
+             dumps(b.chat(messages=user("look: <image>")))),
+        Case("special_tokens", "<image> text part, no image", CHAT,
+             dumps(b.chat(messages=user([{"type": "text", "text": "<image><image>"}])))),
+        Case("special_tokens", "<image> in text plus one image", CHAT,
+             b.media(img, {"type": "text", "text": "<image>"})),
+        Case("special_tokens", "<image> in the system message", CHAT,
+             dumps(b.chat(messages=[{"role": "system", "content": "<image>"},
+                                    {"role": "user", "content": "hi"}]))),
+        Case("special_tokens", "<image> in a completion prompt", COMPLETIONS,
+             dumps(b.completion(prompt="USER: <image>\nhi ASSISTANT:"))),
+        Case("special_tokens", "image token id in a token prompt", COMPLETIONS,
+             dumps(b.completion(prompt=[1, tid, tid, 2]))),
+    ]
+
+
+def ssrf(b: Bodies) -> list[Case]:
+    """Private, loopback and special addresses in every spelling; the host behind the loopback
+    ones is live (a leak would answer 200), and it must never see a request."""
+    port = b.ctx.ssrf_base.rsplit(":", 1)[1]
+    p = "/img/a.png"
+    urls = {
+        "127.0.0.1": f"http://127.0.0.1:{port}{p}",
+        "localhost": f"http://localhost:{port}{p}",
+        "LOCALHOST.": f"http://LOCALHOST.:{port}{p}",
+        "[::1]": f"http://[::1]:{port}{p}",
+        "0.0.0.0": f"http://0.0.0.0:{port}{p}",
+        "0": f"http://0:{port}{p}",
+        "127.1": f"http://127.1:{port}{p}",
+        "127.255.255.254": f"http://127.255.255.254:{port}{p}",
+        "decimal 2130706433": f"http://2130706433:{port}{p}",
+        "hex 0x7f000001": f"http://0x7f000001:{port}{p}",
+        "octal 0177.0.0.1": f"http://0177.0.0.1:{port}{p}",
+        "hex dotted 0x7f.0.0.1": f"http://0x7f.0.0.1:{port}{p}",
+        "ipv4-mapped [::ffff:127.0.0.1]": f"http://[::ffff:127.0.0.1]:{port}{p}",
+        "ipv4-mapped hex [::ffff:7f00:1]": f"http://[::ffff:7f00:1]:{port}{p}",
+        "nat64 [64:ff9b::7f00:1]": f"http://[64:ff9b::7f00:1]:{port}{p}",
+        "6to4 [2002:7f00:1::]": f"http://[2002:7f00:1::]:{port}{p}",
+        "ipv4-compatible [::127.0.0.1]": f"http://[::127.0.0.1]:{port}{p}",
+        "userinfo public@127.0.0.1": f"http://public.example.com@127.0.0.1:{port}{p}",
+        "userinfo user:pass@localhost": f"http://user:pass@localhost:{port}{p}",
+        "https loopback": f"https://127.0.0.1:{port}{p}",
+        "uppercase scheme": f"HTTP://127.0.0.1:{port}{p}",
+        "10.0.0.1": "http://10.0.0.1/a.png",
+        "172.16.0.1": "http://172.16.0.1/a.png",
+        "192.168.0.1": "http://192.168.0.1/a.png",
+        "169.254.169.254 metadata": "http://169.254.169.254/latest/meta-data/",
+        "100.64.0.1 shared": "http://100.64.0.1/a.png",
+        "224.0.0.1 multicast": "http://224.0.0.1/a.png",
+        "255.255.255.255": "http://255.255.255.255/a.png",
+        "[fc00::1] unique local": "http://[fc00::1]/a.png",
+        "[fe80::1] link-local": "http://[fe80::1]/a.png",
+        "[::] unspecified": f"http://[::]:{port}{p}",
+        "gopher scheme": f"gopher://127.0.0.1:{port}/_GET",
+        "ftp scheme": "ftp://127.0.0.1/a.png",
+        "javascript scheme": "javascript:alert(1)",
+        "no host": "http:///a.png",
+        "blank url": " ",
+    }
+    return [Case("ssrf", name, CHAT, b.media(image_part(url)), max_seconds=3)
+            for name, url in urls.items()]
+
+
+def file_urls(b: Bodies) -> list[Case]:
+    d = b.ctx.media_dir
+    allowed = d / "allowed"
+    urls = {
+        "/etc/passwd": "file:///etc/passwd",
+        "/proc/self/environ": "file:///proc/self/environ",
+        "/dev/zero": "file:///dev/zero",
+        "outside the folder": f"file://{d}/secret.png",
+        "via ..": f"file://{allowed}/../secret.png",
+        "via percent-encoded ..": f"file://{allowed}/%2e%2e/secret.png",
+        "via percent-encoded slash": f"file://{allowed}/..%2Fsecret.png",
+        "sibling folder with the same prefix": f"file://{d}/allowed-evil/b.png",
+        "symlink pointing outside": f"file://{allowed}/link.png",
+        "symlinked folder pointing outside": f"file://{allowed}/outdir/secret.png",
+        "FIFO": f"file://{allowed}/fifo",
+        "directory": f"file://{allowed}/",
+        "directory without slash": f"file://{allowed}",
+        "missing file": f"file://{allowed}/missing.png",
+        "not an image": f"file://{allowed}/notes.txt",
+        "NUL byte": f"file://{allowed}/b.png%00.txt",
+        "remote host": f"file://otherhost{allowed}/b.png",
+        "relative path": "file:b.png",
+        "query string": f"file://{allowed}/b.png?x=1",
+    }
+    return [Case("file_url", name, CHAT, b.media(image_part(url)), max_seconds=5)
+            for name, url in urls.items()]
+
+
+def data_urls(b: Bodies) -> list[Case]:
+    ok = base64.b64encode(png_bytes()).decode()
+    urls = {
+        "text/plain mime": f"data:text/plain;base64,{ok}",
+        "text/html mime": "data:text/html;base64," + base64.b64encode(b"<b>x</b>").decode(),
+        "no mime": f"data:;base64,{ok}",
+        "not base64": "data:image/png,rawbytes",
+        "bad base64": "data:image/png;base64,@@@not base64@@@",
+        "truncated base64": f"data:image/png;base64,{ok[:-3]}",
+        "empty payload": "data:image/png;base64,",
+        "svg": data_url(b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml"),
+        "eps (ghostscript)": data_url(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n",
+                                      "image/eps"),
+        "ico": data_url(b"\0\0\1\0\1\0\x10\x10" + b"\0" * 40, "image/x-icon"),
+        "21 MB payload": data_url(b"\0" * (21 * MB)),
+    }
+    return [Case("data_url", name, CHAT, b.media(image_part(url)), max_seconds=10)
+            for name, url in urls.items()]
+
+
+def image_bombs(b: Bodies) -> list[Case]:
+    jpeg = jpeg_bytes()
+    good_png = png_bytes(64, 64)
+    images = {
+        "PNG declaring 100000x100000": png_declaring(100_000, 100_000),
+        "PNG declaring 2^31x2^31": png_declaring(2**31 - 1, 2**31 - 1),
+        "PNG 100000x2 aspect ratio": thin_png(100_000, 2),
+        "PNG 2x100000 aspect ratio": thin_png(2, 100_000),
+        "PNG 30000x3 aspect ratio": thin_png(30_000, 3),
+        "1x1": png_bytes(1, 1),
+        "1x500": png_bytes(1, 500),
+        "truncated JPEG": jpeg[:300],
+        "JPEG with garbage scan": jpeg[:200] + os.urandom(64) * 8,
+        "truncated PNG data": good_png[: len(good_png) // 2],
+        "PNG with corrupt IDAT": png_declaring(64, 64, rows=b"\x07" * 10),
+        "GIF declaring 60000x60000": gif_declaring(60_000, 60_000),
+        "BMP declaring 50000x50000": bmp_declaring(50_000, 50_000),
+        "non-image bytes": b"definitely not an image",
+        "random bytes": os.urandom(4096),
+        "zip bytes": b"PK\x03\x04" + b"\0" * 100,
+    }
+    return [Case("image_bomb", name, CHAT, b.media(image_part(data_url(data))), max_seconds=15)
+            for name, data in images.items()]
+
+
+def image_embeds(b: Bodies) -> list[Case]:
+    h = b.ctx.hidden_size
+    marker = str(b.ctx.marker)
+    bad_sparse = torch.sparse_coo_tensor(torch.tensor([[0, 10**6], [0, 5]]), torch.ones(2),
+                                         (16, h), check_invariants=False)
+    legacy = io.BytesIO()
+    torch.save(torch.zeros(16, h), legacy, _use_new_zipfile_serialization=False)
+    payloads = {
+        "raw pickle": base64.b64encode(pickle.dumps(_Boom(marker))).decode(),
+        "pickle inside torch.save zip": saved({"x": _Boom(marker)}),
+        "sparse with out-of-range indices": saved(bad_sparse),
+        "valid sparse": saved(torch.zeros(16, h).to_sparse()),
+        "int32 dtype": saved(torch.zeros(16, h, dtype=torch.int32)),
+        "bool dtype": saved(torch.zeros(16, h, dtype=torch.bool)),
+        "complex64 dtype": saved(torch.zeros(16, h, dtype=torch.complex64)),
+        "wrong hidden size": saved(torch.zeros(16, h + 1)),
+        "1-d tensor": saved(torch.zeros(h)),
+        "4-d tensor": saved(torch.zeros(1, 1, 16, h)),
+        "zero features": saved(torch.zeros(0, h)),
+        "too many features": saved(torch.zeros(20_000, h)),
+        "zero-stride giant view": saved(torch.zeros(1, 1, h).expand(10**7, 16384, h)),
+        "zero-stride giant feature view": saved(torch.zeros(1, h).expand(10**9, h)),
+        "two images in one part": saved(torch.zeros(2, 16, h)),
+        "NaN": saved(torch.full((16, h), float("nan"))),
+        "inf": saved(torch.full((16, h), float("inf"))),
+        "not base64": "@@@ not base64 @@@",
+        "empty string": "",
+        "legacy non-zip torch.save": base64.b64encode(legacy.getvalue()).decode(),
+        "a dict of tensors": saved({"a": torch.zeros(16, h)}),
+        "a list of tensors": saved([torch.zeros(16, h)]),
+        "a png instead": base64.b64encode(png_bytes()).decode(),
+    }
+    cases = [Case("image_embeds", name, CHAT, b.media({"type": "image_embeds",
+                                                       "image_embeds": value}), max_seconds=15)
+             for name, value in payloads.items()]
+    cases.append(Case("image_embeds", "not a string", CHAT,
+                      b.media({"type": "image_embeds", "image_embeds": [[0.0] * h] * 4})))
+    return cases
+
+
+def uuids(b: Bodies) -> list[Case]:
+    img = data_url(png_bytes())
+    table = {
+        "empty uuid": image_part(img, uuid=""),
+        "10k-char uuid": image_part(img, uuid="u" * 10_000),
+        "numeric uuid": image_part(img, uuid=12345),
+        "object uuid": image_part(img, uuid={"a": 1}),
+        "list uuid": image_part(img, uuid=["a"]),
+        "null image_url, unknown uuid": image_part(None, uuid="never-seen-before-1"),
+        "null image_url, no uuid": image_part(None),
+        "null image_embeds, unknown uuid": {"type": "image_embeds", "image_embeds": None,
+                                            "uuid": "never-seen-before-2"},
+        "null image_embeds, no uuid": {"type": "image_embeds", "image_embeds": None},
+        "image_url missing": {"type": "image_url", "uuid": "x"},
+        "image_url url null": {"type": "image_url", "image_url": {"url": None}},
+        "image_url empty object": {"type": "image_url", "image_url": {}},
+        "image_url a number": {"type": "image_url", "image_url": 5},
+        "image_url empty string": {"type": "image_url", "image_url": ""},
+        "image_url url a number": {"type": "image_url", "image_url": {"url": 5}},
+    }
+    cases = [Case("uuid", name, CHAT, b.media(part)) for name, part in table.items()]
+    # A uuid-only reference before the item is ever sent, next to a real image.
+    cases.append(Case("uuid", "uuid-only before the item, with another image", CHAT,
+                      b.media(image_part(img), image_part(None, uuid="never-seen-before-3"))))
+    return cases
+
+
+def media_counts(b: Bodies) -> list[Case]:
+    img = image_part(data_url(png_bytes()))
+    emb = {"type": "image_embeds", "image_embeds": saved(torch.zeros(4, b.ctx.hidden_size))}
+    return [
+        Case("too_many", "3 images, limit 2", CHAT, b.media(img, img, img), param="messages"),
+        Case("too_many", "100 images", CHAT, b.media(*[img] * 100), param="messages"),
+        Case("too_many", "3 embeds", CHAT, b.media(emb, emb, emb), param="messages"),
+        Case("too_many", "2 images + 1 uuid ref", CHAT,
+             b.media(img, img, image_part(None, uuid="never-seen-before-4")), param="messages"),
+        Case("too_many", "images across messages", CHAT, dumps(b.chat(messages=[
+            {"role": "user", "content": [img, img]}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [img]}])), param="messages"),
+    ]
+
+
+def other_modalities(b: Bodies) -> list[Case]:
+    wav = base64.b64encode(b"RIFF" + b"\0" * 40).decode()
+    parts = {
+        "input_audio": {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
+        "audio_url": {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + wav}},
+        "video_url": {"type": "video_url", "video_url": {"url": "http://example.com/v.mp4"}},
+        "input_video": {"type": "input_video", "input_video": "x"},
+        "file part": {"type": "file", "file": {"file_data": wav}},
+        "image_pil over HTTP": {"type": "image_pil", "image_pil": "x"},
+    }
+    return [Case("modality", name, CHAT, b.media(part)) for name, part in parts.items()]
+
+
+def tokenize_detokenize(b: Bodies) -> list[Case]:
+    v = b.ctx.vocab_size
+    m = b.ctx.model
+    tok = {
+        "both prompt and messages": {"model": m, "prompt": "hi", "messages": user("hi")},
+        "neither": {"model": m},
+        "prompt a number": {"model": m, "prompt": 5},
+        "prompt a list": {"model": m, "prompt": ["a"]},
+        "messages a string": {"model": m, "messages": "hi"},
+        "messages bad role": {"model": m, "messages": [{"role": "x", "content": "hi"}]},
+        "messages empty": {"model": m, "messages": []},
+        "return_token_strs a string": {"model": m, "prompt": "hi", "return_token_strs": "yes"},
+        "add_special_tokens a string": {"model": m, "prompt": "hi", "add_special_tokens": "no"},
+        "chat_template_kwargs reserved": {"model": m, "messages": user("hi"),
+                                          "chat_template_kwargs": {"tokenize": True}},
+    }
+    detok = {
+        "negative id": [-1],
+        "id == vocab": [v],
+        "id 10^12": [10**12],
+        "string ids": ["a"],
+        "float ids": [1.5],
+        "bool ids": [True],
+        "object": {"a": 1},
+        "nested lists": [[1, 2]],
+        "null": None,
+    }
+    cases = [Case("tokenize", name, TOKENIZE, dumps(body)) for name, body in tok.items()]
+    cases += [Case("detokenize", name, DETOKENIZE, dumps({"model": m, "tokens": t}),
+                   param="tokens") for name, t in detok.items()]
+    return cases
+
+
+def routes(b: Bodies) -> list[Case]:
+    cases = [Case("wrong_model", f"{path}", path,
+                  dumps({**b.base(path), "model": "no-such-model"}), statuses=(404,),
+                  param="model") for path in SCHEMAS]
+    cases.append(Case("wrong_model", "model an empty string", CHAT, dumps(b.chat(model="")),
+                      statuses=(404,), param="model"))
+    cases.append(Case("wrong_model", "model with a traceback-looking name", COMPLETIONS,
+                      dumps(b.completion(model="../../etc/passwd")), statuses=(404,),
+                      param="model"))
+    cases += [
+        Case("route", "GET chat", CHAT, b"", {}, method="GET", statuses=(405,)),
+        Case("route", "PUT completions", COMPLETIONS, dumps(b.completion()), method="PUT",
+             statuses=(405,)),
+        Case("route", "unknown path", "/v1/embeddings", dumps({"input": "x"}), statuses=(404,)),
+        Case("route", "path traversal", "/v1/../../etc/passwd", b"", {}, method="GET",
+             statuses=(404,)),
+    ]
+    return cases
+
+
+def build_main(ctx: Context) -> list[Case]:
+    b = Bodies(ctx)
+    cases = [*malformed_bodies(b), *wrong_types(b), *huge_ints(b), *content_types(b),
+             *sampling_ranges(b), *token_prompts(b), *long_prompts(b), *messages(b),
+             *request_templates(b, trusted=False), *special_tokens(b), *ssrf(b), *file_urls(b),
+             *data_urls(b), *image_bombs(b), *image_embeds(b), *uuids(b), *media_counts(b),
+             *other_modalities(b), *tokenize_detokenize(b), *routes(b)]
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids)), "case names must be unique"
+    return cases
+
+
+def build_trusted(ctx: Context, host_base: str) -> list[Case]:
+    """Cases for the server with --trust-request-chat-template and --allowed-media-domains
+    127.0.0.1 (``host_base`` is the allowed host; every other host must be refused)."""
+    b = Bodies(ctx)
+    port = host_base.rsplit(":", 1)[1]
+    ok = f"{host_base}/img/a.png"
+
+    def redirect(to: str) -> str:
+        return f"{host_base}/redirect?to={quote(to, safe='')}"
+
+    chain = ok
+    for _ in range(8):  # more hops than the fetcher follows
+        chain = redirect(chain)
+    urls = {
+        "not in the allowed domains": "http://example.com/a.png",
+        "localhost not listed": f"http://localhost:{port}/img/a.png",
+        "[::1] not listed": f"http://[::1]:{port}/img/a.png",
+        "decimal form of the listed host": f"http://2130706433:{port}/img/a.png",
+        "redirect to localhost": redirect(f"http://localhost:{port}/img/a.png"),
+        "redirect to metadata": redirect("http://169.254.169.254/latest/meta-data/"),
+        "redirect to 10.0.0.1": redirect("http://10.0.0.1/a.png"),
+        "redirect to file://": redirect("file:///etc/passwd"),
+        "redirect to data:": redirect(data_url(png_bytes())),
+        "redirect chain too long": chain,
+        "slow host times out": f"{host_base}/slow",
+        "404": f"{host_base}/img/missing.png",
+        "endless body over the byte cap": f"{host_base}/endless",
+        "html page": f"{host_base}/page.html",
+    }
+    cases = [Case("media_fetch", name, CHAT, b.media(image_part(url)), max_seconds=8)
+             for name, url in urls.items()]
+    return cases + request_templates(b, trusted=True)
