@@ -3,17 +3,34 @@
 Decoding is typed, so a wrong type is a 400 that names the field path (msgspec says
 "Expected `int`, got `str` - at `$.max_tokens`"). Unknown fields are refused; OpenAI fields we do not
 implement are declared so they get an explicit "`tools` is not supported" instead.
+
+Everything is bounded while decoding: integers fit in 64 bits, free-form JSON (messages, metadata,
+template kwargs) nests at most `MAX_JSON_DEPTH` levels, and lists that later code loops over have a
+length cap; so nothing after decoding can recurse deeply or meet a number the wire can't carry.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from frontend.errors import RequestError
 from frontend.sampling_params import SamplingParams
+
+MAX_JSON_DEPTH = 32  # containers inside one free-form field
+MAX_NAME_CHARS = 1024  # model names and other short strings that may be echoed in errors
+MAX_TOKEN_IDS = 1 << 20  # token ids in one prompt, batch or /detokenize body
+_INT64 = (-(2**63), 2**63 - 1)
+
+Int64 = Annotated[int, msgspec.Meta(ge=_INT64[0], le=_INT64[1])]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+TokenIds = Annotated[list[Int64], msgspec.Meta(max_length=MAX_TOKEN_IDS)]
+# Free-form JSON. Its depth is checked after decoding (check_json): msgspec can't bound a recursive
+# type, and a union per level makes its type tree exponential.
+Json = Any
+JsonObject = dict[str, Any]
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -29,35 +46,35 @@ class StreamOptions(_Body):
 class _Common(_Body):
     """Fields shared by chat and completions: sampling, streaming, and ignored metadata."""
 
-    model: str | None = None  # None: the first served model name
-    n: int | None = None
+    model: Name | None = None  # None: the first served model name
+    n: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted and ignored: harmless for a self-hosted server.
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
+    user: Name | None = None
+    metadata: JsonObject | None = None
     store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
+    service_tier: Name | None = None
+    prompt_cache_key: Name | None = None
+    safety_identifier: Name | None = None
     # vLLM extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int64 = 0
+    stop_token_ids: list[Int64] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     # OpenAI fields we refuse explicitly (see check_fields)
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: JsonObject | None = None
 
     _UNSUPPORTED = ("logit_bias",)
 
@@ -115,27 +132,27 @@ class _Common(_Body):
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
-    messages: list[dict[str, Any]]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    messages: list[JsonObject]
+    max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Int64 | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JsonObject | None = None
     add_generation_prompt: bool | None = None  # None: true unless continue_final_message
     continue_final_message: bool = False
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
+    tools: list[Json] | None = None
+    tool_choice: Json = None
+    functions: list[Json] | None = None
+    function_call: Json = None
     parallel_tool_calls: bool | None = None
-    response_format: Any = None
-    audio: Any = None
-    modalities: list[Any] | None = None
-    prediction: Any = None
-    reasoning_effort: str | None = None
-    web_search_options: Any = None
-    verbosity: str | None = None
+    response_format: Json = None
+    audio: Json = None
+    modalities: list[Json] | None = None
+    prediction: Json = None
+    reasoning_effort: Name | None = None
+    web_search_options: Json = None
+    verbosity: Name | None = None
 
     _UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "functions", "function_call",
                     "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
@@ -167,11 +184,12 @@ class ChatCompletionRequest(_Common, kw_only=True):
 
 
 class CompletionRequest(_Common, kw_only=True):
-    prompt: str | list[Any]  # str, list[str], list[int] or list[list[int]]: see prompts()
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    # str, list[str], list[int] or list[list[int]]: see prompts()
+    prompt: str | Annotated[list[Any], msgspec.Meta(max_length=MAX_TOKEN_IDS)]
+    max_tokens: Int64 | None = 16  # OpenAI's default for completions
+    logprobs: Int64 | None = None
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: Int64 | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
 
@@ -206,14 +224,14 @@ class CompletionRequest(_Common, kw_only=True):
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: either `prompt` (completion style) or `messages` (chat style)."""
 
-    model: str | None = None
+    model: Name | None = None
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: list[JsonObject] | None = None
     add_special_tokens: bool | None = None  # None: true for prompt, false for messages
     add_generation_prompt: bool | None = None
     continue_final_message: bool = False
     chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JsonObject | None = None
     return_token_strs: bool = False
 
     def check(self) -> None:
@@ -222,8 +240,8 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body, kw_only=True):
-    tokens: list[int]
-    model: str | None = None
+    tokens: TokenIds
+    model: Name | None = None
 
 
 def _is_int(x: Any) -> bool:
@@ -239,7 +257,7 @@ def decode_body(body: bytes, cls: type[msgspec.Struct]) -> Any:
     if not body:
         raise RequestError("the request body is empty (expected a JSON object)")
     try:
-        return msgspec.json.decode(body, type=cls)
+        req = msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as e:
         text = str(e)
         m = _PATH.search(text)
@@ -247,6 +265,45 @@ def decode_body(body: bytes, cls: type[msgspec.Struct]) -> Any:
         # "Object contains unknown field `x` - at `$.a`" / "missing required field": name a.x
         f = _FIELD.search(text)
         param = ".".join(p for p in (path, f.group(1) if f else "") if p) or None
-        raise RequestError(text, param) from None
+        raise RequestError(_clip(text), param and _clip(param)) from None
     except msgspec.DecodeError as e:
-        raise RequestError(f"invalid JSON body: {e}") from None
+        raise RequestError(f"invalid JSON body: {_clip(str(e))}") from None
+    except RecursionError:
+        # msgspec guards its own recursion: a 100k-deep array ends here.
+        raise RequestError(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} "
+                           "levels inside a field)") from None
+    except Exception:
+        # Anything else msgspec raises is still the body's fault; its text is not echoed.
+        raise RequestError("invalid JSON body") from None
+    for name in req.__struct_fields__:
+        value = getattr(req, name)
+        if type(value) in (list, dict):
+            check_json(value, name)
+    return req
+
+
+def check_json(value: Any, param: str) -> None:
+    """Free-form JSON at most MAX_JSON_DEPTH containers deep, its integers within 64 bits: later
+    code (templates, media parsing, the wire) may then walk it freely. Iterative, level by level."""
+    level = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"`{param}` is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                               param)
+        children: list[Any] = []
+        for node in level:
+            children.extend(node.values() if type(node) is dict else node)
+        level = []
+        for c in children:
+            t = type(c)
+            if t is list or t is dict:
+                level.append(c)
+            elif t is int and not _INT64[0] <= c <= _INT64[1]:
+                raise RequestError(f"`{param}` holds an integer outside the 64-bit range", param)
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """msgspec quotes unknown field names: a 10 MB key must not come back in the error."""
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,5 +1,8 @@
-"""Prompt + SamplingParams -> engine GenerateRequests, after the checks the engine relies on
-(non-empty prompt, ids in the vocabulary, prompt + max_tokens within the context length)."""
+"""Prompt + SamplingParams -> engine GenerateRequests, after every check the engine makes at
+add-request time (non-empty prompt, ids in the vocabulary, prompt + max_tokens within the context
+length) and the ones its sampler relies on (logprobs within the vocabulary), so a request the
+engine would refuse is a 400 here, before any stream starts. Text longer than the character cap
+is refused before it is tokenized."""
 
 from __future__ import annotations
 
@@ -32,6 +35,18 @@ def load_eos_token_ids(model_path: str | Path | None, tokenizer: Any) -> list[in
     return list(dict.fromkeys(int(i) for i in ids))  # dedupe, keep order
 
 
+def prompt_char_limit(max_model_len: int, configured: int | None = None) -> int:
+    """FrontendConfig.max_prompt_chars, or 32 characters per token of context: no prompt that
+    fits the context is longer, and tokenizing a longer one would be wasted work."""
+    return configured if configured is not None else 32 * max_model_len
+
+
+def check_prompt_chars(text: str, limit: int, param: str = "prompt") -> None:
+    if len(text) > limit:
+        raise RequestError(f"the {param} has {len(text)} characters; at most {limit} are allowed "
+                           "(far more than the model's context length holds)", param)
+
+
 class InputProcessor:
     def __init__(
         self,
@@ -40,10 +55,12 @@ class InputProcessor:
         vocab_size: int,
         eos_token_ids: list[int] | None = None,
         model_path: str | Path | None = None,
+        max_prompt_chars: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.max_prompt_chars = prompt_char_limit(max_model_len, max_prompt_chars)
         self.eos_token_ids = (eos_token_ids if eos_token_ids is not None
                               else load_eos_token_ids(model_path, tokenizer))
 
@@ -53,6 +70,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("the prompt is empty", param)
+            check_prompt_chars(prompt, self.max_prompt_chars, param)
             ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         else:
             ids = list(prompt)
@@ -111,6 +129,10 @@ class InputProcessor:
         for t in params.stop_token_ids or []:
             if t >= self.vocab_size:
                 raise RequestError(f"stop token id {t} is out of vocabulary", "stop_token_ids")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            # The sampler's top-k of the distribution can't be wider than the vocabulary.
+            raise RequestError(f"logprobs must be at most the vocabulary size "
+                               f"({self.vocab_size})", "logprobs")
         arrival = time.time() if arrival_time is None else arrival_time
         return [
             GenerateRequest(

@@ -13,6 +13,13 @@ from frontend.errors import RequestError
 from protocol.messages import Sampling
 
 _INT64_MAX = 2**63 - 1
+_INT32_MAX = 2**31 - 1
+# Hard caps that hold offline too (the server adds its own max_n / max_logprobs): each bounds
+# work done per token (stop matching) or per request (copies, wire size), far above real use.
+MAX_N = 4096
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024  # per stop string: the matcher rescans this much text per token
+MAX_STOP_TOKEN_IDS = 1024  # the engine checks each sampled token against the list
 
 
 @dataclass
@@ -71,14 +78,15 @@ class SamplingParams:
                 _expect_int("stop_token_ids", t)
 
     def _check_ranges(self) -> None:
-        if self.n < 1:
-            raise RequestError(f"n must be at least 1, got {self.n}", "n")
+        if not 1 <= self.n <= MAX_N:
+            raise RequestError(f"n must be in [1, {MAX_N}], got {self.n}", "n")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k < -1:
-            raise RequestError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}", "top_k")
+        if not -1 <= self.top_k <= _INT32_MAX:
+            raise RequestError(f"top_k must be -1 (disabled) or in [1, {_INT32_MAX}], got "
+                               f"{self.top_k}", "top_k")
         if not 0 <= self.min_p <= 1:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -91,21 +99,35 @@ class SamplingParams:
             )
         if self.seed is not None and not -_INT64_MAX - 1 <= self.seed <= _INT64_MAX:
             raise RequestError("seed must fit in 64 bits", "seed")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if self.min_tokens < 0:
-            raise RequestError(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
+        # Past the int32 range no context fits anyway; the wire and kernels then never overflow.
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= _INT32_MAX:
+            raise RequestError(f"max_tokens must be in [1, {_INT32_MAX}], got {self.max_tokens}",
+                               "max_tokens")
+        if not 0 <= self.min_tokens <= _INT32_MAX:
+            raise RequestError(f"min_tokens must be in [0, {_INT32_MAX}], got {self.min_tokens}",
+                               "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise RequestError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
                 "min_tokens",
             )
-        if self.logprobs is not None and self.logprobs < 0:
-            raise RequestError(f"logprobs must be >= 0, got {self.logprobs}", "logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= _INT32_MAX:
+            raise RequestError(f"logprobs must be in [0, {_INT32_MAX}], got {self.logprobs}",
+                               "logprobs")
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop has {len(self.stop_strings)} strings; at most "
+                               f"{MAX_STOP_STRINGS} are allowed", "stop")
         if any(s == "" for s in self.stop_strings):
             raise RequestError("stop cannot contain an empty string", "stop")
-        if any(t < 0 for t in self.stop_token_ids or []):
-            raise RequestError("stop_token_ids must be non-negative", "stop_token_ids")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop_strings):
+            raise RequestError(f"each stop string must be at most {MAX_STOP_CHARS} characters",
+                               "stop")
+        ids = self.stop_token_ids or []
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(f"stop_token_ids has {len(ids)} ids; at most "
+                               f"{MAX_STOP_TOKEN_IDS} are allowed", "stop_token_ids")
+        if any(not 0 <= t <= _INT32_MAX for t in ids):
+            raise RequestError(f"stop_token_ids must be in [0, {_INT32_MAX}]", "stop_token_ids")
 
     def check_limits(self, max_n: int, max_logprobs: int) -> None:
         """The server's own caps (FrontendConfig.max_n / max_logprobs)."""
@@ -126,8 +148,9 @@ class SamplingParams:
         budget = max_tokens if max_tokens is not None else self.max_tokens
         if budget is None:
             raise ValueError("max_tokens must be resolved before to_wire")
-        # With n > 1 and a seed, each choice gets its own stream, else all n would be identical.
-        seed = None if self.seed is None else self.seed + index
+        # With n > 1 and a seed, each choice gets its own stream, else all n would be identical;
+        # wrapped into int64 so seed + index fits the wire (and torch) for any valid seed.
+        seed = None if self.seed is None else (self.seed + index + 2**63) % 2**64 - 2**63
         return Sampling(
             max_tokens=budget,
             temperature=float(self.temperature),
