@@ -3,12 +3,15 @@
 Routes: /v1/chat/completions and /v1/completions (openai_serving.py), /v1/models, /health,
 /version, /tokenize, /detokenize, /metrics. Errors are values at the edges: RequestError -> 4xx
 naming the field, EngineUnavailable -> 503, anything else -> logged with the request id, 500.
+Slow clients: a connection whose request headers don't arrive in time is closed (the watchdog
+below), a body that doesn't is a 408 (openai_serving.read_json).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from importlib import metadata
 from typing import Any
@@ -23,8 +26,8 @@ from frontend.errors import EngineUnavailable, RequestError, server_error_json
 from frontend.mm_inputs import MediaInputs
 from frontend.models import load_placeholders, placeholder_texts
 from frontend.openai_format import error_json
-from frontend.openai_protocol import DetokenizeRequest, TokenizeRequest, decode_body
-from frontend.openai_serving import REQUEST_ID, OpenAIServing
+from frontend.openai_protocol import DetokenizeRequest, TokenizeRequest
+from frontend.openai_serving import REQUEST_ID, OpenAIServing, ThreadTokenizer, TokenizerThreads
 from frontend.tokenizer import load_tokenizer
 from protocol.messages import EncoderStats, EngineStats
 
@@ -47,7 +50,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return await handler(request)
     except RequestError as e:
         log.info("%s: %d %s", request.get(REQUEST_ID, request.path), e.status, e.message)
-        return web.json_response(e.to_json(), status=e.status)
+        resp = web.json_response(e.to_json(), status=e.status)
+        if e.status == 408:  # the rest of that body is not worth waiting for
+            resp.force_close()
+        return resp
     except EngineUnavailable as e:
         return _error(503, str(e) or "the engine is not available", "service_unavailable")
     except web.HTTPException as e:
@@ -93,9 +99,13 @@ async def version(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
-    req = decode_body(await request.read(), TokenizeRequest)
+    req = await serving.read(request, TokenizeRequest)
     serving.check_model(req.model)
     req.check()
+    if req.prompt is not None:
+        serving.check_prompt_chars(req.prompt)
+    serving.renderer.check_request_template(req.chat_template)
+    tokenizer = serving.prompt_tokenizer  # the worker thread's own copy
 
     def run() -> list[int]:
         if req.messages is not None:
@@ -106,11 +116,11 @@ async def tokenize(request: web.Request) -> web.Response:
             )
             if not req.add_special_tokens:  # the template wrote them; add more only on request
                 return rendered.prompt_token_ids
-            return list(serving.tokenizer(rendered.prompt)["input_ids"])
+            return list(tokenizer(rendered.prompt)["input_ids"])
         add = True if req.add_special_tokens is None else req.add_special_tokens
-        return list(serving.tokenizer(req.prompt, add_special_tokens=add)["input_ids"])
+        return list(tokenizer(req.prompt, add_special_tokens=add)["input_ids"])
 
-    tokens = await serving.run_cpu(run)
+    tokens = await serving.run_cpu(run, request_template=req.chat_template is not None)
     ready = serving.client.ready
     body: dict[str, Any] = {"count": len(tokens),
                             "max_model_len": ready.max_model_len if ready else None,
@@ -122,7 +132,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
-    req = decode_body(await request.read(), DetokenizeRequest)
+    req = await serving.read(request, DetokenizeRequest)
     serving.check_model(req.model)
     ready = serving.client.ready
     vocab = ready.vocab_size if ready else len(serving.tokenizer)
@@ -130,7 +140,7 @@ async def detokenize(request: web.Request) -> web.Response:
     if bad:
         raise RequestError(f"token id {bad[0]} is out of vocabulary (must be in [0, {vocab}))",
                            "tokens")
-    text = await serving.run_cpu(serving.tokenizer.decode, req.tokens)
+    text = await serving.run_cpu(serving.prompt_tokenizer.decode, req.tokens)
     return web.json_response({"prompt": text})
 
 
@@ -169,13 +179,14 @@ def build_app(config: FrontendConfig) -> web.Application:
     if config.engine_addr is None:
         raise ValueError("engine_addr is required to serve HTTP")
     tokenizer = load_tokenizer(config.tokenizer_path)
+    threads = TokenizerThreads(tokenizer, config.tokenizer_workers)
     renderer = ChatRenderer(
-        tokenizer, load_chat_template(config.chat_template),
+        ThreadTokenizer(threads), load_chat_template(config.chat_template),
         content_format=config.chat_template_content_format,
         media_placeholders=placeholder_texts(load_placeholders(config.model), tokenizer),
         trust_request_template=config.trust_request_chat_template)
     app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[error_middleware])
+                          middlewares=[watchdog_middleware, error_middleware])
     app[CONFIG] = config
 
     async def lifecycle(app: web.Application):
@@ -188,7 +199,7 @@ def build_app(config: FrontendConfig) -> web.Application:
             await pool.start()
         await client.start()
         media = MediaInputs(config, pool)
-        serving = OpenAIServing(config, tokenizer, client, renderer, media)
+        serving = OpenAIServing(config, tokenizer, client, renderer, media, threads)
         app[SERVING] = serving
         yield
         serving.close()
@@ -216,13 +227,108 @@ def build_app(config: FrontendConfig) -> web.Application:
     return app
 
 
+# -- slow clients -----------------------------------------------------------------------------------
+
+class ConnectionWatchdog(asyncio.Protocol):
+    """aiohttp's protocol for one connection plus the header timeout aiohttp lacks: the connection
+    closes when no request has begun `timeout` s after it opened or after its previous request
+    ended. That cuts off clients that trickle headers (slowloris) and idle keep-alives alike;
+    a begun request's body is bounded by its handler (read_json's 408)."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float):
+        self.inner = inner
+        self.timeout = timeout
+        self.transport: asyncio.BaseTransport | None = None
+        self.active = 0  # requests whose handler is running (pipelining may queue more)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.inner.connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def request_began(self) -> None:
+        self.active += 1
+        self._disarm()
+
+    def request_ended(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.active and self.transport is not None:
+            self.transport.close()
+
+
+@web.middleware
+async def watchdog_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Tells the connection's watchdog that a request's headers arrived and when it is done."""
+    transport = request.transport
+    watchdog = transport.get_protocol() if transport is not None else None
+    if not isinstance(watchdog, ConnectionWatchdog):
+        return await handler(request)
+    watchdog.request_began()
+    try:
+        return await handler(request)
+    finally:
+        watchdog.request_ended()
+
+
+class GuardedSite(web.BaseSite):
+    """aiohttp's TCPSite with a ConnectionWatchdog around each connection's protocol."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, header_timeout: float):
+        super().__init__(runner)
+        self._host, self._port, self._header_timeout = host, port, header_timeout
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        timeout = self._header_timeout
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: ConnectionWatchdog(server(), timeout), self._host, self._port,
+            reuse_address=True)
+
+
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start serving ``app``; returns the runner (``await runner.cleanup()`` stops it).
     handler_cancellation: a client that hangs up cancels its handler, which aborts its
     engine requests even before the next streamed write would notice."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await GuardedSite(runner, host, port, app[CONFIG].http_header_timeout_s).start()
     return runner
 
 
@@ -230,6 +336,19 @@ def run_frontend(config: FrontendConfig) -> None:
     """Serve until SIGINT/SIGTERM (blocking). Prints nothing: the CLI announces the URL."""
     import uvloop
 
-    app = build_app(config)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
-                handler_cancellation=True, loop=uvloop.new_event_loop())
+    async def serve() -> None:
+        runner = await start_site(build_app(config), config.host, config.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(serve())
+    finally:
+        loop.close()

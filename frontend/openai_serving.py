@@ -2,17 +2,25 @@
 
 A request becomes one engine request per choice (n x prompts); their streams run concurrently and
 merge into one. Leaving early (client gone, error) cancels every choice, and each closed engine
-stream sends an Abort, so the engine frees the KV blocks.
+stream sends an Abort, so the engine frees the KV blocks. A stream answers 200 only once the engine
+has accepted every choice and sent its first tokens, so any refusal is still a plain 4xx.
+
+Tokenization and template rendering run on `TokenizerThreads`, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import logging
+import queue
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +34,7 @@ from frontend.errors import EngineUnavailable, RequestError, server_error_json
 from frontend.mm_inputs import MediaInputs
 from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, decode_body
 from frontend.outputs import SequenceDelta, SequenceState
-from frontend.processor import InputProcessor
+from frontend.processor import InputProcessor, check_prompt_chars, prompt_char_limit
 from protocol.messages import GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -36,23 +44,116 @@ Choice = tuple[GenerateRequest, SequenceState]
 REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 
 
+# -- reading a body -------------------------------------------------------------------------------
+
+async def read_json(request: web.Request, cls: type, body_timeout: float) -> Any:
+    """The decoded body of a JSON endpoint. Only application/json is accepted: a web page can make
+    a browser post text/plain, form or multipart bodies to a local server (CSRF), never this."""
+    if request.content_type != "application/json" or (
+            request.charset is not None and request.charset.lower() not in ("utf-8", "utf8")):
+        raise RequestError("the request body must be JSON, sent with "
+                           "`Content-Type: application/json`", None, status=415)
+    try:
+        body = await asyncio.wait_for(request.read(), body_timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {body_timeout:g} s", None,
+                           status=408) from None
+    return decode_body(body, cls)
+
+
+# -- tokenizer threads ------------------------------------------------------------------------------
+
+class TokenizerThreads:
+    """Where tokenization and template rendering run, off the event loop. Each thread owns a copy
+    of the tokenizer: HF fast tokenizers must not be shared across threads, and they release the
+    GIL while encoding, so `workers` prompts encode at once. Requests that bring their own chat
+    template render on a separate pool: a sandboxed render may hold its thread for seconds."""
+
+    def __init__(self, tokenizer: Any, workers: int, template_workers: int = 1):
+        self.base = tokenizer  # the event loop's own (detokenization)
+        self._local = threading.local()
+        # Copied up front, while no thread uses the original.
+        self._spare: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(workers + template_workers):
+            self._spare.put(copy.deepcopy(tokenizer))
+        self.main = ThreadPoolExecutor(workers, "mmserve-tokenize", initializer=self._adopt)
+        self.templates = ThreadPoolExecutor(template_workers, "mmserve-template",
+                                            initializer=self._adopt)
+
+    def _adopt(self) -> None:
+        self._local.tokenizer = self._spare.get_nowait()
+
+    @property
+    def current(self) -> Any:
+        """The calling thread's tokenizer: its own copy on a pool thread, else the original."""
+        return getattr(self._local, "tokenizer", self.base)
+
+    async def run(self, fn: Callable[[], Any], request_template: bool = False) -> Any:
+        pool = self.templates if request_template else self.main
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+    def close(self) -> None:
+        self.main.shutdown(wait=False, cancel_futures=True)
+        self.templates.shutdown(wait=False, cancel_futures=True)
+
+
+class ThreadTokenizer:
+    """The tokenizer as ChatRenderer and InputProcessor see it: each use goes to the calling
+    thread's copy (see TokenizerThreads), so one renderer and one processor serve every thread."""
+
+    def __init__(self, threads: TokenizerThreads):
+        self._threads = threads
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._threads.current(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle probes: not the tokenizer's business
+            raise AttributeError(name)
+        return getattr(self._threads.current, name)
+
+    def __len__(self) -> int:
+        return len(self._threads.current)
+
+
+def checkpoint_positions(model: str) -> int:
+    """The checkpoint's max_position_embeddings: the engine's max_model_len never exceeds it."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        return int(cfg.get("text_config", cfg).get("max_position_embeddings", 2048))
+    except (OSError, ValueError, AttributeError):
+        return 2048
+
+
+# -- serving ----------------------------------------------------------------------------------------
+
 class OpenAIServing:
     def __init__(self, config: FrontendConfig, tokenizer: Any, client: EngineClient,
-                 renderer: ChatRenderer, media: MediaInputs):
+                 renderer: ChatRenderer, media: MediaInputs, threads: TokenizerThreads):
+        """``renderer`` should tokenize with a ThreadTokenizer over ``threads``; its character
+        cap is set here, final once the engine says its context length."""
         self.config = config
         self.media = media
         self.tokenizer = tokenizer
         self.client = client
         self.renderer = renderer
         self.token_text = TokenText(tokenizer)
-        # One thread: HF tokenizers are not safe to share across threads, and a long prompt must
-        # not stall the event loop that streams everyone else's tokens.
-        self.cpu = ThreadPoolExecutor(1, thread_name_prefix="mmserve-tokenize")
+        self.threads = threads
+        self.prompt_tokenizer = ThreadTokenizer(threads)
         self._processor: InputProcessor | None = None
         self.counters = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self._set_char_limit(checkpoint_positions(config.model))
 
     def close(self) -> None:
-        self.cpu.shutdown(wait=False, cancel_futures=True)
+        self.threads.close()
+        self.renderer.close()
+
+    def _set_char_limit(self, max_model_len: int) -> None:
+        self.max_prompt_chars = prompt_char_limit(max_model_len, self.config.max_prompt_chars)
+        self.renderer.max_prompt_chars = self.max_prompt_chars
+
+    def check_prompt_chars(self, text: str, param: str = "prompt") -> None:
+        check_prompt_chars(text, self.max_prompt_chars, param)
 
     # -- shared steps ---------------------------------------------------------------------------
 
@@ -77,13 +178,20 @@ class OpenAIServing:
                     ready = None
             if ready is None:
                 raise EngineUnavailable("the engine is not ready yet")
-            self._processor = InputProcessor(self.tokenizer, ready.max_model_len,
-                                             ready.vocab_size, model_path=self.config.model)
+            self._set_char_limit(ready.max_model_len)
+            self._processor = InputProcessor(self.prompt_tokenizer, ready.max_model_len,
+                                             ready.vocab_size, model_path=self.config.model,
+                                             max_prompt_chars=self.max_prompt_chars)
         return self._processor
 
-    async def run_cpu(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.cpu, lambda: fn(*args, **kwargs))
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any,
+                      request_template: bool = False, **kwargs: Any) -> Any:
+        """``fn`` on a tokenizer thread; ``request_template``: it renders the request's own chat
+        template (the separate pool)."""
+        return await self.threads.run(lambda: fn(*args, **kwargs), request_template)
+
+    async def read(self, request: web.Request, cls: type) -> Any:
+        return await read_json(request, cls, self.config.http_body_timeout_s)
 
     async def _merge(self, choices: list[Choice]) -> AsyncIterator[tuple[SequenceState,
                                                                           SequenceDelta]]:
@@ -128,9 +236,10 @@ class OpenAIServing:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         rid = request[REQUEST_ID] = f"chatcmpl-{uuid.uuid4().hex}"
-        req = decode_body(await request.read(), ChatCompletionRequest)
+        req = await self.read(request, ChatCompletionRequest)
         model = self.check_model(req.model)
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
+        self.renderer.check_request_template(req.chat_template)  # before any media is fetched
         processor = await self.processor()
         messages, items = await self.media.parse(req.messages)
 
@@ -146,7 +255,7 @@ class OpenAIServing:
             return processor.process(rid, ids, params, self.client.reply_to, param="messages",
                                      mm_items=mm_items)
 
-        reqs = await self.run_cpu(prepare)
+        reqs = await self.run_cpu(prepare, request_template=req.chat_template is not None)
         if items:
             # Before any engine request: a bad image is still a 4xx, not a failed stream. The
             # engine would let text before the first image prefill meanwhile; see the note in
@@ -166,11 +275,14 @@ class OpenAIServing:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         rid = request[REQUEST_ID] = f"cmpl-{uuid.uuid4().hex}"
-        req = decode_body(await request.read(), CompletionRequest)
+        req = await self.read(request, CompletionRequest)
         model = self.check_model(req.model)
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
         prompts = req.prompts()
         processor = await self.processor()
+        for prompt in prompts:  # before any of them is tokenized
+            if isinstance(prompt, str):
+                self.check_prompt_chars(prompt)
 
         def prepare() -> list[list[GenerateRequest]]:
             return [processor.process(f"{rid}-{p}" if len(prompts) > 1 else rid, prompt, params,
@@ -207,35 +319,45 @@ class OpenAIServing:
 
     async def _stream(self, request: web.Request, choices: list[Choice],
                       shape: fmt.ChatShape | fmt.CompletionShape) -> web.StreamResponse:
-        """SSE. Errors after the 200 went out become an error event, then [DONE]."""
+        """SSE. Nothing is sent before the engine's first output: a request it refuses (or an
+        engine that dies first) is still a plain 4xx/503. Errors after the 200 went out become an
+        error event, then [DONE]."""
         rid = shape.rid
-        resp = web.StreamResponse(headers=fmt.SSE_HEADERS)
-        await resp.prepare(request)
         states = [s for _, s in choices]
-        try:
-            for state in states:
-                head = shape.head_chunk(state, states)
-                if head is not None:
-                    await resp.write(fmt.sse(head))
-            async with aclosing(self._merge(choices)) as merged:
-                async for state, delta in merged:
-                    chunk = shape.chunk(state, delta, states)
-                    if chunk is not None:
-                        await resp.write(fmt.sse(chunk))
-            if shape.req.include_usage:
-                await resp.write(fmt.sse(shape.usage_chunk(states)))
-        except ConnectionError:
-            log.info("%s: client disconnected; aborted", rid)
-            return resp
-        except RequestError as e:
-            await resp.write(fmt.sse(e.to_json()))
-        except EngineUnavailable as e:
-            await resp.write(fmt.sse(fmt.error_json(503, str(e), "service_unavailable")))
-        except Exception:
-            log.exception("%s: failed while streaming", rid)
-            await resp.write(fmt.sse(server_error_json(rid)))
+        async with aclosing(self._merge(choices)) as merged:
+            first = await anext(merged, None)  # raises what the middleware maps to 4xx/503
+            resp = web.StreamResponse(headers=fmt.SSE_HEADERS)
+            await resp.prepare(request)
+            try:
+                for state in states:
+                    head = shape.head_chunk(state, states)
+                    if head is not None:
+                        await resp.write(fmt.sse(head))
+                if first is not None:
+                    await self._write_delta(resp, shape, states, *first)
+                    async for state, delta in merged:
+                        await self._write_delta(resp, shape, states, state, delta)
+                if shape.req.include_usage:
+                    await resp.write(fmt.sse(shape.usage_chunk(states)))
+            except ConnectionError:
+                log.info("%s: client disconnected; aborted", rid)
+                return resp
+            except RequestError as e:
+                await resp.write(fmt.sse(e.to_json()))
+            except EngineUnavailable as e:
+                await resp.write(fmt.sse(fmt.error_json(503, str(e), "service_unavailable")))
+            except Exception:
+                log.exception("%s: failed while streaming", rid)
+                await resp.write(fmt.sse(server_error_json(rid)))
         self._account(shape.num_prompt, states)
         await resp.write(fmt.SSE_DONE)
         await resp.write_eof()
         return resp
 
+    @staticmethod
+    async def _write_delta(resp: web.StreamResponse, shape: fmt.ChatShape | fmt.CompletionShape,
+                           states: list[SequenceState], state: SequenceState,
+                           delta: SequenceDelta) -> None:
+        chunk = shape.chunk(state, delta, states)
+        if chunk is not None:
+            await resp.write(fmt.sse(chunk))
