@@ -4,6 +4,8 @@
   frames. Hello is answered right here, and heartbeats come from their own thread, because the
   busy loop can sit inside a tower batch for seconds on a CPU and must not look dead meanwhile.
 - ``encoder-out``: one PUSH socket per destination (decoder inboxes, frontends), made lazily.
+  Sends never block: a destination that stopped reading until its queue is full loses messages
+  (counted, logged) instead of stalling every other destination and the heartbeats.
 - ``encoder-beat``: an EncoderHeartbeat to every frontend that said Hello, every period.
 """
 
@@ -42,6 +44,7 @@ class EncoderIO:
         self._make_beat = make_beat
         self._heartbeat_s = heartbeat_s
         self._frontends: set[str] = set()  # reply_to addresses that said Hello
+        self.dropped: dict[str, int] = {}  # destination -> messages lost to a full queue
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._ctx = zmq.Context()
@@ -94,11 +97,19 @@ class EncoderIO:
             try:
                 if addr not in senders:
                     senders[addr] = Sender(self._ctx, addr, bind=False)
-                senders[addr].send(msg, buffers)
+                if not senders[addr].try_send(msg, buffers):
+                    self._on_full(addr, msg)
             except zmq.ZMQError as e:  # e.g. a malformed address from a peer: drop, keep serving
                 log.warning("cannot send %s to %r: %s", type(msg).__name__, addr, e)
         for s in senders.values():
             s.close()
+
+    def _on_full(self, addr: str, msg: msgspec.Struct) -> None:
+        n = self.dropped.get(addr, 0) + 1
+        self.dropped[addr] = n
+        if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: a dead peer must not flood the log
+            log.warning("%s is not reading (queue full): dropped %s, %d so far", addr,
+                        type(msg).__name__, n)
 
     def _beat_loop(self) -> None:
         while not self._stopped.wait(self._heartbeat_s):

@@ -2,18 +2,22 @@
 
 Every socket gets the same limits: high-water marks (back-pressure instead of unbounded queues),
 a max message size (a peer can't make us allocate gigabytes), linger 0 (close never hangs) and
-ZMTP heartbeats on tcp (a dead peer is noticed by the transport too).
+ZMTP heartbeats on tcp (a dead peer is noticed by the transport too). A watched AsyncSender also
+reports its connection going up and down (zmq's socket monitor), so a peer whose process dies is
+noticed the moment its kernel closes the TCP connection.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from enum import IntEnum
 from typing import Any
 
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol.codec import ProtocolError, decode, encode
 
@@ -24,21 +28,39 @@ MAX_MSG_BYTES = 1 << 30  # embeddings of a long video fit; anything larger is an
 HEARTBEAT_MS = 1000
 
 
-def _configure(sock: zmq.Socket, max_msg_bytes: int) -> None:
+
+
+class Link(IntEnum):
+    """A watched socket's connection to its peer (from zmq's socket monitor)."""
+
+    UP = 1  # ZMTP handshake done: messages flow
+    DOWN = 2  # the connection closed (peer died, heartbeat timeout, network); zmq reconnects
+
+
+_LINK_EVENTS = {zmq.EVENT_HANDSHAKE_SUCCEEDED: Link.UP, zmq.EVENT_DISCONNECTED: Link.DOWN}
+
+
+def _configure(sock: zmq.Socket, max_msg_bytes: int, heartbeat_ms: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
 
 
 def open_socket(
-    ctx: zmq.Context, kind: int, addr: str, bind: bool, max_msg_bytes: int = MAX_MSG_BYTES
+    ctx: zmq.Context, kind: int, addr: str, bind: bool, max_msg_bytes: int = MAX_MSG_BYTES,
+    heartbeat_ms: int = HEARTBEAT_MS, watch: bool = False,
 ) -> zmq.Socket:
+    """A configured socket; ``watch`` attaches a monitor (``sock.get_monitor_socket()`` returns
+    it) before connecting, so the first handshake is not missed."""
     sock = ctx.socket(kind)
-    _configure(sock, max_msg_bytes)
+    _configure(sock, max_msg_bytes, heartbeat_ms)
+    if watch:
+        mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        mon.setsockopt(zmq.LINGER, 0)
     if bind:
         sock.bind(addr)
     else:
@@ -63,6 +85,15 @@ class Sender:
 
     def send(self, msg: msgspec.Struct, buffers: Sequence[Any] = ()) -> None:
         self.sock.send_multipart(encode(msg, buffers), copy=not buffers)
+
+    def try_send(self, msg: msgspec.Struct, buffers: Sequence[Any] = ()) -> bool:
+        """Send unless the peer's queue is full (False): a peer that stopped reading must not
+        stall a thread that also serves other peers. A message is atomic: all frames or none."""
+        try:
+            self.sock.send_multipart(encode(msg, buffers), flags=zmq.NOBLOCK, copy=not buffers)
+        except zmq.Again:
+            return False
+        return True
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -91,14 +122,34 @@ class Receiver:
 
 
 class AsyncSender:
-    def __init__(self, ctx: zmq.asyncio.Context, addr: str, bind: bool = False):
+    """PUSH socket for asyncio; ``watch=True`` makes ``links()`` report its connection."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, addr: str, bind: bool = False,
+                 heartbeat_ms: int = HEARTBEAT_MS, watch: bool = False):
         self.addr = addr
-        self.sock = open_socket(ctx, zmq.PUSH, addr, bind)
+        self.sock = open_socket(ctx, zmq.PUSH, addr, bind, heartbeat_ms=heartbeat_ms,
+                                watch=watch)
+        self._monitor = self.sock.get_monitor_socket() if watch else None
 
     async def send(self, msg: msgspec.Struct, buffers: Sequence[Any] = ()) -> None:
         await self.sock.send_multipart(encode(msg, buffers), copy=not buffers)
 
+    async def links(self) -> AsyncIterator[Link]:
+        """Link.UP / Link.DOWN as the connection changes, until the socket is closed."""
+        assert self._monitor is not None, "links() needs AsyncSender(..., watch=True)"
+        while not self._monitor.closed:
+            try:
+                event = await recv_monitor_message(self._monitor)  # type: ignore[misc]
+            except (zmq.ZMQError, RuntimeError):  # closed under us
+                return
+            link = _LINK_EVENTS.get(event["event"])
+            if link is not None:
+                yield link
+
     def close(self) -> None:
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
         self.sock.close(linger=0)
 
 

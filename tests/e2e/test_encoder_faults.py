@@ -1,0 +1,202 @@
+"""Issue 7, faults: `mmserve serve LLAVA --encoders 2` with one encoder child SIGKILLed.
+
+The frontend must notice at once (its socket monitor sees the TCP connection close), re-send
+the dead encoder's items and route new ones to the survivor, keep most of its throughput, and
+take the launcher's restarted encoder back. The heartbeat timeout is raised to 3 s here, so
+anything that waited for it would show."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import time
+
+import aiohttp
+import pytest
+from llava_utils import image, png
+from server_utils import Server, children_of, cmdline, metric
+
+from frontend.encoder_pool import rendezvous
+from protocol.hashing import uuid_key
+
+pytestmark = pytest.mark.slow
+HEARTBEAT_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava):
+    srv = Server(tiny_llava, "--encoders", "2",
+                 env={"MMSERVE_ENCODER_TIMEOUT": str(HEARTBEAT_TIMEOUT_S)})
+    wait_live(srv, 2, 30)
+    yield srv
+    srv.stop()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def encoders(srv: Server) -> list[tuple[str, int]]:
+    """(address, pid) of each encoder child, in the frontend's order (= the metrics' index)."""
+    words = {p: cmdline(p).split() for p in children_of(srv.proc.pid)}
+    front = next(w for w in words.values() if "frontend" in w)
+    i = front.index("--encoder-addrs") + 1
+    addrs = []
+    while i < len(front) and not front[i].startswith("--"):
+        addrs.append(front[i])
+        i += 1
+    pid = {w[w.index("--input-addr") + 1]: p for p, w in words.items() if "encoder" in w}
+    return [(a, pid[a]) for a in addrs]
+
+
+def live(srv: Server) -> float:
+    try:
+        return metric(srv.base, "mmserve_encoders_live")
+    except KeyError:
+        return -1
+
+
+def wait_live(srv: Server, n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while live(srv) != n:
+        assert time.monotonic() - t0 < timeout, f"encoders_live never reached {n}"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def encoded(srv: Server, i: int) -> float:
+    time.sleep(0.6)  # encoder stats arrive with heartbeats (every 0.2 s)
+    return metric(srv.base, f'mmserve_encoder_num_encoded{{encoder="{i}"}}')
+
+
+def uuids_owned_by(addr: str, addrs: list[str], prefix: str, n: int) -> list[str]:
+    """``n`` uuids whose keys rendezvous hashing gives to ``addr``."""
+    out, i = [], 0
+    while len(out) < n:
+        u = f"{prefix}-{i}"
+        if rendezvous(uuid_key(u), addrs) == addr:
+            out.append(u)
+        i += 1
+    return out
+
+
+def image_body(srv: Server, seed: int, uuid: str | None = None) -> dict:
+    """A chat request about one image; every seed is a distinct image."""
+    part = {"type": "image_url", "image_url": {"url": data_url(png(image(seed)))}}
+    if uuid is not None:
+        part["uuid"] = uuid
+    return {"model": srv.proc.args[4], "max_tokens": 2, "messages": [{"role": "user", "content": [
+        part, {"type": "text", "text": "?"}]}]}
+
+
+async def ask(s: aiohttp.ClientSession, srv: Server, seed: int, uuid: str | None = None,
+              ) -> tuple[int | str, float]:
+    """(status or client error, seconds) of one image chat request."""
+    body = image_body(srv, seed, uuid)
+    t0 = time.monotonic()
+    try:
+        async with s.post(srv.base + "/v1/chat/completions", json=body) as r:
+            await r.read()
+            return r.status, time.monotonic() - t0
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return repr(e), time.monotonic() - t0
+
+
+def test_sigkill_is_noticed_at_once_and_its_items_move(server):
+    (victim, pid), (other, _) = encoders(server)[0], encoders(server)[1]
+    addrs = [victim, other]
+    mine = uuids_owned_by(victim, addrs, "kill-a", 8)  # keys the victim owned until it died
+
+    async def run() -> tuple[float, list[tuple[int, float]], list[tuple[int, float]]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            inflight = [asyncio.create_task(ask(s, server, 1000 + i, u))
+                        for i, u in enumerate(mine[:4])]
+            await asyncio.sleep(0.05)
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            while live(server) != 1:  # polled over HTTP, so this is an upper bound
+                assert time.monotonic() - t_kill < HEARTBEAT_TIMEOUT_S
+                await asyncio.sleep(0.01)
+            detect = time.monotonic() - t_kill
+            after = await asyncio.gather(*(ask(s, server, 1100 + i, u)
+                                           for i, u in enumerate(mine[4:])))
+            return detect, await asyncio.gather(*inflight), list(after)
+
+    detect, inflight, after = asyncio.run(run())
+    assert detect < 0.5, detect
+    assert [st for st, _ in inflight + after] == [200] * 8, (inflight, after)
+    # Nothing waited for the 3 s heartbeat timeout: the monitor moved them.
+    assert max(dt for _, dt in after) < HEARTBEAT_TIMEOUT_S - 0.5, after
+
+
+def test_restarted_encoder_rejoins_and_takes_its_keys_back(server):
+    wait_live(server, 2, 60)  # the launcher restarts it at the same address
+    (victim, _), (other, _) = encoders(server)
+    mine = uuids_owned_by(victim, [victim, other], "back", 4)
+    before = encoded(server, 0)
+
+    async def run() -> list[int]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            return [st for st, _ in await asyncio.gather(
+                *(ask(s, server, 2000 + i, u) for i, u in enumerate(mine)))]
+
+    assert asyncio.run(run()) == [200] * 4
+    assert encoded(server, 0) - before == 4  # its keys went back to it, not to the survivor
+
+
+def kill_under_load(srv: Server, pid: int, first_seed: int, concurrency: int = 12,
+                    steady_s: float = 5.0, window_s: float = 3.0) -> tuple[float, float, list]:
+    """Closed-loop load of distinct images; SIGKILL ``pid`` after warm-up + ``steady_s``.
+    Returns (requests/s over the steady window, requests/s in the window after the kill,
+    the error bodies after the kill)."""
+    bodies = [image_body(srv, first_seed + i) for i in range(4000)]  # not built under load
+    done: list[tuple[float, int | str]] = []  # (finish time, 200 or the error)
+
+    async def client(s: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        while not stop.is_set() and bodies:
+            t0 = time.monotonic()
+            try:
+                async with s.post(srv.base + "/v1/chat/completions", json=bodies.pop()) as r:
+                    text = await r.text()
+                    done.append((time.monotonic(), 200 if r.status == 200 else text))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                done.append((t0, repr(e)))
+
+    async def run() -> float:
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            tasks = [asyncio.create_task(client(s, stop)) for _ in range(concurrency)]
+            await asyncio.sleep(2.0 + steady_s)  # warm-up, then the steady window
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(window_s)
+            stop.set()
+            await asyncio.gather(*tasks)
+        return t_kill
+
+    t_kill = asyncio.run(run())
+
+    def rate(t0: float, t1: float) -> float:
+        return sum(1 for t, st in done if t0 <= t < t1 and st == 200) / (t1 - t0)
+
+    return (rate(t_kill - steady_s, t_kill), rate(t_kill, t_kill + window_s),
+            [st for t, st in done if t >= t_kill and st != 200])
+
+
+def test_throughput_during_a_kill_stays_above_half(server):
+    # Other jobs share these 2 cores and can halve any window: a second kill (of the other
+    # encoder) gets one more chance. Waiting 3 s per item, as before, would fail both.
+    ratios = []
+    for attempt, victim in enumerate((1, 0)):
+        wait_live(server, 2, 60)
+        steady, during, failed = kill_under_load(server, encoders(server)[victim][1],
+                                                 10_000 * (attempt + 1))
+        # The engine's own 1 s heartbeat timeout can fire on a starved machine (its beats come
+        # from its busy loop); that is not this test's subject, an encoder failure is.
+        assert not [f for f in failed if "encoder" in str(f)], failed
+        ratios.append((during / steady, steady, during))
+        if during / steady >= 0.5:
+            break
+    assert max(ratios)[0] >= 0.5, ratios
