@@ -545,23 +545,21 @@ def request_templates(b: Bodies, trusted: bool) -> list[Case]:
 
 
 def special_tokens(b: Bodies) -> list[Case]:
-    """Image placeholders typed as text: the prompt's placeholders must match the images."""
+    """Image placeholders typed as text next to real images: the prompt's placeholders must
+    match the images. (Placeholders with no image at all run as text, as in vLLM.)"""
     img = image_part(data_url(png_bytes()))
-    tid = b.ctx.image_token_id
     return [
-        Case("special_tokens", "<image> in text, no image", CHAT,
-             dumps(b.chat(messages=user("look: <image>")))),
-        Case("special_tokens", "<image> text part, no image", CHAT,
-             dumps(b.chat(messages=user([{"type": "text", "text": "<image><image>"}])))),
         Case("special_tokens", "<image> in text plus one image", CHAT,
              b.media(img, {"type": "text", "text": "<image>"})),
-        Case("special_tokens", "<image> in the system message", CHAT,
+        Case("special_tokens", "600 <image> in text plus one image", CHAT,
+             b.media(img, {"type": "text", "text": "<image>" * 600})),
+        Case("special_tokens", "<image> in an earlier message plus one image", CHAT,
+             dumps(b.chat(messages=[{"role": "user", "content": "see <image>"},
+                                    {"role": "assistant", "content": "ok"},
+                                    {"role": "user", "content": [img, "?"]}]))),
+        Case("special_tokens", "<image> in the system message plus one image", CHAT,
              dumps(b.chat(messages=[{"role": "system", "content": "<image>"},
-                                    {"role": "user", "content": "hi"}]))),
-        Case("special_tokens", "<image> in a completion prompt", COMPLETIONS,
-             dumps(b.completion(prompt="USER: <image>\nhi ASSISTANT:"))),
-        Case("special_tokens", "image token id in a token prompt", COMPLETIONS,
-             dumps(b.completion(prompt=[1, tid, tid, 2]))),
+                                    {"role": "user", "content": [img, "?"]}]))),
     ]
 
 
