@@ -347,3 +347,24 @@ def test_tokenizer_threads_own_copies_and_run_at_once(model):
         threads.close()
     assert len({id_a, id_b, id(tok)}) == 3
     assert ids_a == ids_b == tok("hello world")["input_ids"]
+
+
+def test_processor_makes_the_engines_checks_first(model):
+    """Offline and HTTP share these: each is a RequestError before the engine sees anything."""
+    from frontend.errors import RequestError
+    from frontend.processor import InputProcessor
+    from frontend.sampling_params import SamplingParams
+
+    proc = InputProcessor(load_tokenizer(model), max_model_len=64, vocab_size=50,
+                          max_prompt_chars=100)
+    cases = [("x" * 101, SamplingParams(), "prompt"),  # before tokenizing
+             ([], SamplingParams(), "prompt"), ([50], SamplingParams(), "prompt"),
+             ([1] * 64, SamplingParams(), "prompt"), ([1], SamplingParams(max_tokens=64),
+                                                      "max_tokens"),
+             ([1], SamplingParams(logprobs=51), "logprobs"),
+             ([1], SamplingParams(stop_token_ids=[50]), "stop_token_ids")]
+    for prompt, params, param in cases:
+        with pytest.raises(RequestError) as e:
+            proc.process("r", prompt, params)
+        assert e.value.param == param, (prompt, params)
+    assert len(proc.process("r", [1, 2], SamplingParams(n=2, logprobs=50))) == 2

@@ -181,3 +181,35 @@ def test_tokenize_and_detokenize_bodies():
     assert error_of(decode_body(b"{}", TokenizeRequest).check).param == "prompt"
     assert decode_body(b'{"tokens": [1, 2]}', DetokenizeRequest).tokens == [1, 2]
     assert error_of(decode_body, b'{"tokens": ["a"]}', DetokenizeRequest).param == "tokens[0]"
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"n": 2**64}, "n"), ({"n": 5000}, "n"), ({"top_k": 2**40}, "top_k"),
+    ({"max_tokens": 2**64}, "max_tokens"), ({"min_tokens": 2**40, "max_tokens": None},
+                                            "min_tokens"),
+    ({"logprobs": 2**64}, "logprobs"), ({"seed": 2**64}, "seed"),
+    ({"stop_token_ids": [2**64]}, "stop_token_ids"), ({"stop_token_ids": [1] * 1025},
+                                                      "stop_token_ids"),
+    ({"stop": ["a"] * 65}, "stop"), ({"stop": "x" * 1025}, "stop"),
+])
+def test_offline_sampling_params_bound_the_same_values(kwargs, param):
+    assert error_of(SamplingParams, **kwargs).param == param
+
+
+def test_seed_plus_choice_index_stays_in_64_bits():
+    p = SamplingParams(seed=2**63 - 1, n=3)
+    assert [p.to_wire(16, i).seed for i in range(3)] == [2**63 - 1, -(2**63), -(2**63) + 1]
+
+
+def test_decode_bounds_depth_and_integers_of_free_form_fields():
+    deep = b"[" * 33 + b"]" * 33
+    body = b'{"prompt": "a", "metadata": {"a": ' + deep + b"}}"
+    assert error_of(decode_body, body, CompletionRequest).param == "metadata"
+    very_deep = b"[" * 100_000 + b"]" * 100_000
+    body = b'{"prompt": "a", "metadata": {"a": ' + very_deep + b"}}"
+    assert "nested too deeply" in error_of(decode_body, body, CompletionRequest).message
+    assert error_of(completion, metadata={"a": [2**64]}).param == "metadata"
+    assert error_of(completion, top_k=2**64).param == "top_k"
+    completion(metadata={"a": [[[1]]] * 3, "b": 2**63 - 1})  # shallow, in range: fine
+    e = error_of(decode_body, b'{"' + b"x" * 100_000 + b'": 1}', CompletionRequest)
+    assert len(e.message) < 400 and len(e.param) < 400  # a huge key is not echoed back
