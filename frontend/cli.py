@@ -85,6 +85,8 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-chars", type=int, default=None,
                    help="longest prompt in characters, checked before tokenization "
                         "(default: 32 per token of the context length)")
+    g.add_argument("--tokenizer-workers", type=int, default=2,
+                   help="threads that tokenize and render prompts (each its own tokenizer)")
     g.add_argument("--http-header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's headers")
     g.add_argument("--http-body-timeout", type=float, default=60.0,
@@ -168,6 +170,7 @@ def frontend_config(args: argparse.Namespace):
         chat_template_content_format=args.chat_template_content_format,
         trust_request_chat_template=args.trust_request_chat_template,
         max_prompt_chars=args.max_prompt_chars,
+        tokenizer_workers=args.tokenizer_workers,
         http_header_timeout_s=args.http_header_timeout,
         http_body_timeout_s=args.http_body_timeout,
         **media_kwargs(args),

@@ -27,7 +27,7 @@ _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "blo
 _FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb",
                    "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs",
                    "chat_template_content_format", "trust_request_chat_template",
-                   "max_prompt_chars", "http_header_timeout", "http_body_timeout")
+                   "max_prompt_chars", "tokenizer_workers", "http_header_timeout", "http_body_timeout")
 _ENCODER_FLAGS = ("encoder_device", "encoder_store_gb")
 MAX_RESTARTS = 3  # within RESTART_WINDOW_S; more means a crash loop, not a transient failure
 RESTART_WINDOW_S = 60.0

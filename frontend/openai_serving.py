@@ -53,6 +53,10 @@ async def read_json(request: web.Request, cls: type, body_timeout: float) -> Any
             request.charset is not None and request.charset.lower() not in ("utf-8", "utf8")):
         raise RequestError("the request body must be JSON, sent with "
                            "`Content-Type: application/json`", None, status=415)
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        # aiohttp would inflate a compressed body before counting it against the size cap.
+        raise RequestError("compressed request bodies are not accepted (Content-Encoding)",
+                           None, status=415)
     try:
         body = await asyncio.wait_for(request.read(), body_timeout)
     except asyncio.TimeoutError:

@@ -5,6 +5,7 @@ Every refusal is a 4xx with the JSON error shape, and the server keeps serving."
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import multiprocessing as mp
 import threading
@@ -77,12 +78,13 @@ def server(model):
         engine.join(10)
 
 
-def request(method, url, body=None, raw=None, content_type="application/json"):
+def request(method, url, body=None, raw=None, content_type="application/json", headers=None):
     async def go():
         data = raw if raw is not None else (None if body is None else json.dumps(body))
-        headers = {} if content_type is None else {"Content-Type": content_type}
+        hdrs = {} if content_type is None else {"Content-Type": content_type}
+        hdrs.update(headers or {})
         async with aiohttp.ClientSession(skip_auto_headers=("Content-Type",)) as s:
-            async with s.request(method, url, data=data, headers=headers) as r:
+            async with s.request(method, url, data=data, headers=hdrs) as r:
                 return r.status, await r.text()
 
     try:
@@ -191,6 +193,15 @@ def test_extreme_but_valid_values_still_work(server):
 def test_json_endpoints_refuse_other_content_types(server, path, content_type):
     err = error_of(server, path, GOOD[path], expect=415, content_type=content_type)
     assert "application/json" in err["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_bodies_are_refused(server, encoding):
+    # A compressed body would be inflated before the size cap counts it (a zip bomb).
+    raw = gzip.compress(json.dumps(GOOD["/v1/completions"]).encode() + b" " * 10**6)
+    code, text = request("POST", server + "/v1/completions", raw=raw,
+                         headers={"Content-Encoding": encoding})
+    assert code == 415 and "Content-Encoding" in json.loads(text)["error"]["message"]
 
 
 @pytest.mark.parametrize("path", JSON_PATHS)
