@@ -146,6 +146,32 @@ def test_restarted_encoder_rejoins_and_takes_its_keys_back(server):
     assert encoded(server, 0) - before == 4  # its keys went back to it, not to the survivor
 
 
+def test_links_that_drop_without_death_fail_nothing(server):
+    """Both encoders frozen past the 0.3 s link timeout: every link drops, nothing is live, and
+    yet the requests in flight wait and succeed once the links come back."""
+    wait_live(server, 2, 60)
+    pids = [pid for _, pid in encoders(server)]
+
+    async def run() -> tuple[float, list]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                reqs = [asyncio.create_task(ask(s, server, 3000 + i)) for i in range(6)]
+                t0 = time.monotonic()
+                while live(server) != 0:
+                    assert time.monotonic() - t0 < 1.0, "the links never dropped"
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            return await asyncio.gather(*reqs)
+
+    assert [st for st, _ in asyncio.run(run())] == [200] * 6
+    wait_live(server, 2, 5)
+
+
 def kill_under_load(srv: Server, pid: int, first_seed: int, concurrency: int = 12,
                     steady_s: float = 5.0, window_s: float = 3.0) -> tuple[float, float, list]:
     """Closed-loop load of distinct images; SIGKILL ``pid`` after warm-up + ``steady_s``.

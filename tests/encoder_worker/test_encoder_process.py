@@ -1,5 +1,6 @@
 """The encoder as a real process on real zmq sockets: embeddings reach the decoder inbox and
-equal transformers' features, repeats hit the store, and garbage frames don't kill it."""
+equal transformers' features, repeats hit the store, garbage frames don't kill it, and a peer
+that stops reading doesn't stall the others."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 import zmq
 
 from encoder_worker.config import EncoderConfig
+from encoder_worker.io_threads import EncoderIO
 from encoder_worker.server import run_encoder
+from protocol import sockets
 from protocol.addresses import tcp
 from protocol.codec import tensor_from
 from protocol.messages import (
@@ -19,6 +22,7 @@ from protocol.messages import (
     EncodeDone,
     EncodeRequest,
     EncoderHeartbeat,
+    EncoderStats,
     Hello,
     MsgType,
     Shutdown,
@@ -142,3 +146,22 @@ def test_shutdown_message_stops_it(encoder):
     peer.to_encoder.send(Shutdown(reason="test"))
     proc.join(10)
     assert proc.exitcode == 0
+
+
+def test_a_peer_that_stops_reading_does_not_stall_the_others(monkeypatch):
+    monkeypatch.setattr(sockets, "HWM", 8)  # full after 8 queued messages, not 100k
+    io = EncoderIO(tcp(), lambda: EncoderHeartbeat("t", 0.0, EncoderStats()), heartbeat_s=60)
+    ctx = zmq.Context()
+    frontend = Receiver(ctx, tcp())
+    try:
+        stuck = tcp()  # nobody ever binds it: messages queue on our side until the HWM
+        for i in range(50):
+            io.send(stuck, Shutdown(reason=str(i)))
+        io.send(frontend.addr, Shutdown(reason="after"))
+        got = frontend.recv(timeout_ms=5000)
+        assert got is not None and got[0].reason == "after"
+        assert 50 - 2 * 8 <= io.dropped[stuck] < 50
+    finally:
+        io.close()
+        frontend.close()
+        ctx.term()
