@@ -21,21 +21,10 @@ import aiohttp
 import openai
 import pytest
 import transformers
-from hostile_corpus import (
-    CHAT,
-    COMPLETIONS,
-    HUGE,
-    TEMPLATES,
-    Case,
-    Context,
-    build_main,
-    build_trusted,
-    data_url,
-    image_part,
-    png_bytes,
-    thin_png,
-)
+from hostile_cases import CHAT, COMPLETIONS, HUGE, Case, Context, image_part
+from hostile_corpus import TEMPLATES, build_main, build_trusted
 from hostile_host import HostileHost
+from hostile_media import data_url, png_bytes, thin_png
 from server_utils import Server, alive, children_of, get
 
 pytestmark = pytest.mark.slow
