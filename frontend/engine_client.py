@@ -133,9 +133,14 @@ class EngineClient:
     async def _liveness_loop(self) -> None:
         """Say Hello until the engine answers (and again if it goes silent); fail streams on death."""
         step = min(0.1, self.dead_after / 4)
-        last_hello = 0.0
+        last_hello = last_tick = 0.0
         while True:
             now = time.monotonic()
+            if now - last_tick > self.dead_after / 2:
+                # This loop itself stalled (a starved host, a long callback): beats that arrived
+                # meanwhile may still be unread in the socket, so judge silence next tick.
+                self.last_beat = max(self.last_beat, now - self.dead_after / 2)
+            last_tick = now
             alive = now - self.last_beat < self.dead_after
             if (self.ready is None or not alive) and now - last_hello > 0.5:
                 await self.sender.send(Hello(frontend_id=self.frontend_id, reply_to=self.reply_to))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class Child:
         cmd = [sys.executable, "-m", "frontend.cli", *self.argv, "--exit-with-parent"]
         # A new session: a Ctrl-C in the terminal reaches only the parent, which stops children
         # in order (they still die with the parent through --exit-with-parent).
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, start_new_session=True, env=child_env())
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -69,6 +70,16 @@ class Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def child_env() -> dict[str, str]:
+    """The children share this host's cores, so OpenMP threads sleep instead of spinning at
+    their barriers (unless the user chose otherwise): with spinning, a CPU engine whose core is
+    taken by a restarting encoder fell from 53 to 5 requests/s; passive, it held 53 (2 cores,
+    demo model, bench/encoder_kill.py)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
 
 
 def _healthy(url: str) -> bool:

@@ -197,6 +197,10 @@ class EngineCoreProc:
         threading.Thread(target=self._recv_loop, args=(self.embed_receiver,),
                          name="engine-embeds", daemon=True).start()
         threading.Thread(target=self._send_loop, name="engine-out", daemon=True).start()
+        # Heartbeats come from their own thread: a long step (a big prefill, a first compile) is
+        # "busy", not "dead". They carry the busy loop's latest stats (num_steps shows progress).
+        self._stats = self.core.stats()
+        threading.Thread(target=self._beat_loop, name="engine-beat", daemon=True).start()
 
     # -- IO threads (own their sockets; the busy loop only touches queues) -----------------
 
@@ -229,16 +233,23 @@ class EngineCoreProc:
 
     # -- busy loop --------------------------------------------------------------------------
 
+    def _beat_loop(self) -> None:
+        while self.running:
+            beat = Heartbeat(self.engine_id, time.time(), self._stats)
+            for dest in tuple(self.frontends):
+                self.outbox.put((dest, beat))
+            time.sleep(self.heartbeat_s)
+
     def run(self) -> None:
         log.info("%s serving %s", self.engine_id, self.model_name)
-        next_beat = 0.0
+        next_stats = 0.0
         while self.running:
             self._drain_inputs(block=not self.core.has_work())
             self._emit(self._step())
             now = time.monotonic()
-            if now >= next_beat:
-                self._heartbeat(now)
-                next_beat = now + self.heartbeat_s
+            if now >= next_stats:  # a snapshot for the beat thread (it never reads live state)
+                self._stats = self.core.stats()
+                next_stats = now + self.heartbeat_s
         self.outbox.put(None)
 
     def _step(self) -> list[TokenOutput]:
@@ -325,11 +336,6 @@ class EngineCoreProc:
                 del self.owner[o.request_id]
         for dest, outs in by_dest.items():
             self.outbox.put((dest, TokenOutputs(outs)))
-
-    def _heartbeat(self, now: float) -> None:
-        beat = Heartbeat(self.engine_id, time.time(), self.core.stats())
-        for dest in self.frontends:
-            self.outbox.put((dest, beat))
 
 
 def run_engine_core(config: LLMWorkerConfig, input_addr: str, embed_addr: str | None = None) -> None:

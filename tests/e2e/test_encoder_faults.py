@@ -219,9 +219,7 @@ def test_throughput_during_a_kill_stays_above_half(server):
         wait_live(server, 2, 60)
         steady, during, failed = kill_under_load(server, encoders(server)[victim][1],
                                                  10_000 * (attempt + 1))
-        # The engine's own 1 s heartbeat timeout can fire on a starved machine (its beats come
-        # from its busy loop); that is not this test's subject, an encoder failure is.
-        assert not [f for f in failed if "encoder" in str(f)], failed
+        assert not failed, failed  # nothing fails: items move, the engine's beats keep coming
         ratios.append((during / steady, steady, during))
         if during / steady >= 0.5:
             break

@@ -1,0 +1,57 @@
+"""Heartbeats come from the engine's own thread: a step that takes seconds (a long prefill, a first
+compile) leaves the engine "busy", never "dead" to its frontends."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import zmq
+
+from llm_worker.config import LLMWorkerConfig
+from llm_worker.engine import EngineCoreProc
+from protocol.addresses import tcp
+from protocol.messages import GenerateRequest, Heartbeat, Hello, Sampling, Shutdown, TokenOutputs
+from protocol.sockets import Receiver, Sender
+
+STEP_S = 2.0
+
+
+def test_heartbeats_keep_coming_during_a_long_step(tiny_llama):
+    proc = EngineCoreProc(LLMWorkerConfig(model=tiny_llama, max_model_len=64, num_kv_blocks=16),
+                          tcp(), heartbeat_s=0.2)
+    real_step = proc.core.step
+
+    def slow_step():
+        time.sleep(STEP_S)  # the busy loop is stuck here: no beat may depend on it
+        return real_step()
+
+    proc.core.step = slow_step
+    loop = threading.Thread(target=proc.run, daemon=True)
+    loop.start()
+    ctx = zmq.Context()
+    inbox = Receiver(ctx, tcp())
+    to_engine = Sender(ctx, proc.receiver.addr)
+    try:
+        to_engine.send(Hello(frontend_id="t", reply_to=inbox.addr))
+        to_engine.send(GenerateRequest("r", [1, 2, 3], Sampling(max_tokens=1), [], inbox.addr))
+        beats, started, finished = [], time.monotonic(), None
+        while finished is None and time.monotonic() - started < 30:
+            got = inbox.recv(timeout_ms=100)
+            if got is None:
+                continue
+            if isinstance(got[0], Heartbeat):
+                beats.append(time.monotonic())
+            elif isinstance(got[0], TokenOutputs):
+                finished = time.monotonic()
+        assert finished is not None and finished - started >= STEP_S
+        gaps = [b - a for a, b in zip(beats, beats[1:])]
+        during = [b for b in beats if started + 0.3 < b < finished - 0.3]
+        assert len(during) >= 5 and max(gaps) < 0.8, (len(during), max(gaps))
+    finally:
+        to_engine.send(Shutdown())
+        loop.join(10)
+        inbox.close()
+        to_engine.close()
+        ctx.term()
+        proc.core.shutdown()
