@@ -46,6 +46,9 @@ REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey"
 
 # -- reading a body -------------------------------------------------------------------------------
 
+_THREAD_DECODE_BYTES = 1 << 20
+
+
 async def read_json(request: web.Request, cls: type, body_timeout: float) -> Any:
     """The decoded body of a JSON endpoint. Only application/json is accepted: a web page can make
     a browser post text/plain, form or multipart bodies to a local server (CSRF), never this."""
@@ -62,6 +65,9 @@ async def read_json(request: web.Request, cls: type, body_timeout: float) -> Any
     except asyncio.TimeoutError:
         raise RequestError(f"the request body did not arrive within {body_timeout:g} s", None,
                            status=408) from None
+    if len(body) > _THREAD_DECODE_BYTES:
+        # Decoding and depth-checking tens of MB takes ~1 s: not on the loop that streams tokens.
+        return await asyncio.to_thread(decode_body, body, cls)
     return decode_body(body, cls)
 
 
