@@ -57,12 +57,7 @@ class OfflineMedia:
         images), or a list of: PIL, numpy, 2-D tensor (embeddings), 3-D tensor ([C, H, W]
         image) or None (reuse the item of its uuid)."""
         where_data = f"{param}.multi_modal_data"
-        if not isinstance(data, dict):
-            raise RequestError("multi_modal_data must be a dict like {'image': ...}", where_data)
-        unknown = set(data) - {"image"}
-        if unknown:
-            raise RequestError(f"unsupported modalities {sorted(map(str, unknown))} "
-                               "(supported: image)", where_data)
+        _check_modalities(data, "multi_modal_data", "{'image': ...}", where_data)
         images = data.get("image")
         if images is None:
             self._check_uuids(uuids, 0, param)
@@ -134,12 +129,7 @@ class OfflineMedia:
         where = f"{param}.multi_modal_uuids"
         if uuids is None:
             return [None] * n
-        if not isinstance(uuids, dict):
-            raise RequestError("multi_modal_uuids must be a dict like {'image': [...]}", where)
-        unknown = set(uuids) - {"image"}
-        if unknown:
-            raise RequestError(f"unsupported modalities {sorted(map(str, unknown))} "
-                               "(supported: image)", where)
+        _check_modalities(uuids, "multi_modal_uuids", "{'image': [...]}", where)
         ids = uuids.get("image")
         if ids is None:
             return [None] * n
@@ -229,3 +219,13 @@ def _not_an_image(item: Any) -> str:
     hint = " (open files with PIL.Image.open)" if isinstance(item, (str, bytes)) else ""
     return ("an image must be a PIL image, a numpy array, a tensor or None, got "
             f"{type(item).__name__}{hint}")
+
+
+def _check_modalities(value: Any, name: str, example: str, where: str) -> None:
+    """A dict keyed by modalities this build serves (images today)."""
+    if not isinstance(value, dict):
+        raise RequestError(f"{name} must be a dict like {example}", where)
+    unknown = set(value) - {"image"}
+    if unknown:
+        raise RequestError(f"unsupported modalities {sorted(map(str, unknown))} "
+                           "(supported: image)", where)

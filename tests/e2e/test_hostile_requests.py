@@ -22,9 +22,10 @@ import openai
 import pytest
 import transformers
 from hostile_cases import CHAT, COMPLETIONS, HUGE, Case, Context, image_part
-from hostile_corpus import TEMPLATES, build_main, build_trusted
-from hostile_host import HostileHost
+from hostile_chat import TEMPLATES
+from hostile_corpus import build_main, build_trusted
 from hostile_media import data_url, png_bytes, thin_png
+from image_host import ImageHost
 from server_utils import Server, alive, children_of, get
 
 pytestmark = pytest.mark.slow
@@ -83,14 +84,14 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ssrf_host():
     """Reachable only through loopback spellings the SSRF guard must refuse: never hit."""
-    h = HostileHost({"a.png": png_bytes()})
+    h = ImageHost({"a.png": png_bytes()}, slow_s=30)
     yield h
     h.stop()
 
 
 @pytest.fixture(scope="module")
 def allowed_host():
-    h = HostileHost({"a.png": png_bytes(32, 32, seed=3)})
+    h = ImageHost({"a.png": png_bytes(32, 32, seed=3)}, slow_s=30)
     yield h
     h.stop()
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing as mp
 import re
-import threading
 import time
 
 import aiohttp
 import pytest
+from app_utils import AppServer as Server
+from app_utils import running_engine
 
-from frontend.api_server import build_app, start_site
 from frontend.config import FrontendConfig
 from frontend.random_model import build_random_checkpoint
 from protocol.addresses import LOOPBACK, free_port, tcp
@@ -24,36 +23,6 @@ MODEL = "tiny"
 CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 
 
-def _engine_main(model: str, addr: str) -> None:
-    from llm_worker.config import LLMWorkerConfig
-    from llm_worker.engine import run_engine_core
-
-    run_engine_core(LLMWorkerConfig(model=model, max_model_len=MAX_LEN, num_kv_blocks=128,
-                                    max_num_seqs=16), addr)
-
-
-class Server:
-    """The app on its own event loop in a thread; tests talk to it over HTTP."""
-
-    def __init__(self, config: FrontendConfig):
-        self.url = f"http://{config.host}:{config.port}"
-        self.loop = asyncio.new_event_loop()
-        self.app = build_app(config)
-        self.runner = None
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner = self._call(start_site(self.app, config.host, config.port))
-
-    def _call(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        if self.runner is not None:
-            self._call(self.runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return str(build_random_checkpoint(tmp_path_factory.mktemp("model")))
@@ -61,29 +30,17 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model):
-    addr = tcp()
-    engine = mp.get_context("spawn").Process(target=_engine_main, args=(model, addr), daemon=True)
-    engine.start()
-    srv = None
-    try:
+    with running_engine(model, max_model_len=MAX_LEN, num_kv_blocks=128,
+                        max_num_seqs=16) as (addr, engine):
         config = FrontendConfig(model=model, served_model_name=[MODEL, "alias"], engine_addr=addr,
                                 host=LOOPBACK, port=free_port(), max_n=4, max_logprobs=5,
                                 max_body_bytes=64 * 1024)
         srv = Server(config)
-        deadline = time.monotonic() + 120
-        while status(srv.url, "GET", "/health") != 200:
-            assert engine.is_alive(), "engine process died during startup"
-            assert time.monotonic() < deadline, "engine never became healthy"
-            time.sleep(0.2)
-        yield srv.url
-    finally:
-        if srv is not None:
+        try:
+            srv.wait_healthy(engine)
+            yield srv.url
+        finally:
             srv.stop()
-        engine.terminate()
-        engine.join(10)
-        if engine.is_alive():
-            engine.kill()
-            engine.join()
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -7,19 +7,18 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import multiprocessing as mp
 import threading
 import time
 
 import aiohttp
 import pytest
+from app_utils import AppServer, running_engine
 
-from frontend.api_server import build_app, start_site
 from frontend.config import FrontendConfig
 from frontend.openai_serving import TokenizerThreads
 from frontend.random_model import build_random_checkpoint
 from frontend.tokenizer import load_tokenizer
-from protocol.addresses import LOOPBACK, free_port, tcp
+from protocol.addresses import LOOPBACK, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +34,6 @@ GOOD = {"/v1/chat/completions": {"messages": CHAT, "max_tokens": 2},
         "/detokenize": {"tokens": [1, 2]}}
 
 
-def _engine_main(model: str, addr: str) -> None:
-    from llm_worker.config import LLMWorkerConfig
-    from llm_worker.engine import run_engine_core
-
-    run_engine_core(LLMWorkerConfig(model=model, max_model_len=MAX_LEN, num_kv_blocks=64,
-                                    max_num_seqs=8), addr)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return str(build_random_checkpoint(tmp_path_factory.mktemp("model")))
@@ -50,32 +41,18 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model):
-    addr = tcp()
-    engine = mp.get_context("spawn").Process(target=_engine_main, args=(model, addr), daemon=True)
-    engine.start()
-    config = FrontendConfig(model=model, engine_addr=addr, host=LOOPBACK, port=free_port(),
-                            max_n=4, max_logprobs=5, max_body_bytes=1 << 20,
-                            max_prompt_chars=MAX_CHARS, http_header_timeout_s=HEADER_TIMEOUT,
-                            http_body_timeout_s=BODY_TIMEOUT)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    app = build_app(config)
-    runner = asyncio.run_coroutine_threadsafe(start_site(app, config.host, config.port),
-                                              loop).result(30)
-    url = f"http://{config.host}:{config.port}"
-    try:
-        deadline = time.monotonic() + 120
-        while request("GET", url + "/health")[0] != 200:
-            assert engine.is_alive() and time.monotonic() < deadline, "engine never healthy"
-            time.sleep(0.2)
-        yield url
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        engine.terminate()
-        engine.join(10)
+    with running_engine(model, max_model_len=MAX_LEN, num_kv_blocks=64,
+                        max_num_seqs=8) as (addr, engine):
+        config = FrontendConfig(model=model, engine_addr=addr, host=LOOPBACK, port=free_port(),
+                                max_n=4, max_logprobs=5, max_body_bytes=1 << 20,
+                                max_prompt_chars=MAX_CHARS, http_header_timeout_s=HEADER_TIMEOUT,
+                                http_body_timeout_s=BODY_TIMEOUT)
+        srv = AppServer(config)
+        try:
+            srv.wait_healthy(engine)
+            yield srv.url
+        finally:
+            srv.stop()
 
 
 def request(method, url, body=None, raw=None, content_type="application/json", headers=None):
