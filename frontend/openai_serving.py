@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import queue
 import threading
@@ -20,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +33,7 @@ from frontend.mm_inputs import MediaInputs
 from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, decode_body
 from frontend.outputs import SequenceDelta, SequenceState
 from frontend.processor import InputProcessor, check_prompt_chars, prompt_char_limit
+from protocol.checkpoint import max_positions
 from protocol.messages import GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -126,15 +125,6 @@ class ThreadTokenizer:
         return len(self._threads.current)
 
 
-def checkpoint_positions(model: str) -> int:
-    """The checkpoint's max_position_embeddings: the engine's max_model_len never exceeds it."""
-    try:
-        cfg = json.loads((Path(model) / "config.json").read_text())
-        return int(cfg.get("text_config", cfg).get("max_position_embeddings", 2048))
-    except (OSError, ValueError, AttributeError):
-        return 2048
-
-
 # -- serving ----------------------------------------------------------------------------------------
 
 class OpenAIServing:
@@ -152,7 +142,7 @@ class OpenAIServing:
         self.prompt_tokenizer = ThreadTokenizer(threads)
         self._processor: InputProcessor | None = None
         self.counters = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0}
-        self._set_char_limit(checkpoint_positions(config.model))
+        self._set_char_limit(max_positions(config.model))  # the engine never allows more
 
     def close(self) -> None:
         self.threads.close()

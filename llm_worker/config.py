@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_worker.models import model_class_path
-from protocol.checkpoint import resolve_device, resolve_dtype
+from protocol.checkpoint import max_positions, resolve_device, resolve_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -69,9 +69,7 @@ class LLMWorkerConfig:
         return resolve_dtype(self.dtype, self.device)
 
     def resolved_max_model_len(self) -> int:
-        cfg = self.hf_config_dict()
-        cfg = cfg.get("text_config", cfg)
-        limit = int(cfg.get("max_position_embeddings", 2048))
+        limit = max_positions(self.model)
         if self.max_model_len is None:
             return limit
         if self.max_model_len > limit:

@@ -26,6 +26,14 @@ def image_processor_config(folder: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def max_positions(folder: str | Path) -> int:
+    """The language model's max_position_embeddings (multimodal configs nest it in text_config):
+    the longest context the checkpoint was trained for."""
+    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    cfg = cfg.get("text_config") or cfg
+    return int(cfg.get("max_position_embeddings", 2048))
+
+
 def resolve_device(device: str) -> str:
     """"auto" -> cuda when a GPU is visible, else cpu."""
     if device != "auto":
