@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+import kernels
 from kernels import reference
 
 
@@ -66,4 +69,37 @@ class TorchAttentionBackend(AttentionBackend):
         return reference.paged_attention(query, kv_cache, meta, scale)
 
 
-ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
+class TritonAttentionBackend(AttentionBackend):
+    """The Triton paged-attention kernel (CUDA serving), after the dispatched K/V writer.
+
+    Reads only the device fields of the metadata, so a decode step can be CUDA-graph captured.
+    Implementations are resolved on the first forward, when the device is known, so building the
+    backend loads neither Triton nor a kernel module.
+    """
+
+    def __init__(self) -> None:
+        self._write_kv: Callable[..., None] | None = None
+        self._attend: Callable[..., torch.Tensor] | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if self._write_kv is None or self._attend is None:
+            self._write_kv = kernels.get("write_kv_cache", kv_cache.device)
+            # Always the Triton kernel: choosing this backend is choosing it (CPU: interpreter).
+            module, fn = kernels.TRITON["paged_attention"].split(":")
+            self._attend = getattr(importlib.import_module(module), fn)
+        self._write_kv(key, value, kv_cache, meta.slot_mapping)
+        return self._attend(query, kv_cache, meta, scale)
+
+
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
+    "torch": TorchAttentionBackend,
+    "triton": TritonAttentionBackend,
+}

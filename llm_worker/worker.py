@@ -36,7 +36,9 @@ class Worker:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size,
-            attention_backend="torch" if config.attention_backend == "auto" else config.attention_backend,
+            # "auto": the Triton kernel on CUDA, the torch reference (SDPA per sequence) on CPU.
+            attention_backend=(("triton" if device.type == "cuda" else "torch")
+                               if config.attention_backend == "auto" else config.attention_backend),
             tp_rank=rank,
             tp_size=config.tensor_parallel_size,
         )

@@ -1,0 +1,304 @@
+"""Triton paged attention: one varlen kernel for chunked prefill and decode over the block table.
+
+Same signature and semantics as `kernels.reference.paged_attention`, but it reads only device
+metadata (query_start_loc, seq_lens, block_tables) plus the ints max_query_len / max_seq_len, and
+those two ints are tuning hints, never bounds: any batch whose true lengths exceed them is still
+computed correctly. No host list, no host sync, no per-sequence loop, so a CUDA graph can hold it.
+
+Layout of the work:
+- grid axis 0 walks "query tiles": sequence i owns tiles qsl[i] // BLOCK_Q + i onwards (at most
+  q_len // BLOCK_Q + 1 of them), so num_tokens // BLOCK_Q + num_seqs programs cover any batch and
+  each finds its sequence by binary search over query_start_loc (vLLM's unified-attention trick).
+- grid axis 1 is the kv head; the GROUP q heads that share it are packed into the tile's rows
+  (row r = query token r // GROUP_P, head r % GROUP_P), so K/V are read once per group.
+- grid axis 2 splits the context into NUM_SPLITS ranges (flash-decoding); with more than one, each
+  program writes a normalized partial and its log-sum-exp, and `_reduce_splits_kernel` merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+import triton
+import triton.language as tl
+
+
+class PagedAttentionMeta(Protocol):
+    """The fields of `llm_worker.attention.AttentionMetadata` this kernel reads (device only)."""
+
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+class TileConfig(NamedTuple):
+    block_m: int  # tile rows: BLOCK_Q query tokens x GROUP_P q heads
+    block_n: int  # KV positions per inner-loop step (independent of the cache block size)
+    num_warps: int
+    num_stages: int
+
+
+# Below this many tokens per split, the partial write and the reduce cost more than the
+# parallelism buys (one split streams ~64 KB of bf16 K+V per kv head at head_dim 128).
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 16
+# Aim for about 4 programs per SM in decode: one 4-warp program per SM cannot keep enough loads in
+# flight to approach HBM bandwidth.
+PROGRAMS_PER_SM = 4
+
+
+def num_kv_splits(
+    num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, num_sms: int
+) -> int:
+    """How many ranges to split each context into (1 = no split-KV).
+
+    Only decode batches split (prefill tiles already give many programs, and their partials would
+    be q_len times larger). A decode batch gets num_seqs * num_kv_heads programs; when that is
+    below PROGRAMS_PER_SM * num_sms, split the context so the GPU fills, but never below
+    MIN_TOKENS_PER_SPLIT tokens per split nor above MAX_SPLITS.
+    """
+    if max_query_len > 1:
+        return 1
+    programs = num_seqs * num_kv_heads
+    wanted = -(-PROGRAMS_PER_SM * num_sms // max(programs, 1))
+    splits = min(wanted, max_seq_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS)
+    return max(splits, 1)
+
+
+def tile_config(max_query_len: int, group_p: int, head_dim_p: int, on_gpu: bool) -> TileConfig:
+    """Tile sizes and warps for a batch shape (rows always hold at least one whole GQA group)."""
+    if not on_gpu:
+        # The interpreter runs tiles as numpy arrays: small tiles keep it fast and make tiny test
+        # shapes cross query-tile, KV-tile and cache-block boundaries.
+        return TileConfig(max(16, group_p), 16, 1, 1)
+    if max_query_len == 1:
+        # Decode is bandwidth-bound: 16 rows is tl.dot's minimum M; 64 KV positions per step keep
+        # 16 KB (bf16, d=128) of K in flight per load.
+        return TileConfig(max(16, group_p), 64, 4, 2)
+    if max_query_len >= 128 and head_dim_p <= 128:
+        # Long prefill chunks are compute-bound: 128x64 tiles on 8 warps, as FlashAttention-2.
+        return TileConfig(max(128, group_p), 64, 8, 2)
+    return TileConfig(max(64, group_p), 64, 4, 2)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    """The largest sequence i whose first query tile (qsl[i] // BLOCK_Q + i) is <= pid."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,  # [T, Hq, D] (one split) or fp32 partials [T, Hq, NUM_SPLITS, D]
+    lse_ptr,  # fp32 [T, Hq, NUM_SPLITS] log2-sum-exp of each partial (unused with one split)
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    block_tables_ptr,  # [num_seqs, max_blocks] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    scale_log2,  # softmax scale * log2(e): the softmax runs in base 2 (exp2 is one instruction)
+    num_seqs,
+    stride_qt, stride_qh,
+    stride_cb, stride_cs, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh, stride_os,
+    stride_lt, stride_lh,
+    GROUP: tl.constexpr,  # q heads per kv head
+    GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,  # HEAD_DIM rounded up to a power of two (80 -> 128, masked)
+    BLOCK_SIZE: tl.constexpr,  # cache block size
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32"
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = pid - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:  # the spare tiles of the over-allocated grid
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len  # tokens cached before this step's queries
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_row = q_tile * BLOCK_Q + offs_m // GROUP_P  # [BLOCK_M] query index within the sequence
+    head_in_group = offs_m % GROUP_P
+    q_head = kv_head * GROUP + head_in_group  # [BLOCK_M]
+    row_ok = (q_row < q_len) & (head_in_group < GROUP)
+    q_pos = ctx_len + q_row  # [BLOCK_M] absolute position: sees keys at positions <= it
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    d_ok = offs_d < HEAD_DIM
+    token = (q_start + q_row).to(tl.int64)  # [BLOCK_M] row of query / out
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # [BLOCK_M, HEAD_DIM_P]
+
+    # Keys this tile may see end at its last row's position (causal); this split takes its share.
+    kv_end = tl.minimum(seq_len, ctx_len + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 logits)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    table_row = block_tables_ptr + seq * stride_bt
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute KV positions
+        n_ok = offs_n < kv_end
+        # Each position finds its own cache block, so a tile may span blocks or share one.
+        block = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N] fp32
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen nothing yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])  # [M, N]
+        alpha = tl.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    store_mask = row_ok[:, None] & d_ok[None, :]
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a split with no visible key writes 0 and lse -inf
+    o = acc / l_safe[:, None]
+    o_off = token[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        tl.store(out_ptr + o_off + split * stride_os, o, mask=store_mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + token * stride_lt + q_head * stride_lh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    out_ptr,  # [T, Hq, D]
+    part_ptr,  # fp32 [T, Hq, NUM_SPLITS, D]
+    lse_ptr,  # fp32 [T, Hq, NUM_SPLITS]
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
+    stride_lt, stride_lh,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS_P: tl.constexpr,
+):
+    """Merge the partials of one (token, q head): weights 2^(lse_s - max lse), renormalized."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS_P)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + token * stride_lt + head * stride_lh + offs_s, mask=s_ok,
+                  other=float("-inf"))  # [NUM_SPLITS_P]
+    w = tl.exp2(lse - tl.max(lse, 0))  # empty splits (lse -inf) weigh 0; split 0 is never empty
+    part = tl.load(
+        part_ptr + token * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
+        + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )  # [NUM_SPLITS_P, HEAD_DIM_P]
+    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
+             o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    meta: PagedAttentionMeta,
+    scale: float,
+    *,
+    num_splits: int | None = None,  # None: `num_kv_splits` heuristic; tests and benches force it
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], e.g. a graph's buffer
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Varlen causal attention over the paged cache, as `kernels.reference.paged_attention`."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    num_seqs = meta.seq_lens.shape[0]
+    assert num_heads % num_kv_heads == 0, "GQA needs num_heads to be a multiple of num_kv_heads"
+    assert query.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    if out is None:
+        out = torch.empty_like(query)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    on_gpu = query.device.type == "cuda"
+    if num_splits is None:
+        sms = _num_sms(query.device.index or 0) if on_gpu else 1
+        num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_query_len, meta.max_seq_len,
+                                   sms)
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    head_dim_p = triton.next_power_of_2(head_dim)
+    cfg = tile_config(meta.max_query_len, group_p, head_dim_p, on_gpu)
+    block_q = cfg.block_m // group_p
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+
+    k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, Hkv, D] views
+    if num_splits == 1:
+        target, lse = out, out  # lse is not touched when there is one split
+        stride_os, stride_lt, stride_lh = 0, 0, 0
+    else:
+        # fp32 partials, so the merge loses nothing before the one rounding to the output dtype.
+        target = query.new_empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32)
+        lse = query.new_empty(num_tokens, num_heads, num_splits, dtype=torch.float32)
+        stride_os, stride_lt, stride_lh = target.stride(2), lse.stride(0), lse.stride(1)
+    _paged_attention_kernel[grid](
+        target, lse, query, k_cache, v_cache,
+        meta.block_tables, meta.query_start_loc, meta.seq_lens,
+        scale * math.log2(math.e), num_seqs,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0),
+        target.stride(0), target.stride(1), stride_os,
+        stride_lt, stride_lh,
+        GROUP=group, GROUP_P=group_p, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            out, target, lse,
+            out.stride(0), out.stride(1),
+            target.stride(0), target.stride(1), target.stride(2),
+            lse.stride(0), lse.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            NUM_SPLITS=num_splits, NUM_SPLITS_P=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim_p >= 128 else 2,  # one row of <= 128 fp32 per split: tiny
+        )  # fmt: skip
+    return out
