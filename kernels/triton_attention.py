@@ -132,6 +132,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32"
+    DOT_FP32: tl.constexpr,  # upcast dot operands: the interpreter multiplies bf16 as raw bits
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P
     pid = tl.program_id(0)
@@ -160,6 +161,8 @@ def _paged_attention_kernel(
         q_ptr + token[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     )  # [BLOCK_M, HEAD_DIM_P]
+    if DOT_FP32:
+        q = q.to(tl.float32)
 
     # Keys this tile may see end at its last row's position (causal); this split takes its share.
     kv_end = tl.minimum(seq_len, ctx_len + tl.minimum((q_tile + 1) * BLOCK_Q, q_len))
@@ -181,6 +184,8 @@ def _paged_attention_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N] fp32
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -288,7 +293,8 @@ def paged_attention(
         stride_lt, stride_lh,
         GROUP=group, GROUP_P=group_p, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or not on_gpu else "tf32",
+        DOT_FP32=not on_gpu,  # triton 3.9's interpreter: np.matmul on the uint16 bits of bf16
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -1,0 +1,281 @@
+"""The Triton paged attention against the torch reference: CPU under the interpreter, and GPU.
+
+Interpreter mode is process-wide: Triton 3.x reads TRITON_INTERPRET when `@triton.jit` decorates
+a function, and that includes triton's own library (tl.cdiv, ...) decorated at `import triton`;
+an interpreted kernel calling a compiled library function fails. So the variable must be set
+before triton is first imported, and setting it here would change the mode for every later test
+module. Instead `test_interpreter_cases` reruns this file's `interp` cases in a child pytest with
+TRITON_INTERPRET=1; run with the variable already set (as CI may), they run here one by one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from kernels import reference
+
+REPO = Path(__file__).parents[2]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BF16_TOL = {"atol": 1e-2, "rtol": 1.6e-2}  # bf16 output rounding (2^-8) plus bf16 P in P @ V
+FP32_TOL = {"atol": 2e-5, "rtol": 2e-5}  # only summation order differs from the reference
+interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_cases' child")
+compiled_only = pytest.mark.skipif(INTERPRETED, reason="GPU cases run compiled, not interpreted")
+
+
+def test_interpreter_cases():
+    if INTERPRETED:
+        pytest.skip("already under the interpreter: the interp cases run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MMSERVE_KERNELS": "reference"}
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
+         str(Path(__file__).relative_to(REPO))],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and " skipped" not in child.stdout, child.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def interp() -> ModuleType:
+    """kernels.triton_attention, imported in a process where TRITON_INTERPRET=1."""
+    import kernels.triton_attention as module
+
+    # Guard the claim above: if a Triton release moved the switch, fail here, not in a compile.
+    assert type(module._paged_attention_kernel).__name__ == "InterpretedFunction"
+    return module
+
+
+def _batch(seq_lens, q_lens, *, block_size, hq, hkv, d, dtype, seed, device="cpu"):
+    """A random cache (every block, used or not), shuffled block tables, and the queries.
+
+    Returns (query [T, hq, d], kv_cache, device-only meta for the kernel, full meta for the
+    reference). Table padding holds an absurd block id, so reading past a sequence's blocks
+    faults on GPU instead of passing silently.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tables = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(tables) + 3  # spare blocks hold random values the kernel must not read
+    kv_cache = torch.randn(2, num_blocks, block_size, hkv, d, generator=g)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[free.pop() for _ in range(n)] for n in tables]
+    width = max(len(t) for t in tables) + 1
+    block_tables = torch.tensor([t + [2**30] * (width - len(t)) for t in tables], dtype=torch.int32)
+    qsl = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+    query = torch.randn(qsl[-1], hq, d, generator=g)
+    dev = {
+        "query_start_loc": torch.tensor(qsl, dtype=torch.int32, device=device),
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        "block_tables": block_tables.to(device),
+        "max_query_len": max(q_lens),
+        "max_seq_len": max(seq_lens),
+    }
+    ref_meta = SimpleNamespace(
+        block_tables=block_tables, query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens)
+    )
+    # No host lists in the kernel's meta: reading one would raise AttributeError.
+    return (query.to(device, dtype), kv_cache.to(device, dtype), SimpleNamespace(**dev), ref_meta)
+
+
+def _check(attention, seq_lens, q_lens, *, block_size=16, hq=8, hkv=2, d=64,
+           dtype=torch.float32, splits=1, seed=0, device="cpu", hints=None):
+    query, kv_cache, meta, ref_meta = _batch(
+        seq_lens, q_lens, block_size=block_size, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed,
+        device=device,
+    )
+    if hints is not None:
+        meta.max_query_len, meta.max_seq_len = hints
+    scale = 1 / math.sqrt(d)
+    out = torch.full_like(query, float("nan"))  # every row the kernel skips stays NaN
+    got = attention(query, kv_cache, meta, scale, num_splits=splits, out=out)
+    assert got is out
+    # The reference in fp32 on the host, from the same (possibly bf16-rounded) inputs.
+    expected = reference.paged_attention(query.cpu().float(), kv_cache.cpu().float(), ref_meta,
+                                         scale)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(got.cpu().float(), expected, **tol)
+
+
+PREFILL = ([7, 20, 33], [7, 20, 33])
+DECODE = ([9, 17, 40, 1, 64], [1, 1, 1, 1, 1])  # most lengths not a multiple of any block size
+# Decoding sequences beside chunks whose prefix is already cached (12 = 8 cached + 4 new, ...).
+MIXED = ([12, 33, 5, 50, 17], [4, 1, 5, 9, 1])
+
+
+# -- CPU, interpreter -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,seq_lens,q_lens", [
+    ("prefill", *PREFILL), ("decode", *DECODE), ("mixed", *MIXED),
+])  # fmt: skip
+@pytest.mark.parametrize("block_size,hq,hkv,d", [
+    (16, 8, 2, 64),  # GQA 4:1
+    (32, 2, 2, 80),  # MHA, head dim padded 80 -> 128
+    (32, 8, 2, 80),
+    (16, 3, 3, 64),
+])  # fmt: skip
+@interp_only
+def test_interp_matches_reference_fp32(interp, name, seq_lens, q_lens, block_size, hq, hkv, d):
+    _check(interp.paged_attention, seq_lens, q_lens, block_size=block_size, hq=hq, hkv=hkv, d=d,
+           seed=sum(seq_lens) + block_size + d)
+
+
+@pytest.mark.parametrize("seq_lens,q_lens", [DECODE, MIXED])
+@pytest.mark.parametrize("splits", [2, 3])
+@interp_only
+def test_interp_split_kv_matches_reference(interp, seq_lens, q_lens, splits):
+    # 3 splits over contexts of 1-4 KV tiles: some splits get no tile and must weigh nothing.
+    _check(interp.paged_attention, seq_lens, q_lens, splits=splits, seed=splits)
+
+
+@pytest.mark.parametrize("seq_lens,q_lens,splits", [(*MIXED, 1), (*DECODE, 3)])
+@interp_only
+def test_interp_bf16_within_tolerance(interp, seq_lens, q_lens, splits):
+    _check(interp.paged_attention, seq_lens, q_lens, hq=4, hkv=1, d=80, dtype=torch.bfloat16,
+           splits=splits, seed=7)
+
+
+@interp_only
+def test_interp_decode_single_token_context_one_past_a_block(interp):
+    # q_len 1 at seq_len 17 with block size 16: the query's own key is alone in its block.
+    _check(interp.paged_attention, [17, 33, 16], [1, 1, 1], block_size=16, seed=3)
+
+
+@interp_only
+def test_interp_length_hints_are_not_bounds(interp):
+    # A CUDA graph is captured with fixed hints; the device lengths must still rule (a decode
+    # tile config on a batch that holds a 20-token chunk, a max_seq_len far too small).
+    _check(interp.paged_attention, *MIXED, hints=(1, 2), splits=1, seed=11)
+
+
+@interp_only
+def test_interp_default_output_and_heuristic(interp):
+    query, kv_cache, meta, ref_meta = _batch(*DECODE, block_size=16, hq=4, hkv=2, d=64,
+                                             dtype=torch.float32, seed=5)
+    out = interp.paged_attention(query, kv_cache, meta, 0.125)
+    torch.testing.assert_close(out, reference.paged_attention(query, kv_cache, ref_meta, 0.125),
+                               **FP32_TOL)
+
+
+@interp_only
+def test_interp_num_kv_splits_heuristic(interp):
+    f = interp.num_kv_splits
+    assert f(1, 32, 1, 4096, num_sms=132) == interp.MAX_SPLITS  # batch 1, long context: fill
+    assert f(1, 32, 1, 1024, num_sms=132) == 1024 // interp.MIN_TOKENS_PER_SPLIT  # split floor
+    assert f(1, 32, 1, 200, num_sms=132) == 1  # too short to amortize the reduce
+    assert f(64, 32, 1, 4096, num_sms=132) == 1  # enough programs without splitting
+    assert f(1, 32, 512, 4096, num_sms=132) == 1  # prefill never splits
+    assert 1 < f(8, 8, 1, 4096, num_sms=132) < interp.MAX_SPLITS
+
+
+@interp_only
+def test_interp_triton_backend_writes_then_attends(interp, monkeypatch):
+    from llm_worker.attention import ATTENTION_BACKENDS, AttentionMetadata, TorchAttentionBackend
+
+    # The writer is the reference one on CPU (the Triton writer has its own tests).
+    monkeypatch.setenv("MMSERVE_KERNELS", "reference")
+    seq_lens, q_lens = MIXED
+    query, kv_cache, meta, ref_meta = _batch(seq_lens, q_lens, block_size=16, hq=4, hkv=2, d=64,
+                                             dtype=torch.float32, seed=9)
+    key, value = torch.randn(2, query.shape[0], 2, 64).unbind(0)
+    slots = []
+    for table, s, n in zip(ref_meta.block_tables.tolist(), seq_lens, q_lens, strict=True):
+        slots += [table[p // 16] * 16 + p % 16 for p in range(s - n, s)]
+    full = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=meta.query_start_loc,
+        seq_lens=meta.seq_lens, block_tables=meta.block_tables,
+        query_start_loc_cpu=ref_meta.query_start_loc_cpu, seq_lens_cpu=ref_meta.seq_lens_cpu,
+        max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+    )
+    cache_ref = kv_cache.clone()
+    got = ATTENTION_BACKENDS["triton"]().forward(query, key, value, kv_cache, full, 0.125)
+    expected = TorchAttentionBackend().forward(query, key, value, cache_ref, full, 0.125)
+    torch.testing.assert_close(kv_cache, cache_ref, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, **FP32_TOL)
+
+
+# -- GPU, compiled ------------------------------------------------------------------------------
+
+
+def _long(n_seqs, seed, max_len=1500):
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = torch.randint(1, max_len, (n_seqs,), generator=g).tolist()
+    return seq_lens, g
+
+
+@pytest.mark.gpu
+@compiled_only
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_mixed_batch(d, block_size, hq, hkv, dtype):
+    from kernels.triton_attention import paged_attention
+
+    seq_lens, g = _long(12, seed=d + block_size + hq)
+    # Half decode, half chunks of up to 300 tokens (some whole prompts) over a cached prefix.
+    q_lens = [1 if i % 2 else int(torch.randint(1, min(s, 300) + 1, (1,), generator=g))
+              for i, s in enumerate(seq_lens)]
+    _check(paged_attention, seq_lens, q_lens, block_size=block_size, hq=hq, hkv=hkv, d=d,
+           dtype=dtype, device="cuda", seed=d)
+
+
+@pytest.mark.gpu
+@compiled_only
+@pytest.mark.parametrize("prefill_len", [128, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_prefill(prefill_len, dtype):
+    from kernels.triton_attention import paged_attention
+
+    seq_lens = [prefill_len, prefill_len // 2 + 3, 17]
+    _check(paged_attention, seq_lens, seq_lens, hq=32, hkv=32, d=128, dtype=dtype,
+           device="cuda", seed=prefill_len)
+
+
+@pytest.mark.gpu
+@compiled_only
+@pytest.mark.parametrize("splits", [None, 1, 4, 16])
+@pytest.mark.parametrize("n_seqs", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decode_split_kv(splits, n_seqs, dtype):
+    from kernels.triton_attention import paged_attention
+
+    seq_lens, _ = _long(n_seqs, seed=n_seqs, max_len=5000)
+    _check(paged_attention, seq_lens, [1] * n_seqs, hq=32, hkv=8, d=128, dtype=dtype,
+           device="cuda", splits=splits, seed=n_seqs)
+
+
+@pytest.mark.gpu
+@compiled_only
+def test_gpu_graph_replay_follows_device_lengths():
+    """Captured once, the kernel must follow new seq_lens / tables written into the same buffers."""
+    from kernels.triton_attention import paged_attention
+
+    hq, hkv, d, bs = 32, 8, 128, 16
+    # Captured on long contexts so the tables and the cache are wide enough for the replay batch.
+    query, kv_cache, meta, _ = _batch([1200] * 4, [1] * 4, block_size=bs, hq=hq, hkv=hkv, d=d,
+                                      dtype=torch.bfloat16, seed=1, device="cuda")
+    meta.max_seq_len = 4096  # capture-time hints, as graphs.py would pass
+    out = torch.empty_like(query)
+    paged_attention(query, kv_cache, meta, d**-0.5, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention(query, kv_cache, meta, d**-0.5, out=out)
+    seq_lens = [5, 333, 64, 1000]
+    new_q, new_cache, new_meta, ref_meta = _batch(seq_lens, [1] * 4, block_size=bs, hq=hq, hkv=hkv,
+                                                  d=d, dtype=torch.bfloat16, seed=2, device="cuda")
+    kv_cache[:, : new_cache.shape[1]].copy_(new_cache)
+    query.copy_(new_q)
+    meta.seq_lens.copy_(new_meta.seq_lens)
+    meta.block_tables[:, : new_meta.block_tables.shape[1]].copy_(new_meta.block_tables)
+    graph.replay()
+    expected = reference.paged_attention(new_q.float().cpu(), new_cache.float().cpu(), ref_meta,
+                                         d**-0.5)
+    torch.testing.assert_close(out.float().cpu(), expected, **BF16_TOL)
