@@ -5,14 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import reference
+import kernels
 
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up on the merged gate_up output: [T, 2 * I / tp] -> [T, I / tp]."""
 
+    def __init__(self):
+        super().__init__()
+        # The kernel for the device of the last input: resolved at first forward, not per call.
+        self._device: torch.device | None = None
+        self._silu_and_mul = kernels.silu_and_mul
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.silu_and_mul(x)
+        if x.device != self._device:
+            self._device, self._silu_and_mul = x.device, kernels.get("silu_and_mul", x.device)
+        return self._silu_and_mul(x)
 
 
 # HF `hidden_act` name -> module; each expects the merged [gate | up] input.

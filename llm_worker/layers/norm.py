@@ -1,11 +1,11 @@
-"""RMSNorm module over the kernel reference (fused residual add when a residual is passed)."""
+"""RMSNorm module over the rms_norm kernel (fused residual add when a residual is passed)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kernels import reference
+import kernels
 
 
 class RMSNorm(nn.Module):
@@ -14,6 +14,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         # Replicated on every rank; uninitialised because the checkpoint overwrites it.
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)  # [hidden]
+        # The kernel for the device of the last input: resolved at first forward, not per call.
+        self._device: torch.device | None = None
+        self._rms_norm = kernels.rms_norm
 
     def forward(
         self,
@@ -21,4 +24,6 @@ class RMSNorm(nn.Module):
         residual: torch.Tensor | None = None,  # [T, hidden]
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or (norm(x + residual), x + residual) when a residual is given."""
-        return reference.rms_norm(x, self.weight, self.eps, residual)
+        if x.device != self._device:
+            self._device, self._rms_norm = x.device, kernels.get("rms_norm", x.device)
+        return self._rms_norm(x, self.weight, self.eps, residual)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels import reference
+import kernels
 
 
 def rope_parameters(hf_config) -> dict[str, Any]:
@@ -142,6 +142,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer(
             "cos_sin_cache", cache.to(torch.get_default_device()), persistent=False
         )
+        # The kernel for the device of the last input: resolved at first forward, not per call.
+        self._device: torch.device | None = None
+        self._apply_rope = kernels.apply_rope
 
     def forward(
         self,
@@ -149,4 +152,6 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [T, Hq, D]
         k: torch.Tensor,  # [T, Hkv, D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return reference.apply_rope(q, k, positions, self.cos_sin_cache)
+        if q.device != self._device:
+            self._device, self._apply_rope = q.device, kernels.get("apply_rope", q.device)
+        return self._apply_rope(q, k, positions, self.cos_sin_cache)
