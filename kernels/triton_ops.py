@@ -35,7 +35,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:  # [..., n] -> [rows, n]
 
 
 def _tile_warps(num_elements: int) -> int:
-    # ~8 fp32 values per thread (one 16-byte bf16 vector each), 1 to 8 warps.
+    # ~8 values per thread (one 16-byte bf16 vector) up to 8 warps; bigger tiles put more values
+    # on each thread rather than more warps, which keeps rms_norm's cross-warp reduction short.
     return min(max(num_elements // 256, 1), 8)
 
 
