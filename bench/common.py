@@ -10,6 +10,7 @@ suite summary that puts mmserve, the peer and the roofline side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -23,7 +24,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python bench/x.py` without `pip install -e .`
+# `python bench/x.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the
+# `kernels` package: the scripts import this module first, and it swaps bench/ for the repo root
+# (which also makes them run without `pip install -e .`).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # Llama-2-7B without its vocabulary (cut to the offline BPE's size); "tiny" smoke-tests on CPU.
@@ -277,10 +283,21 @@ def summarize(results: Path) -> dict:
         p = (d or {}).get("prefill") or {}
         if p.get("ms") is not None:
             prefill[name] = {k: p.get(k) for k in ("batch", "length", "ms", "tok_s", "TFLOPs")}
-    out = {"rows": [rows[k] for k in sorted(rows)], "prefill": prefill,
-           "env": (_load(results / "env.json") or {}),
-           "stages": _load(results / "stages.json") or []}
-    return out
+    stages = []
+    with contextlib.suppress(OSError):
+        for line in (results / "stages.tsv").read_text().splitlines():
+            name, rc, secs, note = (line.split("\t") + ["", "", "", ""])[:4]
+            stages.append({"stage": name, "rc": rc, "seconds": secs, "note": note})
+    kern = [{k: r.get(k) for k in ("op", "case", "ref_us", "triton_us", "sdpa_us",
+                                   "triton_pct_bw", "triton_TFLOPs", "sdpa_TFLOPs",
+                                   "max_abs_diff", "triton")}
+            for r in (_load(results / "kernels.json") or {}).get("rows", [])]
+    sh = next((d["shape"] for d in data.values() if d and "shape" in d), None)
+    model = (f"hidden {sh['hidden_size']}, {sh['num_layers']} layers, "
+             f"{sh['weight_bytes'] / 1e9:.2f} GB" if sh else "")
+    return {"rows": [rows[k] for k in sorted(rows)], "prefill": prefill, "kernels": kern,
+            "model": model,
+            "env": (_load(results / "env.json") or {}), "stages": stages}
 
 
 def print_summary(s: dict) -> None:
@@ -293,6 +310,20 @@ def print_summary(s: dict) -> None:
     if ceil:
         print(f"copy {ceil.get('copy_GBps', 0):.0f} GB/s, bf16 matmul "
               f"{ceil.get('matmul_TFLOPs', 0):.0f} TFLOP/s (env stage)")
+    if s.get("kernels"):
+        print("\nkernels (us; %bw = bytes moved / time / copy bandwidth)")
+        print(f"{'op':<15} {'case':<26} {'ref':>9} {'triton':>9} {'sdpa':>9} {'%bw':>5} "
+              f"{'TF/s':>6} {'max|d|':>8}")
+        for k in s["kernels"]:
+            def g(key: str, fmt: str, k: dict = k) -> str:
+                v = k.get(key)
+                return format(v, fmt) if isinstance(v, int | float) else "-"
+
+            print(f"{k['op']:<15} {k['case']:<26} {g('ref_us', '9.1f'):>9} "
+                  f"{g('triton_us', '9.1f'):>9} {g('sdpa_us', '9.1f'):>9} "
+                  f"{g('triton_pct_bw', '5.0f'):>5} {g('triton_TFLOPs', '6.0f'):>6} "
+                  f"{g('max_abs_diff', '8.1e'):>8}" + (f"  {k['triton']}"[:60]
+                                                     if isinstance(k.get("triton"), str) else ""))
     print("\ndecode ms/step (tok/s = batch / ms); % = roofline / measured")
     print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{c:>17}" for c in cols) + f" {'roofline':>9}")
     for r in s["rows"]:
@@ -320,6 +351,10 @@ def print_summary(s: dict) -> None:
                   + (f" ({st['note']})" if st.get("note") else ""))
 
 
+COLORS = {"mmserve-triton": "tab:blue", "mmserve-reference": "tab:cyan", "hf-eager": "tab:red",
+          "hf-static-compile": "tab:orange", "roofline_ms": "black"}
+
+
 def plot_summary(s: dict, path: Path) -> str | None:
     """ms/step vs batch, one panel per context; None if matplotlib is missing."""
     try:
@@ -335,11 +370,10 @@ def plot_summary(s: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
         rows = [r for r in s["rows"] if r["context"] == ctx]
-        for key in ["mmserve-triton", "mmserve-reference", "hf-eager", "hf-static-compile",
-                    "roofline_ms"]:
+        for key, color in COLORS.items():  # one colour per system in every panel
             pts = [(r["batch"], r[key]) for r in rows if r.get(key)]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=key.replace("_ms", ""),
+                ax.plot(*zip(*pts), marker="o", label=key.replace("_ms", ""), color=color,
                         linestyle="--" if key == "roofline_ms" else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -349,7 +383,7 @@ def plot_summary(s: dict, path: Path) -> str | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     gpu = s.get("env", {}).get("env", {}).get("gpu", "")
-    fig.suptitle(f"decode, Llama-2-7B shape, bf16 — {gpu}")
+    fig.suptitle(f"decode, bf16, {s.get('model', '')} — {gpu}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -204,8 +204,10 @@ def run_mode(model, mode: str, args, device: torch.device, st: dict, ceilings: d
             row["skipped"] = f"budget {args.budget_s:.0f} s spent"
         else:
             try:
+                # The compile may not outlive the run's own budget either.
+                left = args.budget_s - (time.perf_counter() - t_start) - 15
                 row = peer_point(model, mode, device, st, bw, b, c, args.steps,
-                                 args.compile_budget_s, compile_config)
+                                 max(5.0, min(args.compile_budget_s, left)), compile_config)
                 print(f"{mode} batch {b:>3} ctx {c:>5}: {row['ms_per_step']:8.2f} ms/step "
                       f"{row['tok_s']:9.1f} tok/s (warm-up {row['warm_s']:.1f} s)", flush=True)
             except CompileTimeout as e:

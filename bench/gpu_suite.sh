@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The issue-8 GPU suite in one call: kernel tests, kernel benchmarks, the engine's decode sweep
+# with the Triton and the reference kernels, and the transformers peer (eager, static+compile),
+# all against the roofline measured on the same machine. From the repository root:
+#
+#   device run: command "bash bench/gpu_suite.sh", carry [".whl"], timeout_s 600
+#
+# Every stage runs under its own `timeout`, cut further so the whole suite ends within
+# SUITE_BUDGET_S; a failed or skipped stage never stops the next. Logs and JSON go to $WORK as
+# they are written; $OUT (the device tool's folder, at most 8 files come back) receives
+# suite.log (this console), pytest.log, summary.{txt,json,png} and suite_results.tar.gz (every
+# log and JSON), the tarball refreshed after each stage. Local smoke (CPU, tiny model, no
+# tests): SMOKE=1 bash bench/gpu_suite.sh
+#
+# Sizes and limits (env vars, defaults in brackets):
+#   SUITE_BUDGET_S [570]  STAGES ["env ckpt pytest kernels decode_triton decode_reference peer"]
+#   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
+#   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
+#   T_PEER [400]: each stage's own timeout in seconds
+#   DECODE_BATCHES ["1 8 32 64"] DECODE_CONTEXTS ["128 700 2048"] DECODE_STEPS [32]
+#   REF_BATCHES ["1 8 32 64"] REF_CONTEXTS ["128 700"] REF_STEPS [8]
+#   PEER_MODES ["eager static"] PEER_BATCHES/PEER_CONTEXTS [= DECODE_*] PEER_STEPS [32]
+#   STATIC_BATCHES ["1 8"] STATIC_CONTEXTS ["128"] COMPILE_BUDGET_S [240]
+#   PREFILL_BATCH [64] PREFILL_LEN [128]  KERNEL_OPS [all]
+#   PYTEST_ARGS [-q -m "gpu or not slow" tests/kernels tests/e2e/test_gpu_parity.py]
+
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+T0=$(date +%s)
+OUT=${OUT:-$PWD/bench/results/gpu_suite}
+WORK=${SUITE_WORK:-/tmp/mmserve_suite}
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/suite.log") 2>&1
+TEE_PID=$!
+export PYTHONUNBUFFERED=1
+
+SMOKE=${SMOKE:-0}
+if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
+    : "${DEVICE:=cpu}" "${SHAPE:=tiny}" "${CKPT:=/tmp/mmserve_smoke_ckpt}"
+    : "${STAGES:=env ckpt kernels decode_triton decode_reference peer}"
+    : "${DECODE_BATCHES:=1 4}" "${DECODE_CONTEXTS:=16 40}" "${DECODE_STEPS:=4}"
+    : "${REF_BATCHES:=1 4}" "${REF_CONTEXTS:=16}" "${REF_STEPS:=4}"
+    : "${STATIC_BATCHES:=1}" "${STATIC_CONTEXTS:=16}" "${PREFILL_BATCH:=4}" "${PREFILL_LEN:=16}"
+    : "${PEER_STEPS:=4}"
+    export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
+fi
+SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_reference peer}
+DEVICE=${DEVICE:-cuda}
+SHAPE=${SHAPE:-7b}
+if [[ -z ${CKPT:-} ]]; then
+    # tmpfs when it has room: the 13 GB checkpoint is written once and read three times.
+    shm_free=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print int($4 / 1048576)}')
+    if [[ ${shm_free:-0} -ge 20 ]]; then CKPT=/dev/shm/mmserve_llama7b; else CKPT=/tmp/mmserve_llama7b; fi
+fi
+DECODE_BATCHES=${DECODE_BATCHES:-1 8 32 64}
+DECODE_CONTEXTS=${DECODE_CONTEXTS:-128 700 2048}
+DECODE_STEPS=${DECODE_STEPS:-32}
+REF_BATCHES=${REF_BATCHES:-1 8 32 64}
+REF_CONTEXTS=${REF_CONTEXTS:-128 700}
+REF_STEPS=${REF_STEPS:-8}
+PEER_MODES=${PEER_MODES:-eager static}
+PEER_BATCHES=${PEER_BATCHES:-$DECODE_BATCHES}
+PEER_CONTEXTS=${PEER_CONTEXTS:-$DECODE_CONTEXTS}
+PEER_STEPS=${PEER_STEPS:-$DECODE_STEPS}
+STATIC_BATCHES=${STATIC_BATCHES:-1 8}
+STATIC_CONTEXTS=${STATIC_CONTEXTS:-128}
+COMPILE_BUDGET_S=${COMPILE_BUDGET_S:-240}
+PREFILL_BATCH=${PREFILL_BATCH:-64}
+PREFILL_LEN=${PREFILL_LEN:-128}
+KERNEL_OPS=${KERNEL_OPS:-rms_norm silu_and_mul apply_rope write_kv_cache paged_attention}
+PYTEST_ARGS=${PYTEST_ARGS:--q -m "gpu or not slow" tests/kernels tests/e2e/test_gpu_parity.py}
+TINY=""
+[[ $SHAPE == tiny ]] && TINY="--tiny"
+RESERVE_S=20  # summary + tarball at the end
+: >"$WORK/stages.tsv"
+
+# -- setup: carried wheels, mmserve's own metadata, the card as found -------------------------
+echo "=== setup $(date -u +%FT%TZ) in $PWD, WORK=$WORK OUT=$OUT CKPT=$CKPT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || echo "WARNING: carried wheels did not install"
+fi
+# Repo first (its code), /tmp/site second (wheels, and the dist-info installed below).
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import matplotlib" 2>/dev/null && compgen -G ".whl/mpl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/mpl/*.whl || echo "WARNING: matplotlib wheels did not install"
+fi
+# mmserve's dist-info, so transformers' probe of the `kernels` import name reads version 0.1.0.
+if ! python3 -c "import importlib.metadata as m; m.version('mmserve')" 2>/dev/null; then
+    tmpsrc=$(mktemp -d)
+    cp -r pyproject.toml protocol frontend encoder_worker llm_worker kernels "$tmpsrc"/
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+        --target /tmp/site "$tmpsrc" >/dev/null 2>&1 || echo "WARNING: mmserve metadata not installed"
+    rm -rf "$tmpsrc"
+fi
+python3 -c "import zmq, msgspec, blake3, torch; print('imports ok, torch', torch.__version__)" \
+    || echo "WARNING: a runtime dependency is missing"
+command -v nvidia-smi >/dev/null && nvidia-smi
+echo "setup took $(( $(date +%s) - T0 )) s"
+
+# -- stages ----------------------------------------------------------------------------------
+pack() { tar czf "$OUT/suite_results.tar.gz.tmp" -C "$WORK" . 2>/dev/null \
+    && mv "$OUT/suite_results.tar.gz.tmp" "$OUT/suite_results.tar.gz"; }
+
+# run_stage NAME LIMIT_S MARGIN_S COMMAND: COMMAND's @BUDGET@ becomes the seconds it may plan
+# for (the stage's timeout less MARGIN_S, for the work after a script's last budget check).
+run_stage() {
+    local name=$1 limit=$2 margin=$3 cmd=$4 left t rc start note=""
+    if [[ " $STAGES " != *" $name "* ]]; then
+        printf '%s\t-\t0\tnot in STAGES\n' "$name" >>"$WORK/stages.tsv"; return
+    fi
+    left=$(( SUITE_BUDGET_S - ($(date +%s) - T0) - RESERVE_S ))
+    t=$(( limit < left ? limit : left ))
+    if (( t < 20 )); then
+        echo "=== $name skipped: suite budget spent"
+        printf '%s\t-\t0\tskipped: suite budget spent\n' "$name" >>"$WORK/stages.tsv"; return
+    fi
+    cmd=${cmd//@BUDGET@/$(( t > margin + 10 ? t - margin : 10 ))}
+    echo "=== $name (timeout ${t}s, at $(( $(date +%s) - T0 ))s): $cmd"
+    start=$(date +%s)
+    timeout -k 10 "$t" bash -c "$cmd" 2>&1 | tee "$WORK/$name.log"
+    rc=${PIPESTATUS[0]}
+    (( rc == 124 || rc == 137 )) && note="timed out after ${t}s"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$note" >>"$WORK/stages.tsv"
+    echo "=== $name: rc $rc in $(( $(date +%s) - start ))s $note"
+    pack
+}
+
+D="--device $DEVICE"
+run_stage env "${T_ENV:-60}" 0 "python3 bench/common.py env $D --out $WORK/env.json"
+run_stage ckpt "${T_CKPT:-180}" 0 \
+    "python3 bench/common.py build $D --shape $SHAPE --out $CKPT"
+run_stage pytest "${T_PYTEST:-150}" 0 "python3 -m pytest $PYTEST_ARGS -p no:cacheprovider"
+[[ -f $WORK/pytest.log ]] && cp "$WORK/pytest.log" "$OUT/pytest.log"
+run_stage kernels "${T_KERNELS:-90}" 20 \
+    "python3 bench/kernels.py $D $TINY --ops $KERNEL_OPS --budget-s @BUDGET@ --out $WORK/kernels.json"
+DEC="python3 bench/decode.py --model $CKPT $D --prefill-batch $PREFILL_BATCH --prefill-len $PREFILL_LEN"
+run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --batch $DECODE_BATCHES \
+    --context $DECODE_CONTEXTS --steps $DECODE_STEPS --budget-s @BUDGET@ --out $WORK/decode_triton.json"
+run_stage decode_reference "${T_DECODE_REF:-90}" 30 "MMSERVE_KERNELS=reference $DEC --batch $REF_BATCHES \
+    --context $REF_CONTEXTS --steps $REF_STEPS --warmup 2 --prefill-reps 1 --budget-s @BUDGET@ \
+    --out $WORK/decode_reference.json"
+run_stage peer "${T_PEER:-400}" 20 "python3 bench/peer_hf.py --model $CKPT $D --mode $PEER_MODES \
+    --batch $PEER_BATCHES --context $PEER_CONTEXTS --steps $PEER_STEPS --static-batch $STATIC_BATCHES \
+    --static-context $STATIC_CONTEXTS --compile-budget-s $COMPILE_BUDGET_S --prefill-batch $PREFILL_BATCH \
+    --prefill-len $PREFILL_LEN --budget-s @BUDGET@ --out '$WORK/peer_{mode}.json'"
+
+# -- summary: printed last ---------------------------------------------------------------------
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv
+python3 bench/common.py summary "$WORK" 2>&1 | tee "$WORK/summary.txt"
+for f in summary.txt summary.json summary.png; do [[ -f $WORK/$f ]] && cp "$WORK/$f" "$OUT/$f"; done
+pack
+echo "suite done in $(( $(date +%s) - T0 )) s; \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null  # let tee finish suite.log before the call returns
