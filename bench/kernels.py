@@ -94,6 +94,17 @@ def _flash(q, k, v, causal: bool, scale: float):
                                               enable_gqa=gqa)
 
 
+def _bind(f: Callable, *ts: torch.Tensor) -> tuple[Callable, Callable]:
+    """(run over `ts`, factory of runs over fresh copies of `ts` with the same strides), so an
+    implementation that wrote into its inputs could not skew the other's correctness check."""
+    def fresh() -> Callable:
+        cs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+              for t in ts]
+        return lambda fn: f(fn, *cs)
+
+    return (lambda fn: f(fn, *ts)), fresh
+
+
 def cases(s: dict, device) -> Iterator[Case]:
     """Built one at a time, so each case's tensors are freed before the next is made."""
     h, inter, H, Hkv, D = s["hidden"], s["inter"], s["heads"], s["kv_heads"], s["head_dim"]
@@ -101,25 +112,23 @@ def cases(s: dict, device) -> Iterator[Case]:
         x = torch.randn(T, h, dtype=DT, device=device)
         w = (1 + 0.1 * torch.randn(h, device=device)).to(DT)
         res = torch.randn(T, h, dtype=DT, device=device)
-        run = lambda fn, x=x, w=w: fn(x, w, 1e-5)  # noqa: E731
-        yield Case("rms_norm", f"T={T} h={h}", run, lambda run=run: run,
-                        2 * T * h * 2 + h * 2, 0, None)
-        run = lambda fn, x=x, w=w, r=res: fn(x, w, 1e-5, r)  # noqa: E731
-        yield Case("rms_norm", f"T={T} h={h} +residual", run, lambda run=run: run,
-                        4 * T * h * 2 + h * 2, 0, None)
+        norm = lambda fn, x, w, r=None: fn(x, w, 1e-5) if r is None else fn(x, w, 1e-5, r)  # noqa: E731
+        yield Case("rms_norm", f"T={T} h={h}", *_bind(norm, x, w), 2 * T * h * 2 + h * 2, 0,
+                   None)
+        yield Case("rms_norm", f"T={T} h={h} +residual", *_bind(norm, x, w, res),
+                   4 * T * h * 2 + h * 2, 0, None)
         g = torch.randn(T, 2 * inter, dtype=DT, device=device)
-        run = lambda fn, g=g: fn(g)  # noqa: E731
-        yield Case("silu_and_mul", f"T={T} d={inter}", run, lambda run=run: run,
-                        3 * T * inter * 2, 0, None)
+        yield Case("silu_and_mul", f"T={T} d={inter}", *_bind(lambda fn, g: fn(g), g),
+                   3 * T * inter * 2, 0, None)
         # q and k as the views the qkv split hands over (row stride of the fused projection).
         qkv = torch.randn(T, (H + 2 * Hkv) * D, dtype=DT, device=device)
         q = qkv[:, : H * D].view(T, H, D)
         k = qkv[:, H * D: (H + Hkv) * D].view(T, Hkv, D)
         pos = torch.randint(0, 4096, (T,), device=device)
         cs = torch.randn(4096, D, device=device)
-        run = lambda fn, q=q, k=k, pos=pos, cs=cs: fn(q, k, pos, cs)  # noqa: E731
-        yield Case("apply_rope", f"T={T} H={H} Hkv={Hkv} D={D}", run, lambda run=run: run,
-                        2 * T * (H + Hkv) * D * 2 + T * D * 4 + T * 8, 0, None)
+        yield Case("apply_rope", f"T={T} H={H} Hkv={Hkv} D={D}",
+                   *_bind(lambda fn, q, k, p, c: fn(q, k, p, c), q, k, pos, cs),
+                   2 * T * (H + Hkv) * D * 2 + T * D * 4 + T * 8, 0, None)
         kv_new = torch.randn(2, T, Hkv, D, dtype=DT, device=device)
         nb = 2 * (-(-T // 16)) + 1
         cache = torch.randn(2, nb, 16, Hkv, D, dtype=DT, device=device)
