@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -33,6 +34,10 @@ compiled_only = pytest.mark.skipif(INTERPRETED, reason="GPU cases run compiled, 
 def test_interpreter_cases():
     if INTERPRETED:
         pytest.skip("already under the interpreter: the interp cases run in this process")
+    # Triton 3.6's interpreter calls int() on 1-element arrays for range() over tensor bounds,
+    # which numpy 2 refuses; 3.9 (this project's CPU pin) runs them. Read without importing triton.
+    if tuple(int(x) for x in version("triton").split(".")[:2]) < (3, 9):
+        pytest.skip(f"triton {version('triton')}'s interpreter fails range() over tensor bounds")
     env = {**os.environ, "TRITON_INTERPRET": "1", "MMSERVE_KERNELS": "reference"}
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
@@ -212,8 +217,7 @@ def _long(n_seqs, seed, max_len=1500):
 
 @pytest.mark.gpu
 @compiled_only
-@pytest.mark.parametrize("d", [64, 80, 96, 128])
-@pytest.mark.parametrize("block_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("d,block_size", [(64, 8), (80, 16), (96, 32), (128, 64), (128, 16)])
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_mixed_batch(d, block_size, hq, hkv, dtype):
