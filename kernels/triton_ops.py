@@ -139,14 +139,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, out_ptr, num_heads, stride_h, stride_out_h, cos, sin,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, out_ptr, stride_h, stride_out_h, cos, sin,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # x_ptr/out_ptr point at one token; heads go BLOCK_H at a time to bound the tile size.
     d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D] over one half of head_dim
-    for h0 in range(0, num_heads, BLOCK_H):
+    for h0 in tl.static_range(0, NUM_HEADS, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
-        mask = (h < num_heads) & (d < HALF)
+        mask = (h < NUM_HEADS) & (d < HALF)
         src = x_ptr + h * stride_h + d
         x1 = tl.load(src, mask=mask, other=0.0)
         x2 = tl.load(src + HALF, mask=mask, other=0.0)
@@ -160,14 +160,15 @@ def _rotate_heads(
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr,
-    num_q_heads, num_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_q_out_t, stride_q_out_h, stride_k_out_t, stride_k_out_h,
     stride_pos, stride_cache,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per token rotates all its q and k heads: cos/sin are loaded once per token and
-    # shared by Hq + Hkv heads (GQA or not).
+    # shared by Hq + Hkv heads (GQA or not). Head counts are constexpr (fixed per model, one
+    # compile) so the head loop unrolls.
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok * stride_pos).to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
@@ -176,12 +177,12 @@ def _rope_kernel(
     cos = tl.load(cache_row + d, mask=d < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cache_row + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
     _rotate_heads(
-        q_ptr + tok * stride_qt, q_out_ptr + tok * stride_q_out_t, num_q_heads,
-        stride_qh, stride_q_out_h, cos, sin, HALF, BLOCK_H, BLOCK_D,
+        q_ptr + tok * stride_qt, q_out_ptr + tok * stride_q_out_t,
+        stride_qh, stride_q_out_h, cos, sin, NUM_Q_HEADS, HALF, BLOCK_H, BLOCK_D,
     )  # fmt: skip
     _rotate_heads(
-        k_ptr + tok * stride_kt, k_out_ptr + tok * stride_k_out_t, num_k_heads,
-        stride_kh, stride_k_out_h, cos, sin, HALF, BLOCK_H, BLOCK_D,
+        k_ptr + tok * stride_kt, k_out_ptr + tok * stride_k_out_t,
+        stride_kh, stride_k_out_h, cos, sin, NUM_K_HEADS, HALF, BLOCK_H, BLOCK_D,
     )  # fmt: skip
 
 
@@ -208,11 +209,10 @@ def apply_rope(
         block_h = min(triton.next_power_of_2(max(q.shape[1], k.shape[1])), 16)
         _rope_kernel[(num_tokens,)](
             q, k, q_out, k_out, positions, cache,
-            q.shape[1], k.shape[1],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             positions.stride(0), cache.stride(0),
-            HALF=half, BLOCK_H=block_h, BLOCK_D=block_d,
+            NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half, BLOCK_H=block_h, BLOCK_D=block_d,
             num_warps=_tile_warps(block_h * block_d),
         )  # fmt: skip
     return q_out, k_out
