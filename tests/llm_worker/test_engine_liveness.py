@@ -55,3 +55,62 @@ def test_heartbeats_keep_coming_during_a_long_step(tiny_llama):
         to_engine.close()
         ctx.term()
         proc.core.shutdown()
+
+
+def test_the_frontend_sees_a_long_step_as_busy_not_dead(tiny_llama):
+    """/health (EngineClient.healthy) never flaps during a 3 s step, and the requests in it and
+    one sent meanwhile all finish (the frontend's dead-after is 1 s)."""
+    import asyncio
+
+    from frontend.engine_client import EngineClient
+
+    proc = EngineCoreProc(LLMWorkerConfig(model=tiny_llama, max_model_len=64, num_kv_blocks=16),
+                          tcp(), heartbeat_s=0.2)
+    real_step, slow = proc.core.step, [True]
+
+    def step():
+        if slow[0]:
+            slow[0] = False
+            time.sleep(3 * STEP_S / 2)  # the first step only, like a first compile
+        return real_step()
+
+    proc.core.step = step
+    loop = threading.Thread(target=proc.run, daemon=True)
+    loop.start()
+
+    async def run() -> tuple[list[bool], list[list[int]]]:
+        client = EngineClient(proc.receiver.addr)
+        await client.start()
+        try:
+            await client.wait_ready(30)
+
+            async def one(rid: str) -> list[int]:
+                req = GenerateRequest(rid, [1, 2, 3], Sampling(max_tokens=3, ignore_eos=True), [],
+                                      client.reply_to)
+                return [t for out in [o async for o in client.generate(req)]
+                        for t in out.new_token_ids]
+
+            health: list[bool] = []
+
+            async def watch() -> None:
+                while True:
+                    health.append(client.healthy)
+                    await asyncio.sleep(0.05)
+
+            watcher = asyncio.create_task(watch())
+            first = asyncio.create_task(one("a"))
+            await asyncio.sleep(0.5)  # inside the slow step now
+            outs = await asyncio.gather(first, one("b"))
+            watcher.cancel()
+            return health, outs
+        finally:
+            await client.close()
+
+    try:
+        health, outs = asyncio.run(run())
+        assert len(health) > 30 and all(health), health.count(False)
+        assert [len(o) for o in outs] == [3, 3]
+    finally:
+        proc.running = False
+        loop.join(10)
+        proc.core.shutdown()
