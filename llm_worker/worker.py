@@ -7,6 +7,7 @@ import logging
 import torch
 import transformers
 
+import kernels
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.runner import ModelRunner
 from llm_worker.sched_output import ModelRunnerOutput, SchedulerOutput
@@ -36,8 +37,9 @@ class Worker:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size,
-            # "auto": the Triton kernel on CUDA, the torch reference (SDPA per sequence) on CPU.
-            attention_backend=(("triton" if device.type == "cuda" else "torch")
+            # "auto": the Triton kernel where the dispatch table picks Triton (CUDA, unless
+            # MMSERVE_KERNELS=reference), else the torch reference (SDPA per sequence).
+            attention_backend=(("triton" if kernels.use_triton(device) else "torch")
                                if config.attention_backend == "auto" else config.attention_backend),
             tp_rank=rank,
             tp_size=config.tensor_parallel_size,
