@@ -71,5 +71,14 @@ class AppServer:
     def stop(self) -> None:
         if self.runner is not None:
             self._call(self.runner.cleanup())
+        self._call(_cancel_the_rest())  # e.g. handlers of clients a test left hanging
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
