@@ -238,6 +238,24 @@ def kernel_choice(device: torch.device) -> dict[str, str]:
     return out
 
 
+def print_skipped_row(r: dict) -> bool:
+    """Print a grid point that has no timing (skipped or failed); True if it was one."""
+    if r.get("ms_per_step") is not None:
+        return False
+    print(f"{r['batch']:>5} {r['context']:>5}  {r.get('skipped') or r.get('error')}")
+    return True
+
+
+def print_prefill(p: dict | None) -> None:
+    """The prefill point of a decode/peer result, or why it is missing."""
+    p = p or {}
+    if p.get("ms") is not None:
+        print(f"prefill {p['batch']} x {p['length']}: {p['ms']:.1f} ms, {p['tok_s']:.0f} tok/s, "
+              f"{p['TFLOPs']:.1f} TFLOP/s ({p['pct_matmul_peak']:.0f}% of measured matmul)")
+    elif p:
+        print(f"prefill: {p.get('error') or p.get('skipped')}")
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Atomic write, so a stage killed by its timeout leaves the last complete file."""
     path = Path(path)

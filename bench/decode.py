@@ -29,6 +29,8 @@ from common import (
     kernel_choice,
     measure_device,
     prefill_flops,
+    print_prefill,
+    print_skipped_row,
     prompt_ids,
     resolve_device,
     sync,
@@ -149,18 +151,12 @@ def print_table(res: dict) -> None:
     print(f"{'batch':>5} {'ctx':>5} {'ms/step':>9} {'tok/s':>9} {'roof ms':>8} {'%roof':>6} "
           f"{'GB/s':>7} {'prefill tok/s':>13}")
     for r in res["rows"]:
-        if r.get("ms_per_step") is None:
-            print(f"{r['batch']:>5} {r['context']:>5}  {r.get('skipped') or r.get('error')}")
+        if print_skipped_row(r):
             continue
         print(f"{r['batch']:>5} {r['context']:>5} {r['ms_per_step']:>9.2f} {r['tok_s']:>9.1f} "
               f"{r['roofline_ms']:>8.2f} {r['pct_roofline']:>5.0f}% {r['achieved_GBps']:>7.0f} "
               f"{r['prefill_tok_s']:>13.0f}")
-    p = res.get("prefill") or {}
-    if p.get("ms") is not None:
-        print(f"prefill {p['batch']} x {p['length']}: {p['ms']:.1f} ms, {p['tok_s']:.0f} tok/s, "
-              f"{p['TFLOPs']:.1f} TFLOP/s ({p['pct_matmul_peak']:.0f}% of measured matmul)")
-    elif p:
-        print(f"prefill: {p.get('error') or p.get('skipped')}")
+    print_prefill(res.get("prefill"))
 
 
 def plot(res: dict, path: Path) -> str | None:

@@ -33,6 +33,8 @@ from common import (
     env_record,
     measure_device,
     prefill_flops,
+    print_prefill,
+    print_skipped_row,
     prompt_ids,
     resolve_device,
     sync,
@@ -168,16 +170,12 @@ def print_table(res: dict) -> None:
     print(f"{'batch':>5} {'ctx':>5} {'ms/step':>9} {'mean ms':>8} {'tok/s':>9} {'%roof':>6} "
           f"{'warm s':>7} {'prefill tok/s':>13}")
     for r in res["rows"]:
-        if r.get("ms_per_step") is None:
-            print(f"{r['batch']:>5} {r['context']:>5}  {r.get('skipped') or r.get('error')}")
+        if print_skipped_row(r):
             continue
         print(f"{r['batch']:>5} {r['context']:>5} {r['ms_per_step']:>9.2f} "
               f"{r['mean_ms_per_step']:>8.2f} {r['tok_s']:>9.1f} {r['pct_roofline']:>5.0f}% "
               f"{r['warm_s']:>7.1f} {r['prefill_tok_s']:>13.0f}")
-    p = res.get("prefill") or {}
-    if p.get("ms") is not None:
-        print(f"prefill {p['batch']} x {p['length']}: {p['ms']:.1f} ms, {p['tok_s']:.0f} tok/s, "
-              f"{p['TFLOPs']:.1f} TFLOP/s ({p['pct_matmul_peak']:.0f}% of measured matmul)")
+    print_prefill(res.get("prefill"))
 
 
 def run_mode(model, mode: str, args, device: torch.device, st: dict, ceilings: dict,
