@@ -283,8 +283,9 @@ def _load(path: Path) -> dict | None:
 def summarize(results: Path) -> dict:
     """One row per (batch, context): ms/step of each system found in `results`, and the
     roofline of the triton (else reference) run, with ratios computed from the same run."""
-    systems = {"mmserve-triton": "decode_triton.json", "mmserve-reference": "decode_reference.json",
-               "hf-eager": "peer_eager.json", "hf-static-compile": "peer_static.json"}
+    systems = {"mmserve-triton": "decode_triton.json", "mmserve-eager": "decode_eager.json",
+               "mmserve-reference": "decode_reference.json", "hf-eager": "peer_eager.json",
+               "hf-static-compile": "peer_static.json"}
     data = {k: _load(results / f) for k, f in systems.items()}
     rows: dict[tuple[int, int], dict] = {}
     for name, d in data.items():
@@ -313,13 +314,16 @@ def summarize(results: Path) -> dict:
     sh = next((d["shape"] for d in data.values() if d and "shape" in d), None)
     model = (f"hidden {sh['hidden_size']}, {sh['num_layers']} layers, "
              f"{sh['weight_bytes'] / 1e9:.2f} GB" if sh else "")
+    par = _load(results / "parity.json") or {}
+    parity = {k: par.get(k) for k in ("dtype", "ok", "rows", "args")} if par else None
     return {"rows": [rows[k] for k in sorted(rows)], "prefill": prefill, "kernels": kern,
-            "model": model,
+            "model": model, "parity": parity,
             "env": (_load(results / "env.json") or {}), "stages": stages}
 
 
 def print_summary(s: dict) -> None:
-    cols = ["mmserve-triton", "mmserve-reference", "hf-eager", "hf-static-compile"]
+    cols = ["mmserve-triton", "mmserve-eager", "mmserve-reference", "hf-eager",
+            "hf-static-compile"]
     env = s.get("env", {})
     rec = env.get("env", {})
     ceil = env.get("ceilings", {})
@@ -362,6 +366,14 @@ def print_summary(s: dict) -> None:
             tf = p.get("TFLOPs")
             print(f"  {name:>18}: {p['batch']} x {p['length']} tokens in {p['ms']:.1f} ms, "
                   f"{p['tok_s']:.0f} tok/s" + (f", {tf:.0f} TFLOP/s" if tf else ""))
+    par = s.get("parity")
+    if par:
+        rows = par.get("rows") or []
+        worst = max((r["max_abs_dlogprob"] for r in rows), default=float("nan"))
+        agree = sum(r["agree_steps"] for r in rows)
+        print(f"\nparity ({par.get('dtype')}, triton + graphs vs reference): {agree}/"
+              f"{sum(r['steps'] for r in rows)} greedy steps agree, max |d logprob| {worst:.4f}, "
+              f"ok={par.get('ok')}")
     if s["stages"]:
         print("\nstages")
         for st in s["stages"]:
@@ -369,7 +381,8 @@ def print_summary(s: dict) -> None:
                   + (f" ({st['note']})" if st.get("note") else ""))
 
 
-COLORS = {"mmserve-triton": "tab:blue", "mmserve-reference": "tab:cyan", "hf-eager": "tab:red",
+COLORS = {"mmserve-triton": "tab:blue", "mmserve-eager": "tab:purple",
+          "mmserve-reference": "tab:cyan", "hf-eager": "tab:red",
           "hf-static-compile": "tab:orange", "roofline_ms": "black"}
 
 

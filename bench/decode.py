@@ -78,7 +78,10 @@ def decode_point(core: EngineCore, device: torch.device, st: dict, bw: float, ba
             raise RuntimeError(f"prefill did not finish in {prefill_steps} steps")
     times, kv_bytes, short = [], [], 0
     first_tokens: list[int] = []
+    replays0 = 0
     for i in range(warmup + steps):
+        if i == warmup:
+            replays0 = _replays(core)
         # Each sequence attends over prompt + outputs so far (the newest output is this input).
         kv = sum(ctx + count[r] for r in ids) * st["kv_bytes_per_token"]
         dt, outs = _step(core, device)
@@ -104,6 +107,7 @@ def decode_point(core: EngineCore, device: torch.device, st: dict, bw: float, ba
         "achieved_GBps": (st["weight_bytes_per_step"] + kv_med) / med / 1e9,
         "steps_not_full_batch": short, "prefill_s": prefill_s, "prefill_steps": prefill_steps,
         "prefill_tok_s": batch * ctx / prefill_s, "row0_first_tokens": first_tokens,
+        "graph_steps": _replays(core) - replays0 if steps else 0,
     }
 
 
@@ -139,10 +143,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _backend_name(core: EngineCore) -> str:
-    try:  # internal path; it may move while the runner is being split
-        return type(core.executor.worker.runner.attn_backend).__name__
-    except AttributeError:
-        return "unknown"
+    return type(core.executor.worker.runner.attn_backend).__name__
+
+
+def _replays(core: EngineCore) -> int:
+    """Decode steps served by a CUDA graph so far (0 when eager)."""
+    graphs = core.executor.worker.runner.graphs
+    return graphs.num_replays if graphs is not None else 0
 
 
 def print_table(res: dict) -> None:
@@ -205,6 +212,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="stop starting new points after this many seconds (JSON stays valid)")
     ap.add_argument("--out", default="bench/results/decode.json")
@@ -241,10 +249,13 @@ def main() -> None:
         max_num_seqs=max(max(args.batch), args.prefill_batch), max_model_len=max_len,
         max_num_batched_tokens=budget_tokens, enable_prefix_caching=False,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=args.attention_backend, kv_cache_memory_gb=1.0))
+        attention_backend=args.attention_backend, kv_cache_memory_gb=1.0,
+        enforce_eager=args.enforce_eager))
     res["engine_load_s"] = time.perf_counter() - t0
     res["attention_backend"] = _backend_name(core)
     res["num_kv_blocks"] = core.kv.num_total_blocks
+    graphs = core.executor.worker.runner.graphs
+    res["cuda_graph_sizes"] = graphs.sizes if graphs is not None else []
     res["max_num_batched_tokens"] = budget_tokens
     eos = 2
     print(f"engine ready in {res['engine_load_s']:.1f} s: {res['attention_backend']}, "

@@ -13,12 +13,15 @@
 # tests): SMOKE=1 bash bench/gpu_suite.sh
 #
 # Sizes and limits (env vars, defaults in brackets):
-#   SUITE_BUDGET_S [570]  STAGES ["env ckpt pytest kernels decode_triton decode_reference peer"]
+#   SUITE_BUDGET_S [570]
+#   STAGES ["env ckpt pytest kernels decode_triton decode_eager parity decode_reference peer"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
 #   T_PEER [400]: each stage's own timeout in seconds
 #   DECODE_BATCHES ["1 8 32 64"] DECODE_CONTEXTS ["128 700 2048"] DECODE_STEPS [32]
 #   REF_BATCHES ["1 8 32 64"] REF_CONTEXTS ["128 700"] REF_STEPS [8]
+#   EAGER_BATCHES ["1 8 64"] EAGER_CONTEXTS ["128"] (Triton kernels, --enforce-eager) T_DECODE_EAGER [80]
+#   PARITY_BATCH [8] PARITY_STEPS [32] T_PARITY [120]: bench/parity.py, fast path vs reference
 #   PEER_MODES ["eager static"] PEER_BATCHES/PEER_CONTEXTS [= DECODE_*] PEER_STEPS [32]
 #   STATIC_BATCHES ["1 8"] STATIC_CONTEXTS ["128"] COMPILE_BUDGET_S [240]
 #   PREFILL_BATCH [64] PREFILL_LEN [128]  KERNEL_OPS [all]
@@ -37,7 +40,8 @@ export PYTHONUNBUFFERED=1
 SMOKE=${SMOKE:-0}
 if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     : "${DEVICE:=cpu}" "${SHAPE:=tiny}" "${CKPT:=/tmp/mmserve_smoke_ckpt}"
-    : "${STAGES:=env ckpt kernels decode_triton decode_reference peer}"
+    : "${STAGES:=env ckpt kernels decode_triton decode_eager parity decode_reference peer}"
+    : "${EAGER_BATCHES:=1 4}" "${EAGER_CONTEXTS:=16}" "${PARITY_BATCH:=3}" "${PARITY_STEPS:=4}"
     : "${DECODE_BATCHES:=1 4}" "${DECODE_CONTEXTS:=16 40}" "${DECODE_STEPS:=4}"
     : "${REF_BATCHES:=1 4}" "${REF_CONTEXTS:=16}" "${REF_STEPS:=4}"
     : "${STATIC_BATCHES:=1}" "${STATIC_CONTEXTS:=16}" "${PREFILL_BATCH:=4}" "${PREFILL_LEN:=16}"
@@ -45,7 +49,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_reference peer}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity decode_reference peer}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -58,6 +62,10 @@ DECODE_CONTEXTS=${DECODE_CONTEXTS:-128 700 2048}
 DECODE_STEPS=${DECODE_STEPS:-32}
 REF_BATCHES=${REF_BATCHES:-1 8 32 64}
 REF_CONTEXTS=${REF_CONTEXTS:-128 700}
+EAGER_BATCHES=${EAGER_BATCHES:-1 8 64}
+EAGER_CONTEXTS=${EAGER_CONTEXTS:-128}
+PARITY_BATCH=${PARITY_BATCH:-8}
+PARITY_STEPS=${PARITY_STEPS:-32}
 REF_STEPS=${REF_STEPS:-8}
 PEER_MODES=${PEER_MODES:-eager static}
 PEER_BATCHES=${PEER_BATCHES:-$DECODE_BATCHES}
@@ -139,6 +147,11 @@ run_stage kernels "${T_KERNELS:-90}" 20 \
 DEC="python3 bench/decode.py --model $CKPT $D --prefill-batch $PREFILL_BATCH --prefill-len $PREFILL_LEN"
 run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --batch $DECODE_BATCHES \
     --context $DECODE_CONTEXTS --steps $DECODE_STEPS --budget-s @BUDGET@ --out $WORK/decode_triton.json"
+run_stage decode_eager "${T_DECODE_EAGER:-80}" 30 "MMSERVE_KERNELS=triton $DEC --enforce-eager \
+    --batch $EAGER_BATCHES --context $EAGER_CONTEXTS --steps $REF_STEPS --prefill-reps 1 \
+    --budget-s @BUDGET@ --out $WORK/decode_eager.json"
+run_stage parity "${T_PARITY:-120}" 0 "python3 bench/parity.py --model $CKPT $D $TINY --batch $PARITY_BATCH \
+    --steps $PARITY_STEPS --out $WORK/parity.json"
 run_stage decode_reference "${T_DECODE_REF:-90}" 30 "MMSERVE_KERNELS=reference $DEC --batch $REF_BATCHES \
     --context $REF_CONTEXTS --steps $REF_STEPS --warmup 2 --prefill-reps 1 --budget-s @BUDGET@ \
     --out $WORK/decode_reference.json"

@@ -97,6 +97,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def decode_splits(device: torch.device, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+    """`num_kv_splits` of a decode batch on `device` (the SM count read from the device)."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    return num_kv_splits(num_seqs, num_kv_heads, 1, max_seq_len, sms)
+
+
 @triton.jit
 def _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """The largest sequence i whose first query tile (qsl[i] // BLOCK_Q + i) is <= pid."""
@@ -310,9 +316,8 @@ def paged_attention(
         return out
     on_gpu = query.device.type == "cuda"
     if num_splits is None:
-        sms = _num_sms(query.device.index or 0) if on_gpu else 1
-        num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_query_len, meta.max_seq_len,
-                                   sms)
+        num_splits = (1 if meta.max_query_len > 1 else
+                      decode_splits(query.device, num_seqs, num_kv_heads, meta.max_seq_len))
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
     head_dim_p = triton.next_power_of_2(head_dim)

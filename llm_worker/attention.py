@@ -11,6 +11,7 @@ import torch
 
 import kernels
 from kernels import reference
+from llm_worker.input_batch import InputBatch, StepBatch
 
 
 @dataclass
@@ -27,6 +28,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]  # seq_lens as a python list
     max_query_len: int
     max_seq_len: int
+    # Split-KV ranges for the Triton kernel; None = its heuristic. A captured graph fixes it.
+    num_splits: int | None = None
 
 
 class AttentionBackend(ABC):
@@ -35,6 +38,21 @@ class AttentionBackend(ABC):
     One instance is shared by every layer; per-layer state lives in the kv_cache tensor passed in,
     whose layout is [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
     """
+
+    def build_metadata(self, bufs: InputBatch, batch: StepBatch) -> AttentionMetadata:
+        """The step's metadata as views of the input batch's device buffers (uploaded already)."""
+        s = batch.num_seqs
+        qsl = batch.query_start_loc
+        return AttentionMetadata(
+            slot_mapping=bufs.slot_mapping[: batch.num_tokens],
+            query_start_loc=bufs.query_start_loc[: s + 1],
+            seq_lens=bufs.seq_lens[:s],
+            block_tables=bufs.block_tables[:s, : -(-max(batch.seq_lens) // bufs.block_size)],
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=batch.seq_lens,
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(batch.seq_lens),
+        )
 
     @abstractmethod
     def forward(
@@ -96,7 +114,26 @@ class TritonAttentionBackend(AttentionBackend):
             module, fn = kernels.TRITON["paged_attention"].split(":")
             self._attend = getattr(importlib.import_module(module), fn)
         self._write_kv(key, value, kv_cache, meta.slot_mapping)
-        return self._attend(query, kv_cache, meta, scale)
+        return self._attend(query, kv_cache, meta, scale, num_splits=meta.num_splits)
+
+    def graph_metadata(self, bufs: InputBatch, num_seqs: int, max_seq_len: int,
+                       num_kv_heads: int) -> AttentionMetadata:
+        """Metadata of a captured decode batch of `num_seqs` rows: whole-width block tables and
+        a split count fixed for any context up to max_seq_len (the kernel reads the true lengths
+        on the device, so one graph serves every context)."""
+        from kernels.triton_attention import decode_splits  # Triton loads with the backend
+
+        return AttentionMetadata(
+            slot_mapping=bufs.slot_mapping[:num_seqs],
+            query_start_loc=bufs.query_start_loc[: num_seqs + 1],
+            seq_lens=bufs.seq_lens[:num_seqs],
+            block_tables=bufs.block_tables[:num_seqs],
+            query_start_loc_cpu=[],  # never read by the kernel: it must not be (graph replay)
+            seq_lens_cpu=[],
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+            num_splits=decode_splits(bufs.device, num_seqs, num_kv_heads, max_seq_len),
+        )
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {

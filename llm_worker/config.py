@@ -27,8 +27,7 @@ class LLMWorkerConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available
     tensor_parallel_size: int = 1
-    # No CUDA graphs are captured yet, so every step runs eagerly either way; the flag is here so
-    # vLLM command lines and LLM() calls work unchanged.
+    # True: no CUDA graphs, every decode step launches its kernels eagerly (as vLLM's flag).
     enforce_eager: bool = False
     executor: str = "uni"
     attention_backend: str = "auto"

@@ -1,38 +1,29 @@
 """The model runner of one TP worker: turns a SchedulerOutput delta into one forward + sample.
 
-It keeps its own copy of each request's token ids and block table (the scheduler only sends what
-changed) and fixed-address input buffers, so a step allocates no new device tensors for inputs
-(which is also what CUDA-graph replay will need).
+The step is three stages, each in its own module: the input batch (`input_batch.py`: this step's
+ids, positions, KV slots and block tables into persistent buffers), the forward (the attention
+backend builds its metadata from those buffers; decode steps replay a CUDA graph from
+`graphs.py`, everything else runs eagerly) and the sampler (`sampling.py`). `warm_up` runs every
+kernel shape once and captures the graphs before the engine reports ready.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
 
 import numpy as np
 import torch
 
-from llm_worker.attention import ATTENTION_BACKENDS, AttentionMetadata
+from llm_worker.attention import ATTENTION_BACKENDS, TritonAttentionBackend
+from llm_worker.graphs import DecodeGraphs, capture_sizes
+from llm_worker.input_batch import InputBatch, RequestState, StepBatch
 from llm_worker.sampling import Sampler, SamplingRow
 from llm_worker.sched_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from llm_worker.weights import load_model
-from protocol.messages import MMItem, Sampling
+from protocol.messages import Sampling
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _ReqState:
-    token_ids: list[int]
-    num_prompt_tokens: int
-    sampling: Sampling
-    block_ids: list[int]
-    num_computed_tokens: int
-    mm_items: list[MMItem] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    # Token ids kept out of the sample until min_tokens outputs exist (EOS and stop ids).
-    min_tokens_block: tuple[int, ...] = ()
 
 
 class ModelRunner:
@@ -50,9 +41,11 @@ class ModelRunner:
         attention_backend: str = "torch",
         tp_rank: int = 0,
         tp_size: int = 1,
+        enforce_eager: bool = False,
     ):
         self.device, self.dtype = device, dtype
         self.block_size = block_size
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_batched_tokens
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -64,27 +57,19 @@ class ModelRunner:
         )
         self.vocab_size = self.model.vocab_size
         self.sampler = Sampler(self.vocab_size, device)
+        # The model's position rule (M-RoPE models override it); None: token i at position i.
+        self.positions = getattr(self.model, "input_positions", None)
         self.kv_caches: list[torch.Tensor] = []
-        self.requests: dict[str, _ReqState] = {}
+        self.requests: dict[str, RequestState] = {}
         self.embeddings: dict[str, torch.Tensor] = {}  # mm key -> [num_tokens, hidden] on device
-        self._alloc_buffers()
-
-    def _alloc_buffers(self) -> None:
-        t, s, b = self.max_num_tokens, self.max_num_seqs, self.max_blocks_per_seq
-        pin = self.device.type == "cuda"
-        # Host staging (pinned on CUDA so the copies are async) + device buffers at fixed addresses.
-        self.cpu_ids = torch.zeros(t, dtype=torch.int64, pin_memory=pin)
-        self.cpu_pos = torch.zeros(t, dtype=torch.int64, pin_memory=pin)
-        self.cpu_slots = torch.zeros(t, dtype=torch.int64, pin_memory=pin)
-        self.cpu_qstart = torch.zeros(s + 1, dtype=torch.int32, pin_memory=pin)
-        self.cpu_seqlens = torch.zeros(s, dtype=torch.int32, pin_memory=pin)
-        self.cpu_blocks = torch.zeros(s, b, dtype=torch.int32, pin_memory=pin)
-        self.input_ids = torch.zeros(t, dtype=torch.int64, device=self.device)
-        self.positions = torch.zeros(t, dtype=torch.int64, device=self.device)
-        self.slot_mapping = torch.zeros(t, dtype=torch.int64, device=self.device)
-        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=self.device)
-        self.seq_lens = torch.zeros(s, dtype=torch.int32, device=self.device)
-        self.block_tables = torch.zeros(s, b, dtype=torch.int32, device=self.device)
+        self.inputs = InputBatch(
+            max_num_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=self.max_blocks_per_seq, block_size=block_size, device=device,
+        )
+        # CUDA graphs need a kernel path that reads only device metadata: the Triton backend.
+        self.use_graphs = (device.type == "cuda" and not enforce_eager
+                           and isinstance(self.attn_backend, TritonAttentionBackend))
+        self.graphs: DecodeGraphs | None = None
 
     # -- KV cache ---------------------------------------------------------------------------
 
@@ -100,6 +85,52 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)
         ]
 
+    # -- warm-up ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every kernel shape once (Triton compiles, cuBLAS and the allocator settle) and
+        capture the decode graphs, so no served step pays for either. Dummy rows write no KV."""
+        t0 = time.perf_counter()
+        chunk = min(self.max_num_tokens, self.max_model_len)
+        # Prefill tile configs differ by chunk length: one long chunk, and short ones in a batch.
+        shapes = [[chunk], [min(chunk, 32)] * min(2, self.max_num_seqs), [1]]
+        for lens in shapes:
+            self._dummy_forward(lens)
+        if self.use_graphs:
+            self.graphs = DecodeGraphs(self.inputs, self._decode_logits, self._graph_metadata,
+                                       capture_sizes(self.max_num_seqs))
+            self.graphs.capture()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("warm-up done in %.1f s", time.perf_counter() - t0)
+
+    def _dummy_forward(self, lens: list[int]) -> None:
+        """One eager step over rows of the given query lengths, prompts at position 0, every
+        K/V write skipped (slot -1) and every key read from the null block."""
+        b = self.inputs
+        t = sum(lens)
+        b.cpu_ids[:t] = 0
+        b.cpu_pos[:t] = torch.cat([torch.arange(n) for n in lens])
+        b.cpu_slots[:t] = -1
+        b.cpu_blocks[: len(lens)] = 0
+        qsl = [0]
+        for n in lens:
+            qsl.append(qsl[-1] + n)
+        batch = StepBatch([], t, qsl, list(lens), [len(lens) - 1], [])
+        b.upload(batch)
+        meta = self.attn_backend.build_metadata(b, batch)
+        hidden = self.model(b.input_ids[:t], b.positions[:t], self.kv_caches, meta)
+        self.model.compute_logits(hidden[b.sample_idx[:1]])
+
+    def _decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, meta) -> torch.Tensor:
+        """What a decode graph holds: the forward and the LM head of every row."""
+        return self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta))
+
+    def _graph_metadata(self, size: int):
+        return self.attn_backend.graph_metadata(self.inputs, size, self.max_model_len,
+                                                self.model.num_kv_heads)
+
     # -- one step ---------------------------------------------------------------------------
 
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -113,7 +144,7 @@ class ModelRunner:
             self._add(new)
         for c in out.cached_requests:
             st = self.requests[c.request_id]
-            st.block_ids.extend(c.new_block_ids)
+            st.add_blocks(c.new_block_ids)
             st.num_computed_tokens = c.num_computed_tokens
 
     def _add(self, new: NewRequestData) -> None:
@@ -122,12 +153,12 @@ class ModelRunner:
         if gen is None and new.sampling.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(new.sampling.seed)
-        self.requests[new.request_id] = _ReqState(
+        self.requests[new.request_id] = RequestState(
             token_ids=list(new.token_ids),
             num_prompt_tokens=new.num_prompt_tokens,
-            sampling=new.sampling,
-            block_ids=list(new.block_ids),
+            block_ids=np.asarray(new.block_ids, dtype=np.int32),
             num_computed_tokens=new.num_computed_tokens,
+            sampling=new.sampling,
             mm_items=list(new.mm_items),
             generator=gen,
             min_tokens_block=_stop_ids(new.sampling, new.eos_token_ids),
@@ -138,73 +169,46 @@ class ModelRunner:
         self._update_states(out)
         if not out.num_scheduled_tokens:
             return ModelRunnerOutput(sampled_token_ids={}, logprobs={})
-        ids_np, pos_np = self.cpu_ids.numpy(), self.cpu_pos.numpy()
-        slots_np, blocks_np = self.cpu_slots.numpy(), self.cpu_blocks.numpy()
-        qstart, seqlens = [0], []
-        sample_rows: list[str] = []
-        splices: list[tuple[int, str, int, int]] = []  # (batch row, mm key, item row, count)
-        t = 0
-        for row, (rid, n) in enumerate(out.num_scheduled_tokens.items()):
-            st = self.requests[rid]
-            start = st.num_computed_tokens
-            for item in st.mm_items:  # placeholder positions computed this step take embeddings
-                a, b = max(item.offset, start), min(item.offset + item.length, start + n)
-                if a < b:
-                    splices.append((t + a - start, item.key, a - item.offset, b - a))
-            ids_np[t : t + n] = st.token_ids[start : start + n]
-            pos = np.arange(start, start + n)
-            pos_np[t : t + n] = pos
-            table = np.asarray(st.block_ids, dtype=np.int64)
-            slots_np[t : t + n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
-            blocks_np[row, : len(table)] = table
-            t += n
-            qstart.append(t)
-            seqlens.append(start + n)
-            if start + n == len(st.token_ids):  # the prompt (or chunk chain) is complete: sample
-                sample_rows.append(rid)
-        num_seqs = len(seqlens)
-        self.cpu_qstart[: num_seqs + 1] = torch.tensor(qstart, dtype=torch.int32)
-        self.cpu_seqlens[:num_seqs] = torch.tensor(seqlens, dtype=torch.int32)
-        nb = max(-(-s // self.block_size) for s in seqlens)
-        self._copy_inputs(t, num_seqs, nb)
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:t],
-            query_start_loc=self.query_start_loc[: num_seqs + 1],
-            seq_lens=self.seq_lens[:num_seqs],
-            block_tables=self.block_tables[:num_seqs, :nb],
-            query_start_loc_cpu=qstart,
-            seq_lens_cpu=seqlens,
-            max_query_len=max(b - a for a, b in zip(qstart, qstart[1:])),
-            max_seq_len=max(seqlens),
-        )
+        bufs = self.inputs
+        batch = bufs.prepare(self.requests, out.num_scheduled_tokens, self.positions)
+        size = None
+        if self.graphs is not None and batch.is_uniform_decode:
+            size = self.graphs.padded_size(batch.num_seqs)
+        if size is not None:
+            num_seqs = batch.num_seqs
+            bufs.pad_to(batch, size)
+            bufs.upload(batch)
+            logits = self.graphs.replay(size)  # [size, vocab]: row i is batch row i
+            if len(batch.sample_rows) != num_seqs:
+                logits = logits[bufs.sample_idx[: len(batch.sample_rows)]]
+            else:
+                logits = logits[:num_seqs]
+        else:
+            bufs.upload(batch)
+            logits = self._forward(batch)
+        return self._sample(batch, logits)
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        """The eager step: the forward over every token, the LM head over the sampled ones."""
+        bufs, t = self.inputs, batch.num_tokens
+        meta = self.attn_backend.build_metadata(bufs, batch)
         embeds = None
-        if splices:
-            embeds = self.model.embed_tokens(self.input_ids[:t])  # [t, hidden]
-            for dst, key, src, count in splices:
+        if batch.splices:
+            embeds = self.model.embed_tokens(bufs.input_ids[:t])  # [t, hidden]
+            for dst, key, src, count in batch.splices:
                 embeds[dst : dst + count] = self.embeddings[key][src : src + count]
-        hidden = self.model(self.input_ids[:t], self.positions[:t], self.kv_caches, meta,
+        hidden = self.model(bufs.input_ids[:t], bufs.positions[:t], self.kv_caches, meta,
                             inputs_embeds=embeds)
-        return self._sample(out, hidden, qstart, sample_rows)
+        if not batch.sample_rows:
+            return hidden[:0]
+        return self.model.compute_logits(hidden[bufs.sample_idx[: len(batch.sample_rows)]])
 
-    def _copy_inputs(self, t: int, num_seqs: int, nb: int) -> None:
-        nb_ = self.non_blocking = self.device.type == "cuda"
-        self.input_ids[:t].copy_(self.cpu_ids[:t], non_blocking=nb_)
-        self.positions[:t].copy_(self.cpu_pos[:t], non_blocking=nb_)
-        self.slot_mapping[:t].copy_(self.cpu_slots[:t], non_blocking=nb_)
-        self.query_start_loc[: num_seqs + 1].copy_(self.cpu_qstart[: num_seqs + 1], non_blocking=nb_)
-        self.seq_lens[:num_seqs].copy_(self.cpu_seqlens[:num_seqs], non_blocking=nb_)
-        self.block_tables[:num_seqs, :nb].copy_(self.cpu_blocks[:num_seqs, :nb], non_blocking=nb_)
-
-    def _sample(
-        self, out: SchedulerOutput, hidden: torch.Tensor, qstart: list[int], sample_rows: list[str]
-    ) -> ModelRunnerOutput:
-        if not sample_rows:
+    def _sample(self, batch: StepBatch, logits: torch.Tensor) -> ModelRunnerOutput:
+        if not batch.sample_rows:
             return ModelRunnerOutput(sampled_token_ids={}, logprobs={})
-        order = {rid: i for i, rid in enumerate(out.num_scheduled_tokens)}
-        last = torch.tensor([qstart[order[r] + 1] - 1 for r in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[last])  # [num_sampled, vocab]
+        rids = [batch.request_ids[row] for row in batch.sample_rows]
         rows = []
-        for rid in sample_rows:
+        for rid in rids:
             st = self.requests[rid]
             num_out = len(st.token_ids) - st.num_prompt_tokens
             rows.append(
@@ -219,7 +223,7 @@ class ModelRunner:
         tokens, lps = self.sampler(logits, rows)
         sampled: dict[str, int] = {}
         logprobs = {}
-        for rid, tok, lp in zip(sample_rows, tokens, lps):
+        for rid, tok, lp in zip(rids, tokens, lps):
             self.requests[rid].token_ids.append(tok)
             sampled[rid] = tok
             if lp is not None:

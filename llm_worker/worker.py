@@ -43,6 +43,7 @@ class Worker:
                                if config.attention_backend == "auto" else config.attention_backend),
             tp_rank=rank,
             tp_size=config.tensor_parallel_size,
+            enforce_eager=config.enforce_eager,
         )
 
     @property
@@ -71,6 +72,8 @@ class Worker:
         self.runner.init_kv_cache(num_blocks)
         log.info("KV cache: %d blocks of %d tokens on %s", num_blocks, self.config.block_size,
                  self.device)
+        if self.device.type == "cuda":  # nothing compiles or captures on CPU
+            self.runner.warm_up()
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)

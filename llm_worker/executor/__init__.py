@@ -20,7 +20,9 @@ class Executor(ABC):
         """KV blocks every worker can hold (the minimum over ranks)."""
 
     @abstractmethod
-    def init_kv_cache(self, num_blocks: int) -> None: ...
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the cache, then warm up (kernels compiled, decode graphs captured): the
+        engine reports ready only after this returns."""
 
     @abstractmethod
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput: ...

@@ -1,0 +1,81 @@
+"""The runner's input batch on CPU: padded decode rows (what a CUDA graph replays) change no real
+row and write no KV, and the warm-up's dummy steps leave the cache as they found it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from llm_worker.runner import ModelRunner
+from llm_worker.sched_output import CachedRequestData, NewRequestData, SchedulerOutput
+from protocol.messages import Sampling
+
+BS = 16
+PROMPTS = {"a": 5, "b": 9, "c": 17}  # c spans two blocks
+
+
+@pytest.fixture
+def runner(tiny_llama):
+    cfg = transformers.AutoConfig.from_pretrained(tiny_llama)
+    r = ModelRunner(tiny_llama, cfg, device=torch.device("cpu"), dtype=torch.float32,
+                    max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64, block_size=BS)
+    r.init_kv_cache(16)
+    return r
+
+
+def _prefill(r: ModelRunner) -> dict[str, list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    blocks = {"a": [1], "b": [2], "c": [3, 4]}
+    new = [NewRequestData(rid, torch.randint(3, 100, (n,), generator=gen).tolist(), n,
+                          Sampling(max_tokens=8, temperature=0.0), blocks[rid], 0)
+           for rid, n in PROMPTS.items()]
+    out = SchedulerOutput(new, [], dict(PROMPTS), sum(PROMPTS.values()))
+    assert set(r.execute(out).sampled_token_ids) == set(PROMPTS)
+    return blocks
+
+
+def _decode_step(r: ModelRunner) -> SchedulerOutput:
+    cached = [CachedRequestData(rid, [], len(r.requests[rid].token_ids) - 1) for rid in PROMPTS]
+    out = SchedulerOutput([], cached, dict.fromkeys(PROMPTS, 1), len(PROMPTS))
+    r._update_states(out)
+    return out
+
+
+def test_padded_decode_rows_change_nothing(runner):
+    _prefill(runner)
+    out = _decode_step(runner)
+    before = [c.clone() for c in runner.kv_caches]
+    bufs = runner.inputs
+    batch = bufs.prepare(runner.requests, out.num_scheduled_tokens)
+    assert batch.is_uniform_decode
+    bufs.upload(batch)
+    eager = runner._forward(batch)  # [3, vocab]
+    eager_kv = [c.clone() for c in runner.kv_caches]
+    assert any(not torch.equal(a, b) for a, b in zip(before, eager_kv))  # the step wrote K/V
+
+    for c, b in zip(runner.kv_caches, before):  # same step again, padded to a graph size
+        c.copy_(b)
+    batch = bufs.prepare(runner.requests, out.num_scheduled_tokens)
+    bufs.pad_to(batch, 8)
+    bufs.upload(batch)
+    meta = runner.attn_backend.build_metadata(bufs, batch)
+    padded = runner._decode_logits(bufs.input_ids[:8], bufs.positions[:8], meta)
+    torch.testing.assert_close(padded[:3], eager, rtol=1e-5, atol=1e-5)
+    for a, b, old in zip(runner.kv_caches, eager_kv, before):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # real rows: same K/V (rounding)
+        untouched = (b == old).all(-1).all(-1)  # [2, blocks, block_size]: slots the step left
+        assert torch.equal(a[untouched], old[untouched])  # the dummy rows wrote nothing
+        assert not a[:, 0].any()  # the null block stays zero
+
+
+def test_warm_up_leaves_cache_and_outputs_alone(runner, tiny_llama):
+    _prefill(runner)
+    out = _decode_step(runner)
+    kv = [c.clone() for c in runner.kv_caches]
+    runner.warm_up()
+    for a, b in zip(runner.kv_caches, kv):
+        assert torch.equal(a, b)
+    got = runner._sample(batch := runner.inputs.prepare(runner.requests, out.num_scheduled_tokens),
+                         (runner.inputs.upload(batch), runner._forward(batch))[1])
+    assert set(got.sampled_token_ids) == set(PROMPTS)
