@@ -24,6 +24,7 @@ from encoder_worker.decode import MediaError, decode_image
 from encoder_worker.io_threads import EncoderIO, UserEmbeds
 from encoder_worker.models import load_encoder
 from encoder_worker.store import EmbeddingStore
+from encoder_worker.transfer import HostCopier, PixelUploader
 from protocol.codec import tensor_ref
 from protocol.messages import (
     Embedding,
@@ -50,32 +51,6 @@ class _Ready(NamedTuple):
     since: float  # monotonic time it became ready (the batch deadline counts from the oldest)
 
 
-class HostCopier:
-    """Tower outputs -> CPU tensors that own their memory (a view would pin a whole batch).
-
-    On CUDA every batch goes through one reused pinned staging buffer, then one clone per item:
-    3x faster than a pageable copy per item (H100, 32 LLaVA-1.5 images: 40 ms instead of 130).
-    """
-
-    def __init__(self) -> None:
-        self._staging: torch.Tensor | None = None  # flat pinned uint8, grown to the largest batch
-
-    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not tensors or tensors[0].device.type != "cuda":
-            return [t.to("cpu", copy=True).contiguous() for t in tensors]
-        total = sum(t.nbytes for t in tensors)
-        if self._staging is None or self._staging.numel() < total:
-            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-        views, offset = [], 0
-        for t in tensors:  # same dtype throughout, so every offset stays aligned
-            view = self._staging[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
-            view.copy_(t, non_blocking=True)
-            views.append(view)
-            offset += t.nbytes
-        torch.cuda.current_stream(tensors[0].device).synchronize()
-        return [v.clone() for v in views]
-
-
 class EncoderProc:
     def __init__(self, config: EncoderConfig, input_addr: str):
         self.config = config
@@ -88,6 +63,7 @@ class EncoderProc:
         self.waiters: dict[str, list[EncodeRequest]] = {}  # key in flight -> requests wanting it
         self.ready: list[_Ready] = []  # decoded, waiting for the tower
         self.num_decoding = 0
+        self.to_device = PixelUploader(self.model.device)
         self.to_host = HostCopier()
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="encoder-decode")
         self.running = True
@@ -210,7 +186,8 @@ class EncoderProc:
 
     def _encode(self, group: list[_Ready]) -> None:
         try:
-            outs = self.model.encode(torch.stack([r.pixels for r in group]))  # [B, 3, H, W] in
+            pixels = self.to_device([r.pixels for r in group])  # [B, 3, H, W] on the device
+            outs = self.model.encode(pixels)
             outs = self.to_host(outs)  # each [n, hidden], CPU, owned
         except Exception:
             ids = [r.request_id for g in group for r in self.waiters.get(g.key, [])]

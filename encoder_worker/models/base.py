@@ -20,6 +20,7 @@ class EncoderModel(ABC):
     modality: str = "image"
     hidden_size: int  # width of the LM input embeddings it produces
     dtype: torch.dtype  # of the embeddings it produces (user-supplied ones are cast to it)
+    device: torch.device  # where ``encode`` runs (the server uploads each batch there first)
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -31,4 +32,5 @@ class EncoderModel(ABC):
 
     @abstractmethod
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """[B, 3, H, W] -> B tensors [num_tokens, hidden_size] on the model's device."""
+        """[B, 3, H, W] float32 (CPU or on the model's device) -> B tensors
+        [num_tokens, hidden_size] on the model's device."""
