@@ -14,7 +14,8 @@
 #
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
-#   STAGES ["env ckpt pytest kernels decode_triton decode_eager parity decode_reference peer"]
+#   STAGES ["env ckpt pytest kernels decode_triton decode_eager parity profile encoder
+#            decode_reference peer"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
 #   T_PEER [400]: each stage's own timeout in seconds
@@ -22,10 +23,12 @@
 #   REF_BATCHES ["1 8 32 64"] REF_CONTEXTS ["128 700"] REF_STEPS [8]
 #   EAGER_BATCHES ["1 8 64"] EAGER_CONTEXTS ["128"] (Triton kernels, --enforce-eager) T_DECODE_EAGER [80]
 #   PARITY_BATCH [8] PARITY_STEPS [32] T_PARITY [120]: bench/parity.py, fast path vs reference
+#   PROFILE_BATCHES ["1 8 64"] T_PROFILE [90]: bench/profile_step.py (CUDA only)
+#   ENCODER_BATCHES ["1 8 32 64 128"] ENCODER_CKPT [/dev/shm/...] T_ENCODER [80]: bench/encoder.py
 #   PEER_MODES ["eager static"] PEER_BATCHES/PEER_CONTEXTS [= DECODE_*] PEER_STEPS [32]
 #   STATIC_BATCHES ["1 8"] STATIC_CONTEXTS ["128"] COMPILE_BUDGET_S [240]
 #   PREFILL_BATCH [64] PREFILL_LEN [128]  KERNEL_OPS [all]
-#   PYTEST_ARGS [-q -m "gpu or not slow" tests/kernels tests/e2e/test_gpu_parity.py]
+#   PYTEST_ARGS [-q -rfE -m gpu tests]: every GPU-marked test (kernels, parity, encoder)
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -49,7 +52,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity decode_reference peer}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity profile encoder decode_reference peer}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -65,6 +68,9 @@ REF_CONTEXTS=${REF_CONTEXTS:-128 700}
 EAGER_BATCHES=${EAGER_BATCHES:-1 8 64}
 EAGER_CONTEXTS=${EAGER_CONTEXTS:-128}
 PARITY_BATCH=${PARITY_BATCH:-8}
+PROFILE_BATCHES=${PROFILE_BATCHES:-1 8 64}
+ENCODER_BATCHES=${ENCODER_BATCHES:-1 8 32 64 128}
+ENCODER_CKPT=${ENCODER_CKPT:-/dev/shm/mmserve_llava15_vision}
 PARITY_STEPS=${PARITY_STEPS:-32}
 REF_STEPS=${REF_STEPS:-8}
 PEER_MODES=${PEER_MODES:-eager static}
@@ -77,7 +83,8 @@ COMPILE_BUDGET_S=${COMPILE_BUDGET_S:-240}
 PREFILL_BATCH=${PREFILL_BATCH:-64}
 PREFILL_LEN=${PREFILL_LEN:-128}
 KERNEL_OPS=${KERNEL_OPS:-rms_norm silu_and_mul apply_rope write_kv_cache paged_attention}
-PYTEST_ARGS=${PYTEST_ARGS:--q -m "gpu or not slow" tests/kernels tests/e2e/test_gpu_parity.py}
+# Quoted for the `bash -c` of run_stage: the marker expression must stay one argument.
+PYTEST_ARGS=${PYTEST_ARGS:-"-q -rfE -m gpu tests"}
 TINY=""
 [[ $SHAPE == tiny ]] && TINY="--tiny"
 RESERVE_S=20  # summary + tarball at the end
@@ -152,6 +159,10 @@ run_stage decode_eager "${T_DECODE_EAGER:-80}" 30 "MMSERVE_KERNELS=triton $DEC -
     --budget-s @BUDGET@ --out $WORK/decode_eager.json"
 run_stage parity "${T_PARITY:-120}" 0 "python3 bench/parity.py --model $CKPT $D $TINY --batch $PARITY_BATCH \
     --steps $PARITY_STEPS --out $WORK/parity.json"
+run_stage profile "${T_PROFILE:-90}" 0 "python3 bench/profile_step.py --model $CKPT --batch $PROFILE_BATCHES \
+    --out $WORK/profile_step.json"
+run_stage encoder "${T_ENCODER:-80}" 25 "python3 bench/encoder.py $D $TINY --batch $ENCODER_BATCHES --iters 10 \
+    --warmup 2 --budget-s @BUDGET@ --ckpt-dir $ENCODER_CKPT --out $WORK/encoder.json"
 run_stage decode_reference "${T_DECODE_REF:-90}" 30 "MMSERVE_KERNELS=reference $DEC --batch $REF_BATCHES \
     --context $REF_CONTEXTS --steps $REF_STEPS --warmup 2 --prefill-reps 1 --budget-s @BUDGET@ \
     --out $WORK/decode_reference.json"

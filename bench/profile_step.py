@@ -1,0 +1,171 @@
+"""Where one decode step's time goes: host stages, the GPU's share, and the kernels behind it.
+
+For each batch size, a decode batch of `--context`-token prompts runs through mmserve's engine
+(Triton kernels, CUDA-graph decode) and this prints:
+- the served step (`EngineCore.step()`, CUDA-synchronized wall time), split into host stages
+  timed around the engine's own methods: schedule, input prep + upload, graph replay (launch),
+  sampling (which waits for the GPU: the step's one host sync), scheduler update;
+- the GPU time of the captured graph alone (back-to-back replays, CUDA events), so
+  host overhead = step - GPU time, and the roofline of the same step;
+- the kernels of one eager step (torch.profiler, CUDA time per kernel family), which show what
+  bounds the GPU time (the GEMMs' bandwidth, attention, the small ops).
+
+    python bench/profile_step.py --model /dev/shm/mmserve_llama7b --batch 1 8 64 --out prof.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from common import checkpoint_stats, env_record, measure_device, prompt_ids, sync, write_json
+
+from llm_worker.config import LLMWorkerConfig
+from llm_worker.engine import EngineCore
+from protocol.messages import GenerateRequest, Sampling
+
+
+class StageTimer:
+    """Wraps bound methods so each call adds its wall time to a named bucket."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.totals[name] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+
+def _family(kernel: str) -> str:
+    k = kernel.lower()
+    for key, fam in (("paged_attention", "attention"), ("reduce_splits", "attention"),
+                     ("rms_norm", "rms_norm"), ("rope", "rope"), ("silu", "silu_and_mul"),
+                     ("write_kv", "write_kv"), ("gemm", "gemm"), ("gemv", "gemm"),
+                     ("cutlass", "gemm"), ("sm90", "gemm"), ("nvjet", "gemm"),
+                     ("splitk", "gemm"), ("argmax", "sampling"), ("copy", "copy"),
+                     ("elementwise", "elementwise")):
+        if key in k:
+            return fam
+    return "other"
+
+
+def profile_point(core: EngineCore, st: dict, bw: float, batch: int, ctx: int,
+                  steps: int) -> dict:
+    runner = core.executor.worker.runner
+    prompts = prompt_ids(batch, ctx, st["vocab_size"], seed=3)
+    ids = [f"p{batch}-{i}" for i in range(batch)]
+    for rid, p in zip(ids, prompts):
+        core.add_request(GenerateRequest(
+            rid, p, Sampling(max_tokens=steps * 3 + 16, temperature=0.0, ignore_eos=True), [2], ""))
+    while any(len(core.scheduler.requests[r].output_token_ids) == 0 for r in ids):
+        core.step()
+    for _ in range(3):
+        core.step()
+    timer = StageTimer()
+    timer.wrap(core.scheduler, "schedule", "schedule")
+    timer.wrap(core.scheduler, "update_from_output", "update")
+    timer.wrap(runner.inputs, "prepare", "prepare")
+    timer.wrap(runner.inputs, "upload", "upload")
+    timer.wrap(runner, "_sample", "sample (waits for GPU)")
+    if runner.graphs is not None:
+        timer.wrap(runner.graphs, "replay", "graph launch")
+    times = []
+    for _ in range(steps):
+        sync(core.executor.worker.device)
+        t0 = time.perf_counter()
+        core.step()
+        sync(core.executor.worker.device)
+        times.append(time.perf_counter() - t0)
+    step_ms = statistics.median(times) * 1e3
+    stages = {k: v / steps * 1e3 for k, v in timer.totals.items()}
+    for obj, attr in ((core.scheduler, "schedule"), (core.scheduler, "update_from_output"),
+                      (runner.inputs, "prepare"), (runner.inputs, "upload"), (runner, "_sample")):
+        delattr(obj, attr)  # back to the class methods
+    gpu_ms = None
+    size = None
+    if runner.graphs is not None:
+        delattr(runner.graphs, "replay")
+        size = runner.graphs.padded_size(batch)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(steps):
+            runner.graphs.graphs[size].replay()  # the same buffers: the last step's inputs
+        end.record()
+        torch.cuda.synchronize()
+        gpu_ms = start.elapsed_time(end) / steps
+    kernels = _eager_kernels(core, runner)
+    core.abort(ids)
+    core.step()
+    kv = batch * (ctx + steps) * st["kv_bytes_per_token"]
+    roof_ms = (st["weight_bytes_per_step"] + kv) / bw * 1e3
+    return {"batch": batch, "context": ctx, "graph_size": size, "step_ms": step_ms,
+            "gpu_ms": gpu_ms, "host_overhead_ms": step_ms - gpu_ms if gpu_ms else None,
+            "roofline_ms": roof_ms, "stages_ms": stages, "eager_kernels_ms": kernels}
+
+
+def _eager_kernels(core: EngineCore, runner) -> dict[str, float]:
+    """CUDA time per kernel family of one eager decode step (graphs off for this one step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        core.step()  # any lazily compiled eager shape compiles outside the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            core.step()
+            torch.cuda.synchronize()
+    finally:
+        runner.graphs = graphs
+    fam: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key and not ev.key.startswith(("cudaLaunch", "cuLaunch", "ProfilerStep")):
+            fam[_family(ev.key)] += t / 1e3
+    return dict(sorted(fam.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out", default="bench/results/profile_step.json")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    st = checkpoint_stats(args.model)
+    res = {"env": env_record(device), "ceilings": measure_device(device), "args": vars(args),
+           "rows": []}
+    bw = res["ceilings"]["copy_GBps"] * 1e9
+    core = EngineCore(LLMWorkerConfig(
+        model=args.model, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch),
+        max_model_len=args.context + 4 * args.steps + 64, max_num_batched_tokens=8192,
+        enable_prefix_caching=False, gpu_memory_utilization=0.9))
+    for b in args.batch:
+        row = profile_point(core, st, bw, b, args.context, args.steps)
+        res["rows"].append(row)
+        write_json(args.out, res)
+        print(f"\nbatch {b} ctx {args.context} (graph {row['graph_size']}): step "
+              f"{row['step_ms']:.2f} ms, GPU {row['gpu_ms'] or 0:.2f} ms, host overhead "
+              f"{row['host_overhead_ms'] or 0:.2f} ms, roofline {row['roofline_ms']:.2f} ms")
+        print("  host stages (ms/step): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in row["stages_ms"].items()))
+        print("  eager step, CUDA ms by kernel family: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in row["eager_kernels_ms"].items()))
+    core.shutdown()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
