@@ -28,7 +28,8 @@
 #   PEER_MODES ["eager static"] PEER_BATCHES/PEER_CONTEXTS [= DECODE_*] PEER_STEPS [32]
 #   STATIC_BATCHES ["1 8"] STATIC_CONTEXTS ["128"] COMPILE_BUDGET_S [240]
 #   PREFILL_BATCH [64] PREFILL_LEN [128]  KERNEL_OPS [all]
-#   PYTEST_ARGS [-q -rfE -m gpu tests]: every GPU-marked test (kernels, parity, encoder)
+#   PYTEST_ARGS [-q -rfE -m gpu --continue-on-collection-errors tests]: every GPU-marked test
+#   that imports there (the GPU machine has no openai client: those HTTP modules don't collect)
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -84,7 +85,7 @@ PREFILL_BATCH=${PREFILL_BATCH:-64}
 PREFILL_LEN=${PREFILL_LEN:-128}
 KERNEL_OPS=${KERNEL_OPS:-rms_norm silu_and_mul apply_rope write_kv_cache paged_attention}
 # Quoted for the `bash -c` of run_stage: the marker expression must stay one argument.
-PYTEST_ARGS=${PYTEST_ARGS:-"-q -rfE -m gpu tests"}
+PYTEST_ARGS=${PYTEST_ARGS:-"-q -rfE -m gpu --continue-on-collection-errors tests"}
 TINY=""
 [[ $SHAPE == tiny ]] && TINY="--tiny"
 RESERVE_S=20  # summary + tarball at the end

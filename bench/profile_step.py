@@ -96,7 +96,7 @@ def profile_point(core: EngineCore, st: dict, bw: float, batch: int, ctx: int,
     size = None
     if runner.graphs is not None:
         delattr(runner.graphs, "replay")
-        size = runner.graphs.padded_size(batch)
+        size = runner.graphs.last  # (batch size, split-KV count) of the latest step
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
@@ -156,7 +156,7 @@ def main() -> None:
         row = profile_point(core, st, bw, b, args.context, args.steps)
         res["rows"].append(row)
         write_json(args.out, res)
-        print(f"\nbatch {b} ctx {args.context} (graph {row['graph_size']}): step "
+        print(f"\nbatch {b} ctx {args.context} (graph size, splits {row['graph_size']}): step "
               f"{row['step_ms']:.2f} ms, GPU {row['gpu_ms'] or 0:.2f} ms, host overhead "
               f"{row['host_overhead_ms'] or 0:.2f} ms, roofline {row['roofline_ms']:.2f} ms")
         print("  host stages (ms/step): " + ", ".join(

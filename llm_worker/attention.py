@@ -116,13 +116,19 @@ class TritonAttentionBackend(AttentionBackend):
         self._write_kv(key, value, kv_cache, meta.slot_mapping)
         return self._attend(query, kv_cache, meta, scale, num_splits=meta.num_splits)
 
-    def graph_metadata(self, bufs: InputBatch, num_seqs: int, max_seq_len: int,
-                       num_kv_heads: int) -> AttentionMetadata:
-        """Metadata of a captured decode batch of `num_seqs` rows: whole-width block tables and
-        a split count fixed for any context up to max_seq_len (the kernel reads the true lengths
-        on the device, so one graph serves every context)."""
-        from kernels.triton_attention import decode_splits  # Triton loads with the backend
+    @staticmethod
+    def decode_splits(device: torch.device, num_seqs: int, num_kv_heads: int,
+                      max_seq_len: int) -> int:
+        """The kernel's split-KV count for a decode batch (Triton loads with the backend)."""
+        from kernels.triton_attention import decode_splits
 
+        return decode_splits(device, num_seqs, num_kv_heads, max_seq_len)
+
+    def graph_metadata(self, bufs: InputBatch, num_seqs: int, max_seq_len: int,
+                       num_splits: int) -> AttentionMetadata:
+        """Metadata of a captured decode batch of `num_seqs` rows: whole-width block tables and
+        a fixed split count; the kernel reads the true lengths on the device, so one graph serves
+        every context up to max_seq_len."""
         return AttentionMetadata(
             slot_mapping=bufs.slot_mapping[:num_seqs],
             query_start_loc=bufs.query_start_loc[: num_seqs + 1],
@@ -132,7 +138,7 @@ class TritonAttentionBackend(AttentionBackend):
             seq_lens_cpu=[],
             max_query_len=1,
             max_seq_len=max_seq_len,
-            num_splits=decode_splits(bufs.device, num_seqs, num_kv_heads, max_seq_len),
+            num_splits=num_splits,
         )
 
 

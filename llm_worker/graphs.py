@@ -4,9 +4,12 @@ A decode step of a 7B model is ~300 kernel launches; launched eagerly from Pytho
 40-70 us of host time, so below batch 64 the GPU waits on the host (15 ms/step against a 3 ms
 roofline). A graph replays them all with one launch.
 
-One graph per batch size in `capture_sizes(max_num_seqs)`; a step of n decode rows replays the
+One graph per (batch size, split-KV count): sizes from `capture_sizes(max_num_seqs)`, split
+counts the powers of two up to what the attention heuristic gives that size at max_model_len (so
+small batches get 1, 2, 4, 8, 16 and large ones just 1). A step of n decode rows replays the
 smallest captured size >= n, its extra rows padded (`InputBatch.pad_to`: no KV write, one key in
-the null block). A graph holds the forward *and* the LM head, reading the input batch's fixed
+the null block), at the largest captured split count <= the heuristic's for its longest context:
+a 128-token context does not pay for 16 mostly empty splits and their merge. A graph holds the forward *and* the LM head, reading the input batch's fixed
 device buffers; its logits live in the graphs' shared memory pool and are valid until the next
 replay. Only uniform decode batches replay (one token per row, no media splice); prefill and
 mixed steps run eagerly.
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # (input_ids [n], positions [n], metadata) -> logits [n, vocab] float32
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+# (num_seqs, max_seq_len) -> split-KV count the attention kernel wants for that decode batch
+SplitsFn = Callable[[int, int], int]
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -37,16 +42,25 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def split_buckets(most: int) -> list[int]:
+    """1, 2, 4, ... up to `most`."""
+    return [1 << i for i in range(most.bit_length()) if 1 << i <= most]
+
+
 class DecodeGraphs:
     def __init__(self, bufs: InputBatch, decode: DecodeFn,
-                 metadata: Callable[[int], AttentionMetadata], sizes: list[int]):
+                 metadata: Callable[[int, int], AttentionMetadata], sizes: list[int],
+                 splits: SplitsFn, max_seq_len: int):
         self.bufs = bufs
         self.sizes = sorted(sizes)
         self._decode = decode
-        self._metadata = metadata
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self._metadata = metadata  # (num_seqs, num_splits) -> the graph's metadata
+        self._splits = splits
+        self.buckets = {s: split_buckets(splits(s, max_seq_len)) for s in self.sizes}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.num_replays = 0  # steps served by a graph (tests and benches read it)
+        self.last: tuple[int, int] | None = None  # (size, splits) of the latest replay
 
     @property
     def max_size(self) -> int:
@@ -58,6 +72,11 @@ class DecodeGraphs:
             if s >= num_seqs:
                 return s
         return None
+
+    def num_splits(self, size: int, max_seq_len: int) -> int:
+        """The captured split count a padded batch with this longest context replays at."""
+        want = self._splits(size, max_seq_len)
+        return max(b for b in self.buckets[size] if b <= want)
 
     def _dummy_inputs(self, size: int) -> None:
         """Valid inputs for capture: dummy rows as padding makes them (they write no KV)."""
@@ -78,25 +97,27 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         for size in sorted(self.sizes, reverse=True):
-            self._dummy_inputs(size)
-            meta = self._metadata(size)
-            ids, pos = self.bufs.input_ids[:size], self.bufs.positions[:size]
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._decode(ids, pos, meta)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[size] = self._decode(ids, pos, meta)
-            self.graphs[size] = graph
+            for splits in sorted(self.buckets[size], reverse=True):
+                self._dummy_inputs(size)
+                meta = self._metadata(size, splits)
+                ids, pos = self.bufs.input_ids[:size], self.bufs.positions[:size]
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._decode(ids, pos, meta)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[size, splits] = self._decode(ids, pos, meta)
+                self.graphs[size, splits] = graph
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        log.info("captured %d decode graphs (sizes %s) in %.1f s", len(self.sizes),
-                 ",".join(map(str, self.sizes)), elapsed)
+        log.info("captured %d decode graphs (sizes %s) in %.1f s", len(self.graphs),
+                 ",".join(f"{s}x{len(self.buckets[s])}" for s in self.sizes), elapsed)
         return elapsed
 
-    def replay(self, size: int) -> torch.Tensor:
+    def replay(self, size: int, splits: int) -> torch.Tensor:
         """Run the captured step of `size` rows over the uploaded buffers; [size, vocab] logits."""
-        self.graphs[size].replay()
+        self.graphs[size, splits].replay()
         self.num_replays += 1
-        return self.logits[size]
+        self.last = (size, splits)
+        return self.logits[size, splits]

@@ -73,26 +73,28 @@ class InputBatch:
         self.non_blocking = device.type == "cuda"
         pin = self.non_blocking
         t, s, b = max_num_tokens, max_num_seqs, max_blocks_per_seq
+        self.max_blocks_per_seq = b
+        # Two staging buffers (int64, int32) mirrored on the device: a step is two copies, not
+        # seven. Every field is a fixed view into one of them (what a captured graph reads).
+        self._host64 = torch.zeros(3 * t + s, dtype=torch.int64, pin_memory=pin)
+        self._host32 = torch.zeros(2 * s + 1 + s * b, dtype=torch.int32, pin_memory=pin)
+        self._dev64 = torch.zeros(3 * t + s, dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(2 * s + 1 + s * b, dtype=torch.int32, device=device)
 
-        def host(*shape, dtype):
-            return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
+        def fields(b64: torch.Tensor, b32: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (b64[:t], b64[t : 2 * t], b64[2 * t : 3 * t],  # ids, positions, slots
+                    b64[3 * t :],  # token index of each sampled row's last token
+                    b32[: s + 1], b32[s + 1 : 2 * s + 1],  # query_start_loc, seq_lens
+                    b32[2 * s + 1 :].view(s, b))  # block tables
 
-        def dev(*shape, dtype):
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        self.cpu_ids, self.input_ids = host(t, dtype=torch.int64), dev(t, dtype=torch.int64)
-        self.cpu_pos, self.positions = host(t, dtype=torch.int64), dev(t, dtype=torch.int64)
-        self.cpu_slots, self.slot_mapping = host(t, dtype=torch.int64), dev(t, dtype=torch.int64)
-        self.cpu_qstart = host(s + 1, dtype=torch.int32)
-        self.query_start_loc = dev(s + 1, dtype=torch.int32)
-        self.cpu_seqlens, self.seq_lens = host(s, dtype=torch.int32), dev(s, dtype=torch.int32)
-        self.cpu_blocks, self.block_tables = host(s, b, dtype=torch.int32), dev(s, b, dtype=torch.int32)
-        # Token index of each sampled row's last token (the rows of hidden that get logits).
-        self.cpu_sample_idx = host(s, dtype=torch.int64)
-        self.sample_idx = dev(s, dtype=torch.int64)
+        (self.cpu_ids, self.cpu_pos, self.cpu_slots, self.cpu_sample_idx, self.cpu_qstart,
+         self.cpu_seqlens, self.cpu_blocks) = fields(self._host64, self._host32)
+        (self.input_ids, self.positions, self.slot_mapping, self.sample_idx,
+         self.query_start_loc, self.seq_lens, self.block_tables) = fields(self._dev64, self._dev32)
         self._ids, self._pos = self.cpu_ids.numpy(), self.cpu_pos.numpy()
         self._slots, self._blocks = self.cpu_slots.numpy(), self.cpu_blocks.numpy()
         self._qstart, self._seqlens = self.cpu_qstart.numpy(), self.cpu_seqlens.numpy()
+        self._sample_idx = self.cpu_sample_idx.numpy()
 
     def prepare(self, requests: dict[str, RequestState], num_scheduled: dict[str, int],
                 positions: PositionRule | None = None) -> StepBatch:
@@ -143,21 +145,13 @@ class InputBatch:
         batch.padded_num_seqs = size
 
     def upload(self, batch: StepBatch) -> None:
-        """Copy the staged rows to the device buffers (async on CUDA: pinned sources)."""
-        t, s = batch.num_tokens, batch.num_seqs
+        """Copy the staged step to the device buffers: two copies, async on CUDA (pinned)."""
+        s = batch.num_seqs
         self._qstart[: s + 1] = batch.query_start_loc
         self._seqlens[:s] = batch.seq_lens
-        nb = -(-max(batch.seq_lens) // self.block_size)
-        k = len(batch.sample_rows)
-        sample_idx = self.cpu_sample_idx.numpy()
         for i, row in enumerate(batch.sample_rows):
-            sample_idx[i] = batch.query_start_loc[row + 1] - 1
-        nbk = self.non_blocking
-        self.input_ids[:t].copy_(self.cpu_ids[:t], non_blocking=nbk)
-        self.positions[:t].copy_(self.cpu_pos[:t], non_blocking=nbk)
-        self.slot_mapping[:t].copy_(self.cpu_slots[:t], non_blocking=nbk)
-        self.query_start_loc[: s + 1].copy_(self.cpu_qstart[: s + 1], non_blocking=nbk)
-        self.seq_lens[:s].copy_(self.cpu_seqlens[:s], non_blocking=nbk)
-        self.block_tables[:s, :nb].copy_(self.cpu_blocks[:s, :nb], non_blocking=nbk)
-        if k:
-            self.sample_idx[:k].copy_(self.cpu_sample_idx[:k], non_blocking=nbk)
+            self._sample_idx[i] = batch.query_start_loc[row + 1] - 1
+        # int32: query_start_loc, seq_lens and the block-table rows in use (a contiguous prefix).
+        n32 = 2 * self.max_num_seqs + 1 + s * self.max_blocks_per_seq
+        self._dev64.copy_(self._host64, non_blocking=self.non_blocking)
+        self._dev32[:n32].copy_(self._host32[:n32], non_blocking=self.non_blocking)

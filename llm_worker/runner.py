@@ -99,7 +99,8 @@ class ModelRunner:
             self._dummy_forward(lens)
         if self.use_graphs:
             self.graphs = DecodeGraphs(self.inputs, self._decode_logits, self._graph_metadata,
-                                       capture_sizes(self.max_num_seqs))
+                                       capture_sizes(self.max_num_seqs), self._decode_splits,
+                                       self.max_model_len)
             self.graphs.capture()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -127,9 +128,12 @@ class ModelRunner:
         """What a decode graph holds: the forward and the LM head of every row."""
         return self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta))
 
-    def _graph_metadata(self, size: int):
-        return self.attn_backend.graph_metadata(self.inputs, size, self.max_model_len,
-                                                self.model.num_kv_heads)
+    def _graph_metadata(self, size: int, num_splits: int):
+        return self.attn_backend.graph_metadata(self.inputs, size, self.max_model_len, num_splits)
+
+    def _decode_splits(self, num_seqs: int, max_seq_len: int) -> int:
+        return self.attn_backend.decode_splits(self.device, num_seqs, self.model.num_kv_heads,
+                                               max_seq_len)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -176,9 +180,10 @@ class ModelRunner:
             size = self.graphs.padded_size(batch.num_seqs)
         if size is not None:
             num_seqs = batch.num_seqs
+            splits = self.graphs.num_splits(size, max(batch.seq_lens))
             bufs.pad_to(batch, size)
             bufs.upload(batch)
-            logits = self.graphs.replay(size)  # [size, vocab]: row i is batch row i
+            logits = self.graphs.replay(size, splits)  # [size, vocab]: row i is batch row i
             if len(batch.sample_rows) != num_seqs:
                 logits = logits[bufs.sample_idx[: len(batch.sample_rows)]]
             else:

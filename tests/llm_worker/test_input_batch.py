@@ -79,3 +79,19 @@ def test_warm_up_leaves_cache_and_outputs_alone(runner, tiny_llama):
     got = runner._sample(batch := runner.inputs.prepare(runner.requests, out.num_scheduled_tokens),
                          (runner.inputs.upload(batch), runner._forward(batch))[1])
     assert set(got.sampled_token_ids) == set(PROMPTS)
+
+
+def test_graph_sizes_and_split_buckets(runner):
+    from llm_worker.graphs import DecodeGraphs, capture_sizes, split_buckets
+
+    assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert capture_sizes(12) == [1, 2, 4, 8, 12] and capture_sizes(1) == [1]
+    assert split_buckets(1) == [1] and split_buckets(12) == [1, 2, 4, 8]
+    # A heuristic like the kernel's: many splits for small batches, capped by context length.
+    graphs = DecodeGraphs(runner.inputs, runner._decode_logits, runner._graph_metadata,
+                          capture_sizes(8), lambda n, ctx: max(1, min(16 // n, ctx // 256)), 4096)
+    assert graphs.buckets == {1: [1, 2, 4, 8, 16], 2: [1, 2, 4, 8], 4: [1, 2, 4], 8: [1, 2]}
+    assert graphs.padded_size(3) == 4 and graphs.padded_size(9) is None
+    assert graphs.num_splits(1, 128) == 1  # a short context: no empty splits to merge
+    assert graphs.num_splits(1, 3 * 256) == 2  # 3 wanted, 2 captured
+    assert graphs.num_splits(2, 4096) == 8
