@@ -1,0 +1,557 @@
+"""TTFT and TPOT of one image + 40 text tokens at low load, end to end over HTTP (issue 8 target:
+TTFT <= 25 ms for one 336x336 image on one H200, LLaVA-1.5-7B shapes, bf16).
+
+    python bench/ttft.py --device cuda --out $OUT/ttft.json     # builds ~14 GB in /dev/shm once
+    python bench/ttft.py --tiny --device cpu --requests 3       # smoke, tiny LLaVA, ~20 s
+
+1. Builds (or reuses, by a marker file) a random bf16 LLaVA-1.5-7B-shaped checkpoint: CLIP
+   ViT-L/14-336 tower (576 image tokens), MLP projector, Llama-2-7B LM with the vocabulary cut to
+   the 384-token offline BPE (frontend/random_model.py), ChatML template with image parts, CLIP
+   processor config. `--model DIR` takes any LLaVA-1.5 folder instead.
+2. Starts `mmserve serve` (its log next to the JSON) with `--allowed-local-media-path` on a folder
+   of 336x336 JPEGs written up front, and waits for /health.
+3. Sends streamed chat requests one at a time (low load; one keep-alive connection), temperature 0,
+   `max_tokens` with ignore_eos, the image as a file:// URL. Variants, each after its own warm-up:
+     image                   a fresh image per request + 40 text tokens (the target)
+     text                    the same 40-token prompts without the image
+     image_repeat            one image for every request: encoder store hit, and the KV blocks of
+                             the image tokens are prefix-cache hits
+     image_repeat_text_first one image again, after the text: encoder store hit only (the LM
+                             prefills everything, as the blocks' hashes chain from the new text)
+   Texts differ per request, so no variant reuses another request's prefix by accident.
+
+TTFT = request sent -> first SSE chunk (the role chunk, which the server writes only once the
+engine's first token is in); `first text` = first non-empty content (later when random weights
+start with a partial UTF-8 byte, which the detokenizer holds back). TPOT = (last token's chunk -
+first chunk) / (tokens - 1). Per variant: p50 / p90 / min / mean / max, prompt tokens, and the
+deltas of the server's /metrics counters over the timed requests. Everything runs within
+`--budget-s`; the server's process tree is always taken down (also on error, SIGTERM, or when this
+process is killed: the server gets SIGTERM through PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from common import REPO, env_record, resolve_device, write_json
+
+SHAPES: dict[str, dict[str, int]] = {
+    # llava-hf/llava-1.5-7b-hf without its vocabulary: CLIP ViT-L/14-336 + Llama-2-7B
+    "llava7b": dict(vision_hidden=1024, vision_layers=24, vision_heads=16,
+                    vision_intermediate=4096, image=336, patch=14, projection_dim=768,
+                    hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008),
+    "tiny": dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+                 image=56, patch=14, projection_dim=32, hidden=64, layers=2, heads=4, kv_heads=2,
+                 intermediate=128),
+}
+MARKER = "MMSERVE_BENCH_LLAVA.json"
+VARIANTS = ("image", "text", "image_repeat", "image_repeat_text_first")
+WORDS = ("the quick brown fox jumps over lazy dog a serving system answers requests hello world "
+         "how are you today what is capital of france tokens blocks caches and schedulers "
+         "continuous batching keeps accelerator busy numbers code text").split()
+SETTLE_S = 0.6  # /metrics lags by up to one heartbeat (0.2 s) per role
+
+
+# -- checkpoint ------------------------------------------------------------------------------------
+
+def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std: float = 0.02,
+                     seed: int = 0) -> Path:
+    """A random bf16 LlavaForConditionalGeneration of `shape` with tokenizer, ChatML template and
+    CLIP processor, loadable by every role; reused when `out_dir` holds one of the same spec."""
+    import transformers
+
+    from frontend.random_model import CHATML_MM_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+
+    out, s = Path(out_dir), SHAPES[shape]
+    spec = dict(s, std=std, seed=seed)
+    if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == spec:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)  # a folder left half-written is rebuilt, not reused
+    build_tokenizer(out, chat_template=CHATML_MM_TEMPLATE)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=s["vision_hidden"], intermediate_size=s["vision_intermediate"],
+        num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+        image_size=s["image"], patch_size=s["patch"], projection_dim=s["projection_dim"],
+        hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # 7B initialises in seconds on a GPU, minutes on a CPU
+            model = transformers.LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)  # never zeros: they can run faster than real data
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="5GB")
+    del model
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # the server's engine sizes its KV cache from free memory
+    mean, std_ = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    side = s["image"]
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, resample=3,
+        image_mean=mean, image_std=std_, do_convert_rgb=True)
+    transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=s["patch"],
+        vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+        chat_template=CHATML_MM_TEMPLATE, num_additional_image_tokens=1).save_pretrained(out)
+    (out / "MMSERVE_RANDOM_WEIGHTS").write_text("Random weights: for speed runs only.\n")
+    (out / MARKER).write_text(json.dumps(spec))
+    return out
+
+
+def default_ckpt_dir(shape: str) -> Path:
+    if shape == "tiny":
+        return Path(tempfile.gettempdir()) / "mmserve_llava_tiny"
+    # tmpfs when it has room: the server maps the 14 GB straight from memory
+    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+    return Path("/dev/shm" if free > 20 << 30 else tempfile.gettempdir()) / "mmserve_llava7b"
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+def write_jpegs(folder: Path, n: int, side: int, seed: int) -> list[Path]:
+    """n distinct photo-like JPEGs (smooth colour fields + grain; pure noise would be a worst
+    case for JPEG decoding that real pictures are not)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        low = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+        img = np.asarray(low.resize((side, side), Image.BICUBIC), dtype=np.int16)
+        img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+        path = folder / f"img_{i:03d}.jpg"
+        Image.fromarray(img).save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_texts(model_dir: str, n: int, length: int, seed: int) -> list[str]:
+    """n different texts of exactly `length` tokens of the checkpoint's tokenizer."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    count = lambda t: len(tok.encode(t, add_special_tokens=False))  # noqa: E731
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        words: list[str] = []
+        while count(" ".join(words)) < length:
+            words.append(rng.choice(WORDS))
+        text = tok.decode(tok.encode(" ".join(words), add_special_tokens=False)[:length])
+        if count(text) == length and text not in out:  # cutting may re-merge; then draw again
+            out.append(text)
+    return out
+
+
+class Variant(NamedTuple):
+    name: str
+    warmup: list[list[dict]]  # message contents
+    timed: list[list[dict]]
+
+
+def plan(names: list[str], images: list[Path], texts: list[str], warmup: int,
+         n: int) -> list[Variant]:
+    """Contents of every request; images[:warmup + n] are fresh ones, the last two repeated."""
+    def img(p: Path) -> dict:
+        return {"type": "image_url", "image_url": {"url": "file://" + str(p)}}
+
+    def txt(s: str) -> dict:
+        return {"type": "text", "text": s}
+
+    texts_left = iter(texts)
+    build = {
+        "image": lambda i: [img(images[i]), txt(next(texts_left))],
+        "text": lambda i: [txt(next(texts_left))],
+        "image_repeat": lambda i: [img(images[-2]), txt(next(texts_left))],
+        "image_repeat_text_first": lambda i: [txt(next(texts_left)), img(images[-1])],
+    }
+    return [Variant(v, [build[v](i) for i in range(warmup)],
+                    [build[v](i) for i in range(warmup, warmup + n)]) for v in names]
+
+
+# -- server ----------------------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """In the server's child before exec: SIGTERM it when this process dies (even by SIGKILL)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def launch(model: str, argv: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`mmserve serve` in its own session, output to `log_path`; (proc, base url). The children
+    find the repo (and wheels on PYTHONPATH) through the env."""
+    from protocol.addresses import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, MMSERVE_LOG_LEVEL=os.environ.get("MMSERVE_LOG_LEVEL", "INFO"),
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
+    cmd = [sys.executable, "-m", "frontend.cli", "serve", model, "--host", "127.0.0.1",
+           "--port", str(port), *argv]
+    print("server:", shlex.join(cmd), flush=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    return proc, base
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, deadline: float) -> float:
+    """Seconds until /health answers 200 (model load and warm-up included)."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=1.0) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"mmserve serve exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mmserve serve not healthy after {time.monotonic() - t0:.0f} s")
+        time.sleep(0.25)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc; the roles run in sessions of their own)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the launcher (it stops its roles in order), then SIGKILL whatever is left of the
+    tree, by pid."""
+    tree = descendants(proc.pid)
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 3.0  # roles also exit on their own once the launcher is gone
+    for pid in tree:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- client ----------------------------------------------------------------------------------------
+
+async def counters(session, base: str) -> dict[str, float]:
+    """Every counter of /metrics, summed over labels."""
+    async with session.get(base + "/metrics") as r:
+        text = await r.text() if r.status == 200 else ""
+    kinds = {ln.split()[2]: ln.split()[3] for ln in text.splitlines()
+             if ln.startswith("# TYPE ") and len(ln.split()) >= 4}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0]
+        if kinds.get(name) == "counter":
+            with contextlib.suppress(ValueError):
+                out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+async def one(session, url: str, body: bytes) -> dict:
+    """One streamed request; times (perf_counter) of send, first chunk, first text, last token."""
+    first = text = finish = None
+    usage: dict = {}
+    t0 = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        if r.status != 200:
+            return {"status": r.status, "error": (await r.text())[:300]}
+        async for raw in r.content:
+            now = time.perf_counter()
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            chunk = json.loads(payload)
+            if "error" in chunk:
+                return {"status": "stream error", "error": str(chunk["error"])[:300]}
+            usage = chunk.get("usage") or usage
+            for c in chunk.get("choices") or []:
+                first = first or now
+                if text is None and (c.get("delta") or {}).get("content"):
+                    text = now
+                if c.get("finish_reason") is not None:
+                    finish = now
+    end = time.perf_counter()
+    if first is None or finish is None:
+        return {"status": "no tokens", "error": ""}
+    tokens = usage.get("completion_tokens", 0)
+    return {"status": 200, "ttft": first - t0, "first_text": None if text is None else text - t0,
+            "tpot": (finish - first) / (tokens - 1) if tokens > 1 else None, "e2e": end - t0,
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": tokens}
+
+
+def stats(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    a = np.asarray(xs) * 1e3
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "min": float(a.min()), "mean": float(a.mean()), "max": float(a.max()), "n": len(xs)}
+
+
+async def run_variant(session, base: str, model: str, v: Variant, max_tokens: int,
+                      deadline: float) -> dict:
+    url = base + "/v1/chat/completions"
+
+    def body(content: list[dict]) -> bytes:  # serialised before the clock starts
+        return json.dumps({"model": model, "messages": [{"role": "user", "content": content}],
+                           "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
+                           "stream": True, "stream_options": {"include_usage": True}}).encode()
+
+    for content in v.warmup:
+        res = await one(session, url, body(content))
+        if res["status"] != 200:
+            raise RuntimeError(f"{v.name} warm-up failed: {res['status']} {res['error']}")
+    await asyncio.sleep(SETTLE_S)
+    before = await counters(session, base)
+    results = []
+    for content in v.timed:
+        if time.monotonic() > deadline:
+            break
+        results.append(await one(session, url, body(content)))
+    await asyncio.sleep(SETTLE_S)
+    after = await counters(session, base)
+    ok = [r for r in results if r["status"] == 200]
+    failed = [f"{r['status']} {r['error']}" for r in results if r["status"] != 200]
+    return {
+        "variant": v.name, "requests": len(results), "planned": len(v.timed),
+        "completed": len(ok), "failures": failed[:5],
+        "ttft_ms": stats([r["ttft"] for r in ok]),
+        "first_text_ms": stats([r["first_text"] for r in ok if r["first_text"] is not None]),
+        "tpot_ms": stats([r["tpot"] for r in ok if r["tpot"] is not None]),
+        "e2e_ms": stats([r["e2e"] for r in ok]),
+        "prompt_tokens": sorted({r["prompt_tokens"] for r in ok}),
+        "completion_tokens": sorted({r["completion_tokens"] for r in ok}),
+        "metrics_delta": {k: after[k] - before.get(k, 0.0) for k in sorted(after)
+                          if after[k] != before.get(k, 0.0)},
+    }
+
+
+async def run_all(base: str, variants: list[Variant], max_tokens: int, deadline: float
+                  ) -> tuple[str, list[dict]]:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=60.0)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=1)) as session:
+        async with session.get(base + "/v1/models") as r:
+            model = (await r.json())["data"][0]["id"]
+        rows = []
+        for v in variants:
+            if time.monotonic() > deadline:
+                rows.append({"variant": v.name, "skipped": "budget spent"})
+                continue
+            rows.append(await run_variant(session, base, model, v, max_tokens, deadline))
+            print_row(rows[-1])
+    return model, rows
+
+
+def print_header() -> None:
+    print(f"{'variant':<24} {'done':>7} {'TTFT p50/p90/min ms':>21} {'first text p50':>14} "
+          f"{'TPOT p50/p90 ms':>15} {'E2E p50':>8} {'prompt':>7}  counters", flush=True)
+
+
+def print_row(r: dict) -> None:
+    if "skipped" in r:
+        print(f"{r['variant']:<24} skipped: {r['skipped']}", flush=True)
+        return
+
+    def f(s: dict, *keys: str) -> str:
+        return "/".join(f"{s[k]:.1f}" for k in keys) if s.get("n") else "-"
+
+    deltas = " ".join(f"{k.removeprefix('mmserve_')}+{v:g}" for k, v in r["metrics_delta"].items()
+                      if "cache" in k or "encoded" in k)
+    prompt = "/".join(map(str, r["prompt_tokens"])) or "-"
+    print(f"{r['variant']:<24} {r['completed']:>3}/{r['planned']:<3} "
+          f"{f(r['ttft_ms'], 'p50', 'p90', 'min'):>21} {f(r['first_text_ms'], 'p50'):>14} "
+          f"{f(r['tpot_ms'], 'p50', 'p90'):>15} {f(r['e2e_ms'], 'p50'):>8} {prompt:>7}  "
+          f"{deltas}", flush=True)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+def check_imports() -> None:
+    """The server needs these; say so in one line before building 14 GB."""
+    import importlib.util
+
+    missing = [m for m in ("zmq", "msgspec", "blake3", "aiohttp", "jinja2", "PIL", "tokenizers")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"ttft.py: missing modules {missing} (carry their wheels; see bench/README.md)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", help="a LLaVA-1.5 checkpoint folder (default: build the random one)")
+    ap.add_argument("--ckpt-dir", help="where to build/reuse it (default /dev/shm/mmserve_llava7b "
+                                       "if tmpfs has room, else $TMPDIR; tiny: $TMPDIR)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny LLaVA (CPU smoke)")
+    ap.add_argument("--device", default="auto", help="auto, cuda, cpu (engine and encoder)")
+    ap.add_argument("--dtype", default="auto", help="serve's --dtype (auto: bf16 on CUDA)")
+    ap.add_argument("--requests", type=int, default=20, help="timed requests per variant")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up requests per variant")
+    ap.add_argument("--prompt-tokens", type=int, default=40)
+    ap.add_argument("--image-side", type=int, default=336, help="JPEG size (the processor "
+                    "resizes it to the tower's)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--serve-args", default="", help="extra `mmserve serve` flags, one string")
+    ap.add_argument("--ready-timeout-s", type=float, default=90.0,
+                    help="model load + warm-up allowance before /health must be 200")
+    ap.add_argument("--budget-s", type=float, default=140.0,
+                    help="whole run; variants past it are cut short or skipped")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="JSON path; the server log goes beside it (default: "
+                                  "bench/results/ttft.json, with --tiny $TMPDIR/ttft_tiny.json)")
+    args = ap.parse_args()
+    t_start = time.monotonic()
+    deadline = t_start + args.budget_s - 25.0  # leave time to stop the server and write JSON
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` => finally still runs
+    check_imports()
+    device = resolve_device(args.device)
+    shape = "tiny" if args.tiny else "llava7b"
+
+    t0 = time.monotonic()
+    if args.model:
+        model_dir, built = args.model, None
+    else:
+        ckpt = Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(shape)
+        reused = (ckpt / MARKER).is_file()
+        model_dir = str(build_checkpoint(ckpt, shape, device, seed=args.seed))
+        built = {"shape": shape, "spec": SHAPES[shape], "dir": model_dir,
+                 "marker_found": reused, "seconds": round(time.monotonic() - t0, 1)}
+        print(f"checkpoint {model_dir} ({'reused' if reused else 'built'}, "
+              f"{built['seconds']} s)", flush=True)
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "ttft_tiny.json" if args.tiny
+                            else REPO / "bench" / "results" / "ttft.json"))
+    log_path = out.with_name(out.stem + "_server.log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    media = Path(tempfile.mkdtemp(prefix="mmserve_ttft_media_"))
+    n_fresh = args.warmup + args.requests
+    images = write_jpegs(media, n_fresh + 2, args.image_side, args.seed)
+    texts = make_texts(model_dir, n_fresh * len(args.variants), args.prompt_tokens, args.seed)
+    variants = plan(args.variants, images, texts, args.warmup, args.requests)
+    serve_argv = ["--allowed-local-media-path", str(media), "--device", str(device),
+                  "--encoder-device", str(device), "--dtype", args.dtype,
+                  *shlex.split(args.serve_args)]
+    report: dict = {
+        "bench": "ttft", "env": env_record(device), "checkpoint": built or {"dir": model_dir},
+        "config": vars(args),
+        "images": {"format": "jpeg", "side": args.image_side, "url": "file://",
+                   "mean_bytes": int(np.mean([p.stat().st_size for p in images]))},
+        "server": {"argv": serve_argv, "log": str(log_path)},
+        "definitions": {"ttft_ms": "request sent -> first SSE chunk (written with the first "
+                                   "token)", "first_text_ms": "-> first non-empty content",
+                        "tpot_ms": "(last token chunk - first chunk) / (tokens - 1)"},
+    }
+    proc = None
+    try:
+        proc, base = launch(model_dir, serve_argv, log_path)
+        ready_s = wait_healthy(proc, base, min(time.monotonic() + args.ready_timeout_s, deadline))
+        report["server"]["ready_s"] = round(ready_s, 1)
+        print(f"server healthy after {ready_s:.1f} s", flush=True)
+        print_header()
+        model, rows = asyncio.run(run_all(base, variants, args.max_tokens, deadline))
+        report["server"]["model"] = model
+        report["results"] = rows
+    except BaseException as e:
+        report["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if proc is not None:
+            stop(proc)
+        shutil.rmtree(media, ignore_errors=True)
+        log = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+        report["server"]["log_lines"] = [ln[-300:] for ln in log if any(
+            w in ln for w in ("ready", "warm-up", "captured", "KV cache", "ERROR", "Error"))][:40]
+        if "error" in report:
+            print("server log tail:\n" + "\n".join(log[-30:]), file=sys.stderr)
+        summarize(report)
+        report["wall_s"] = round(time.monotonic() - t_start, 1)
+        write_json(out, report)
+        print(f"wrote {out} and {log_path.name} ({report['wall_s']} s in all)", flush=True)
+
+
+def summarize(report: dict) -> None:
+    """The issue-8 number: TTFT p50 of the fresh-image variant against 25 ms; image tokens as
+    the prompt-length difference to the text-only variant."""
+    rows = {r["variant"]: r for r in report.get("results", []) if "ttft_ms" in r}
+    img, txt = rows.get("image"), rows.get("text")
+    s: dict = {"target_ttft_ms": 25.0}
+    if img and img["ttft_ms"].get("n"):
+        s.update(ttft_p50_ms=img["ttft_ms"]["p50"], ttft_p90_ms=img["ttft_ms"]["p90"],
+                 tpot_p50_ms=img["tpot_ms"].get("p50"), met=img["ttft_ms"]["p50"] <= 25.0)
+        print(f"image + {report['config']['prompt_tokens']} text tokens: TTFT p50 "
+              f"{s['ttft_p50_ms']:.1f} ms (p90 {s['ttft_p90_ms']:.1f}; target 25: "
+              f"{'met' if s['met'] else 'not met'}), TPOT p50 {s['tpot_p50_ms'] or 0:.2f} ms",
+              flush=True)
+    if img and txt and img["prompt_tokens"] and txt["prompt_tokens"]:
+        s["image_tokens"] = img["prompt_tokens"][0] - txt["prompt_tokens"][0]
+    report["summary"] = s
+
+
+if __name__ == "__main__":
+    main()
