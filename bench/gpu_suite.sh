@@ -14,7 +14,7 @@
 #
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
-#   STAGES ["env ckpt pytest kernels decode_triton decode_eager parity profile encoder
+#   STAGES ["env ckpt pytest kernels decode_triton decode_eager parity profile encoder ttft
 #            decode_reference peer"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
@@ -25,6 +25,7 @@
 #   PARITY_BATCH [8] PARITY_STEPS [32] T_PARITY [120]: bench/parity.py, fast path vs reference
 #   PROFILE_BATCHES ["1 8 64"] T_PROFILE [90]: bench/profile_step.py (CUDA only)
 #   ENCODER_BATCHES ["1 8 32 64 128"] ENCODER_CKPT [/dev/shm/...] T_ENCODER [80]: bench/encoder.py
+#   T_TTFT [150]: bench/ttft.py (LLaVA-1.5-7B shape served over HTTP, one image + 40 tokens)
 #   PEER_MODES ["eager static"] PEER_BATCHES/PEER_CONTEXTS [= DECODE_*] PEER_STEPS [32]
 #   STATIC_BATCHES ["1 8"] STATIC_CONTEXTS ["128"] COMPILE_BUDGET_S [240]
 #   PREFILL_BATCH [64] PREFILL_LEN [128]  KERNEL_OPS [all]
@@ -53,7 +54,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity profile encoder decode_reference peer}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity profile encoder ttft decode_reference peer}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -164,6 +165,7 @@ run_stage profile "${T_PROFILE:-90}" 0 "python3 bench/profile_step.py --model $C
     --out $WORK/profile_step.json"
 run_stage encoder "${T_ENCODER:-80}" 25 "python3 bench/encoder.py $D $TINY --batch $ENCODER_BATCHES --iters 10 \
     --warmup 2 --budget-s @BUDGET@ --ckpt-dir $ENCODER_CKPT --out $WORK/encoder.json"
+run_stage ttft "${T_TTFT:-150}" 0 "python3 bench/ttft.py $D $TINY --budget-s @BUDGET@ --out $WORK/ttft.json"
 run_stage decode_reference "${T_DECODE_REF:-90}" 30 "MMSERVE_KERNELS=reference $DEC --batch $REF_BATCHES \
     --context $REF_CONTEXTS --steps $REF_STEPS --warmup 2 --prefill-reps 1 --budget-s @BUDGET@ \
     --out $WORK/decode_reference.json"
