@@ -21,7 +21,7 @@ from aiohttp import web
 from frontend.chat import ChatRenderer, load_chat_template
 from frontend.config import FrontendConfig
 from frontend.encoder_pool import EncoderPool
-from frontend.engine_client import EngineClient
+from frontend.engine_client import BUSY_AFTER_S, EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
 from frontend.mm_inputs import MediaInputs
 from frontend.models import load_placeholders, placeholder_texts
@@ -81,12 +81,27 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 async def health(request: web.Request) -> web.Response:
-    """200 only when every role is ready: the engine, and (if configured) a live encoder."""
+    """200 while every role serves: the engine "ready" or "busy" (beating through a long step),
+    and (if configured) a live encoder; 503 while one is "starting" or "dead". The body says
+    which: {"status", "engine": {"state", "step_running_s", "silent_s"}, "encoders"}."""
     serving = request.app[SERVING]
+    engine = serving.client.health()
+    body: dict[str, Any] = {"status": engine.state, "engine": {
+        "state": engine.state, "step_running_s": _seconds(engine.step_running_s),
+        "silent_s": _seconds(engine.silent_s)}, "encoders": None}
     pool = serving.media.pool
-    healthy = serving.client.healthy and (pool is None or pool.healthy)
-    return web.Response(status=200 if healthy else 503)
+    if pool is not None:
+        body["encoders"] = {"state": pool.state, "live": len(pool.live()),
+                            "total": len(pool.encoders)}
+        if engine.ok and not pool.healthy:
+            body["status"] = pool.state
+    ok = body["status"] in ("ready", "busy")
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def version(request: web.Request) -> web.Response:
@@ -152,7 +167,12 @@ async def metrics(request: web.Request) -> web.Response:
     def add(name: str, kind: str, value: float, help_text: str) -> None:
         lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"])
 
-    add("mmserve_engine_healthy", "gauge", int(client.healthy), "1 while engine heartbeats arrive")
+    engine = client.health()
+    add("mmserve_engine_healthy", "gauge", int(engine.ok), "1 while engine heartbeats arrive")
+    add("mmserve_engine_busy", "gauge", int(engine.state == "busy"),
+        f"1 while an engine step has run longer than {BUSY_AFTER_S:g} s (heartbeats still arrive)")
+    add("mmserve_engine_step_running_seconds", "gauge", round(engine.step_running_s or 0.0, 3),
+        "how long the engine step in flight has run (0 when idle)")
     for field in EngineStats.__struct_fields__:
         add(f"mmserve_{field}", "counter" if field in _COUNTERS else "gauge",
             getattr(client.stats, field), f"engine {field.replace('_', ' ')}")

@@ -263,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             from llm_worker.engine import run_engine_core
 
             eng = engine_config(args)
-            run = lambda: run_engine_core(eng, args.input_addr, args.embed_addr)  # noqa: E731
+            slow = env.debug_slow_step_s()
+            run = lambda: run_engine_core(eng, args.input_addr, args.embed_addr,  # noqa: E731
+                                          debug_slow_step_s=slow)
     except ValueError as e:
         print(f"mmserve {args.command}: error: {e}", file=sys.stderr)
         return 2

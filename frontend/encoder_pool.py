@@ -83,10 +83,18 @@ class EncoderPool:
         return [a for a, e in self.encoders.items() if e.live(now, self.dead_after)]
 
     @property
-    def healthy(self) -> bool:
+    def state(self) -> str:
+        """"ready" while an encoder is live (or the last one went less than the grace ago),
+        "starting" until the first one is, "dead" once none has been live for the grace."""
         if not self.encoders or self.live():
-            return True
-        return self._ever_live and not self._out_of_grace()
+            return "ready"
+        if not self._ever_live:
+            return "starting"
+        return "dead" if self._out_of_grace() else "ready"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready"
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._liveness_loop(), name="encoder-liveness")]

@@ -1,7 +1,9 @@
 """The frontend's connection to one engine core: send requests, stream their TokenOutputs back.
 
-Liveness comes from the engine's heartbeats: silence for `engine_dead_after_s` marks the engine
-dead, fails every in-flight stream with EngineUnavailable (-> 503) and flips /health to 503.
+Liveness comes from the engine's heartbeats, which its IO thread sends even while a step runs:
+silence for `engine_dead_after_s` marks the engine dead, fails every in-flight stream with
+EngineUnavailable (-> 503) and flips /health to 503. Beats that report a step running for more
+than BUSY_AFTER_S make it "busy": still healthy, and nothing in flight fails.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq.asyncio
 
@@ -33,6 +35,18 @@ from protocol.sockets import AsyncReceiver, AsyncSender
 
 log = logging.getLogger(__name__)
 
+BUSY_AFTER_S = 1.0  # a step running longer than this (a first compile, a huge prefill) is "busy"
+
+
+class EngineHealth(NamedTuple):
+    state: str  # "starting" (no Ready yet) | "ready" | "busy" | "dead" (heartbeats stopped)
+    step_running_s: float | None  # how long the step in flight has run; None when idle/unknown
+    silent_s: float | None  # seconds since the last heartbeat; None before the first
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("ready", "busy")
+
 
 class EngineClient:
     def __init__(self, engine_addr: str, reply_addr: str | None = None):
@@ -45,6 +59,8 @@ class EngineClient:
         self.ready: Ready | None = None
         self.stats = EngineStats()
         self.last_beat = 0.0
+        self.step_running_s: float | None = None  # as of the latest beat, received at beat_at
+        self.beat_at = 0.0
         self.streams: dict[str, asyncio.Queue] = {}
         self.ready_event = asyncio.Event()
         # Other peers (encoders) push to the same inbox; their messages go to this callback.
@@ -64,9 +80,22 @@ class EngineClient:
         self.sender.close()
         self.ctx.term()
 
+    def health(self) -> EngineHealth:
+        if self.ready is None:
+            return EngineHealth("starting", None, None)
+        now = time.monotonic()
+        silent = now - self.last_beat
+        if silent >= self.dead_after:
+            return EngineHealth("dead", None, silent)
+        running = self.step_running_s
+        if running is None:
+            return EngineHealth("ready", None, silent)
+        running += now - self.beat_at  # the step has gone on since that beat left
+        return EngineHealth("busy" if running > BUSY_AFTER_S else "ready", running, silent)
+
     @property
     def healthy(self) -> bool:
-        return self.ready is not None and time.monotonic() - self.last_beat < self.dead_after
+        return self.health().ok
 
     async def wait_ready(self, timeout: float | None = None) -> Ready:
         await asyncio.wait_for(self.ready_event.wait(), timeout)
@@ -113,8 +142,9 @@ class EngineClient:
                     if q is not None:
                         q.put_nowait(out)
             elif isinstance(msg, Heartbeat):
-                self.last_beat = time.monotonic()
+                self.last_beat = self.beat_at = time.monotonic()
                 self.stats = msg.stats
+                self.step_running_s = msg.step_running_s
             elif isinstance(msg, ErrorMsg):
                 q = self.streams.get(msg.request_id)
                 if q is not None:
@@ -124,6 +154,7 @@ class EngineClient:
             elif isinstance(msg, Ready):
                 self.ready = msg
                 self.last_beat = time.monotonic()
+                self.step_running_s = None  # a new (or restarted) engine: idle until it beats
                 self.ready_event.set()
                 log.info("engine %s ready (%s, max_model_len=%d)", msg.engine_id, msg.model,
                          msg.max_model_len)

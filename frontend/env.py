@@ -70,3 +70,10 @@ def encoder_dead_after_s() -> float:
     Only for a process stuck with its socket up: a dead process or an unreachable host drops its
     connection first (the pool's socket monitor, well under 0.5 s). 5 beats, like the engine's."""
     return float(os.environ.get("MMSERVE_ENCODER_TIMEOUT", "1.0"))
+
+
+def debug_slow_step_s() -> float:
+    """Fault injection, for tests only (off by default): the engine's first step that runs a
+    request sleeps this many seconds first, like a first compile, to test that /health says
+    "busy" and nothing fails meanwhile. Read by `mmserve llm-worker` (and so by `serve`)."""
+    return float(os.environ.get("MMSERVE_DEBUG_SLOW_STEP_S") or 0)

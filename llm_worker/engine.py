@@ -176,7 +176,7 @@ class EngineCoreProc:
     """Serves one EngineCore: GenerateRequest/Abort/Hello in, TokenOutputs/Heartbeat out."""
 
     def __init__(self, config: LLMWorkerConfig, input_addr: str, heartbeat_s: float = 0.2,
-                 embed_addr: str | None = None):
+                 embed_addr: str | None = None, debug_slow_step_s: float = 0.0):
         self.engine_id = f"engine-{uuid.uuid4().hex[:8]}"
         self.core = EngineCore(config)
         self.model_name = config.model
@@ -198,8 +198,13 @@ class EngineCoreProc:
                          name="engine-embeds", daemon=True).start()
         threading.Thread(target=self._send_loop, name="engine-out", daemon=True).start()
         # Heartbeats come from their own thread: a long step (a big prefill, a first compile) is
-        # "busy", not "dead". They carry the busy loop's latest stats (num_steps shows progress).
+        # "busy", not "dead". They carry the busy loop's latest stats (num_steps shows progress)
+        # and how long the step in flight has run, from when the loop began it (None: idle).
         self._stats = self.core.stats()
+        self._step_started: float | None = None
+        # Fault injection for tests (MMSERVE_DEBUG_SLOW_STEP_S): the first step with work sleeps
+        # this long, as a first compile would on a GPU. 0 (the default) does nothing.
+        self.debug_slow_step_s = debug_slow_step_s
         threading.Thread(target=self._beat_loop, name="engine-beat", daemon=True).start()
 
     # -- IO threads (own their sockets; the busy loop only touches queues) -----------------
@@ -235,7 +240,9 @@ class EngineCoreProc:
 
     def _beat_loop(self) -> None:
         while self.running:
-            beat = Heartbeat(self.engine_id, time.time(), self._stats)
+            started = self._step_started  # read once: the busy loop may clear it meanwhile
+            running = None if started is None else time.monotonic() - started
+            beat = Heartbeat(self.engine_id, time.time(), self._stats, running)
             for dest in tuple(self.frontends):
                 self.outbox.put((dest, beat))
             time.sleep(self.heartbeat_s)
@@ -255,7 +262,11 @@ class EngineCoreProc:
     def _step(self) -> list[TokenOutput]:
         if not self.core.has_work():
             return []
+        self._step_started = time.monotonic()
         try:
+            if self.debug_slow_step_s:
+                time.sleep(self.debug_slow_step_s)
+                self.debug_slow_step_s = 0.0
             return self.core.step()
         except Exception:
             # A bug or a device fault: fail what is in flight (5xx, no internals to clients)
@@ -268,6 +279,8 @@ class EngineCoreProc:
                 if dest is not None:
                     self.outbox.put((dest, ErrorMsg(rid, 500, "engine step failed")))
             return []
+        finally:
+            self._step_started = None
 
     def _drain_inputs(self, block: bool) -> None:
         try:
@@ -338,8 +351,10 @@ class EngineCoreProc:
             self.outbox.put((dest, TokenOutputs(outs)))
 
 
-def run_engine_core(config: LLMWorkerConfig, input_addr: str, embed_addr: str | None = None) -> None:
-    proc = EngineCoreProc(config, input_addr, embed_addr=embed_addr)
+def run_engine_core(config: LLMWorkerConfig, input_addr: str, embed_addr: str | None = None,
+                    debug_slow_step_s: float = 0.0) -> None:
+    proc = EngineCoreProc(config, input_addr, embed_addr=embed_addr,
+                          debug_slow_step_s=debug_slow_step_s)
     try:
         proc.run()
     finally:

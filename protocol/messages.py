@@ -124,7 +124,10 @@ class EngineStats(_Data):
 class Heartbeat(_Data):
     engine_id: str
     time: float
-    stats: EngineStats
+    stats: EngineStats  # the busy loop's latest snapshot (num_steps counts finished steps)
+    # How long the step in flight has run when the beat left (None: no step running). Read live
+    # by the beat thread, so a 30 s step shows as "busy" while it runs, not after.
+    step_running_s: float | None = None
 
 
 class ErrorMsg(_Data):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import pickle
 import signal
@@ -137,7 +138,10 @@ def test_uuid_miss_is_a_clear_400(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, [part(None, uuid="never-seen"), {"type": "text", "text": "?"}])
     assert "never-seen" in e.value.message
-    assert get(server.base + "/health")[0] == 200
+    status, body = get(server.base + "/health")
+    encoders = json.loads(body)["encoders"]  # 200 once one of the two is live
+    assert status == 200 and encoders["state"] == "ready" and encoders["total"] == 2, body
+    assert 1 <= encoders["live"] <= 2, body
 
 
 def test_image_embeds_match_the_image(client, hf):

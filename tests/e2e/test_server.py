@@ -33,7 +33,10 @@ def client(server):
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [server.proc.args[4]]
-    assert get(server.base + "/health")[0] == 200
+    status, body = get(server.base + "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ready", health
+    assert health["engine"]["state"] == "ready" and health["engine"]["silent_s"] < 1, health
     status, body = get(server.base + "/version")
     assert status == 200 and "version" in json.loads(body)
 
@@ -182,14 +185,20 @@ def test_engine_death_gives_503_fast_and_serve_recovers(tiny_llama):
         assert 500 <= status < 600 and "error" in body and took < 3
         assert "Traceback" not in json.dumps(body)
         t0 = time.monotonic()
-        while get(srv.base + "/health")[0] != 503:
+        while (health := get(srv.base + "/health"))[0] != 503:
             assert time.monotonic() - t0 < 2.0
             time.sleep(0.05)
+        # Dead, not busy: the heartbeats stopped (a long step would still send them).
+        dead = json.loads(health[1])
+        assert dead["status"] == "dead" and dead["engine"]["state"] == "dead", dead
+        assert dead["engine"]["silent_s"] >= 1.0 and dead["encoders"] is None, dead
+        assert metric(srv.base, "mmserve_engine_healthy") == 0
         # serve restarts the engine; the frontend reconnects on its own
         deadline = time.monotonic() + 60
-        while get(srv.base + "/health")[0] != 200:
+        while (health := get(srv.base + "/health"))[0] != 200:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        assert json.loads(health[1])["status"] == "ready", health
     finally:
         srv.stop()
 

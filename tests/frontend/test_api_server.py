@@ -332,7 +332,10 @@ def test_no_engine_answers_503(model):
     config = FrontendConfig(model=model, engine_addr=tcp(), port=free_port())
     srv = Server(config)
     try:
-        assert status(srv.url, "GET", "/health") == 503
+        code, text = asyncio.run(_request(srv.url, "GET", "/health"))
+        assert code == 503 and json.loads(text) == {
+            "status": "starting", "engine": {"state": "starting", "step_running_s": None,
+                                             "silent_s": None}, "encoders": None}, text
         r = post(srv.url, "/v1/chat/completions", {"messages": CHAT}, expect=503)
         assert r["error"]["code"] == 503 and "engine" in r["error"]["message"]
         r = post(srv.url, "/v1/completions", {"prompt": "hi", "stream": True}, expect=503)

@@ -1,5 +1,7 @@
 """Heartbeats come from the engine's own thread: a step that takes seconds (a long prefill, a first
-compile) leaves the engine "busy", never "dead" to its frontends."""
+compile) leaves the engine "busy", never "dead" to its frontends. The beats say how long the step
+in flight has run, so the frontend can tell busy from ready. (Through real processes and HTTP:
+tests/e2e/test_slow_step.py.)"""
 
 from __future__ import annotations
 
@@ -35,19 +37,29 @@ def test_heartbeats_keep_coming_during_a_long_step(tiny_llama):
     try:
         to_engine.send(Hello(frontend_id="t", reply_to=inbox.addr))
         to_engine.send(GenerateRequest("r", [1, 2, 3], Sampling(max_tokens=1), [], inbox.addr))
-        beats, started, finished = [], time.monotonic(), None
+        beats, running, started, finished = [], [], time.monotonic(), None
         while finished is None and time.monotonic() - started < 30:
             got = inbox.recv(timeout_ms=100)
             if got is None:
                 continue
             if isinstance(got[0], Heartbeat):
                 beats.append(time.monotonic())
+                running.append(got[0].step_running_s)
             elif isinstance(got[0], TokenOutputs):
                 finished = time.monotonic()
         assert finished is not None and finished - started >= STEP_S
         gaps = [b - a for a, b in zip(beats, beats[1:])]
         during = [b for b in beats if started + 0.3 < b < finished - 0.3]
         assert len(during) >= 5 and max(gaps) < 0.8, (len(during), max(gaps))
+        # The step in flight is reported live and grows while it runs; idle beats say None.
+        in_step = [r for r in running if r is not None]
+        assert max(in_step) > STEP_S - 0.5 and in_step == sorted(in_step), in_step
+        idle = []
+        while time.monotonic() - finished < 0.6:
+            got = inbox.recv(timeout_ms=100)
+            if got is not None and isinstance(got[0], Heartbeat):
+                idle.append(got[0])
+        assert idle[-1].step_running_s is None and idle[-1].stats.num_steps == 1, idle[-1]
     finally:
         to_engine.send(Shutdown())
         loop.join(10)
@@ -58,27 +70,19 @@ def test_heartbeats_keep_coming_during_a_long_step(tiny_llama):
 
 
 def test_the_frontend_sees_a_long_step_as_busy_not_dead(tiny_llama):
-    """/health (EngineClient.healthy) never flaps during a 3 s step, and the requests in it and
-    one sent meanwhile all finish (the frontend's dead-after is 1 s)."""
+    """/health (EngineClient.healthy) never flaps during a 3 s step, the client calls it "busy"
+    (not dead) meanwhile, and the requests in it and one sent meanwhile all finish (the
+    frontend's dead-after is 1 s). The step is slowed by the engine's own debug hook."""
     import asyncio
 
-    from frontend.engine_client import EngineClient
+    from frontend.engine_client import EngineClient, EngineHealth
 
     proc = EngineCoreProc(LLMWorkerConfig(model=tiny_llama, max_model_len=64, num_kv_blocks=16),
-                          tcp(), heartbeat_s=0.2)
-    real_step, slow = proc.core.step, [True]
-
-    def step():
-        if slow[0]:
-            slow[0] = False
-            time.sleep(3 * STEP_S / 2)  # the first step only, like a first compile
-        return real_step()
-
-    proc.core.step = step
+                          tcp(), heartbeat_s=0.2, debug_slow_step_s=3 * STEP_S / 2)
     loop = threading.Thread(target=proc.run, daemon=True)
     loop.start()
 
-    async def run() -> tuple[list[bool], list[list[int]]]:
+    async def run() -> tuple[list[EngineHealth], list[list[int]]]:
         client = EngineClient(proc.receiver.addr)
         await client.start()
         try:
@@ -90,17 +94,18 @@ def test_the_frontend_sees_a_long_step_as_busy_not_dead(tiny_llama):
                 return [t for out in [o async for o in client.generate(req)]
                         for t in out.new_token_ids]
 
-            health: list[bool] = []
+            health: list[EngineHealth] = []
 
             async def watch() -> None:
                 while True:
-                    health.append(client.healthy)
+                    health.append(client.health())
                     await asyncio.sleep(0.05)
 
             watcher = asyncio.create_task(watch())
             first = asyncio.create_task(one("a"))
             await asyncio.sleep(0.5)  # inside the slow step now
             outs = await asyncio.gather(first, one("b"))
+            await asyncio.sleep(0.5)  # beats after the step say idle again
             watcher.cancel()
             return health, outs
         finally:
@@ -108,8 +113,12 @@ def test_the_frontend_sees_a_long_step_as_busy_not_dead(tiny_llama):
 
     try:
         health, outs = asyncio.run(run())
-        assert len(health) > 30 and all(health), health.count(False)
+        assert len(health) > 30 and all(h.ok for h in health), [h.state for h in health]
+        busy = [h.step_running_s for h in health if h.state == "busy"]
+        assert len(busy) > 10 and max(busy) > 2.5 and min(busy) > 1.0, busy
+        assert health[-1].state == "ready" and health[-1].step_running_s is None
         assert [len(o) for o in outs] == [3, 3]
+        assert proc.debug_slow_step_s == 0  # it slowed the first step only
     finally:
         proc.running = False
         loop.join(10)
