@@ -32,7 +32,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="on by default")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs (none are captured yet: every step is eager)")
+                   help="no CUDA graphs: every decode step launches its kernels eagerly")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
