@@ -93,8 +93,10 @@ class ModelRunner:
         capture the decode graphs, so no served step pays for either. Dummy rows write no KV."""
         t0 = time.perf_counter()
         chunk = min(self.max_num_tokens, self.max_model_len)
-        # Prefill tile configs differ by chunk length: one long chunk, and short ones in a batch.
-        shapes = [[chunk], [min(chunk, 32)] * min(2, self.max_num_seqs), [1]]
+        # Prefill tile configs differ by chunk length: one long chunk, and short ones in a batch
+        # (within the step's token budget).
+        rows = min(2, self.max_num_seqs)
+        shapes = [[chunk], [max(1, min(32, chunk // rows))] * rows, [1]]
         for lens in shapes:
             self._dummy_forward(lens)
         if self.use_graphs:

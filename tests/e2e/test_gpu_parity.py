@@ -54,7 +54,7 @@ def test_triton_graphs_equal_reference(request, name, monkeypatch):
     model_dir = request.getfixturevalue(name)
     ref, ref_replays = _run(model_dir, "reference", monkeypatch)
     fast, replays = _run(model_dir, "triton", monkeypatch)
-    assert ref_replays == 0 and replays >= MAX_NEW - 2  # the fast path really replayed graphs
+    assert ref_replays == 0 and replays >= MAX_NEW // 2  # the fast path really replayed graphs
     for (ref_ids, ref_lps), (ids, lps) in zip(ref, fast, strict=True):
         assert ids == ref_ids
         for a, b in zip(ref_lps, lps, strict=True):

@@ -19,7 +19,7 @@ PROMPTS = {"a": 5, "b": 9, "c": 17}  # c spans two blocks
 def runner(tiny_llama):
     cfg = transformers.AutoConfig.from_pretrained(tiny_llama)
     r = ModelRunner(tiny_llama, cfg, device=torch.device("cpu"), dtype=torch.float32,
-                    max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64, block_size=BS)
+                    max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32, block_size=BS)
     r.init_kv_cache(16)
     return r
 
