@@ -36,7 +36,7 @@ def _run(model_dir: str, kernels: str, monkeypatch, **kw):
     """Greedy outputs with top-5 logprobs through one kernel path; the LLM is dropped after."""
     monkeypatch.setenv("MMSERVE_KERNELS", kernels)
     llm = LLM(model_dir, device="cuda", dtype="float32", max_num_batched_tokens=32,
-              num_kv_blocks=64, max_num_seqs=8, **kw)
+              num_kv_blocks=64, max_num_seqs=8, max_model_len=256, **kw)
     # Five prompts: the decode batches pad 5 -> 8 (and 3, 2 -> 4, 2 as prompts finish).
     prompts = PROMPTS + ["A fifth prompt, a little longer than the first."]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=5,
