@@ -429,6 +429,16 @@ def print_row(r: dict) -> None:
           f"{f(r['ttft_ms'], 'p50', 'p90', 'min'):>21} {f(r['first_text_ms'], 'p50'):>14} "
           f"{f(r['tpot_ms'], 'p50', 'p90'):>15} {f(r['e2e_ms'], 'p50'):>8} {prompt:>7}  "
           f"{deltas}", flush=True)
+    d = r["metrics_delta"]
+    n = d.get("mmserve_encoder_num_encoded", 0)
+    steps = d.get("mmserve_num_steps", 0)
+    if steps:  # the engine's clock: its steps per request and time in them
+        print(f"    engine: {steps / max(r['completed'], 1):.1f} steps/request, "
+              f"{1e3 * d.get('mmserve_step_seconds', 0.0) / steps:.2f} ms/step", flush=True)
+    if n:  # the encoder's own clock, per encoded item (its stage counters over the variant)
+        print("    encoder ms/item: " + ", ".join(
+            f"{stage} {1e3 * d.get(f'mmserve_encoder_{stage}_seconds', 0.0) / n:.1f}"
+            for stage in ("decode", "queue", "tower", "item")), flush=True)
 
 
 # -- main ------------------------------------------------------------------------------------------

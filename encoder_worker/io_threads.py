@@ -77,9 +77,12 @@ class EncoderIO:
                 continue
             msg, frames = got
             if isinstance(msg, Hello):
-                log.info("frontend %s says hello (replies to %s)", msg.frontend_id, msg.reply_to)
                 with self._lock:
+                    new = msg.reply_to not in self._frontends
                     self._frontends.add(msg.reply_to)
+                if new:  # a frontend repeats Hello until it hears back: log it once
+                    log.info("frontend %s says hello (replies to %s)", msg.frontend_id,
+                             msg.reply_to)
                 self.send(msg.reply_to, self._make_beat())
                 continue
             if isinstance(msg, EncodeRequest) and msg.embeds is not None:

@@ -49,6 +49,7 @@ class _Ready(NamedTuple):
     key: str
     pixels: torch.Tensor  # [3, H, W] float32, CPU
     since: float  # monotonic time it became ready (the batch deadline counts from the oldest)
+    arrived: float  # monotonic time its first request arrived
 
 
 class EncoderProc:
@@ -62,6 +63,7 @@ class EncoderProc:
         self.stats = EncoderStats()
         self.waiters: dict[str, list[EncodeRequest]] = {}  # key in flight -> requests wanting it
         self.ready: list[_Ready] = []  # decoded, waiting for the tower
+        self.arrived: dict[str, float] = {}  # key -> arrival of an item on the decode pool
         self.num_decoding = 0
         self.to_device = PixelUploader(self.model.device)
         self.to_host = HostCopier()
@@ -138,20 +140,26 @@ class EncoderProc:
                                    "the embedding cache (any more): send its data again")
         else:
             self.waiters[msg.key] = [msg]
+            self.arrived[msg.key] = time.monotonic()
             self.num_decoding += 1
             fut = self.pool.submit(self._decode, msg.data, msg.kwargs)
             fut.add_done_callback(lambda f, key=msg.key: self.inbox.put(_Decoded(key, f)))
 
-    def _decode(self, data: bytes, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Decode-pool thread: bytes -> pixel values [3, H, W] float32."""
+    def _decode(self, data: bytes, kwargs: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        """Decode-pool thread: bytes -> pixel values [3, H, W] float32, and the seconds it took
+        (added to the stats by the loop thread, which owns them)."""
+        t0 = time.perf_counter()
         image = decode_image(data, kwargs, max_pixels=self.config.max_image_pixels,
                              min_side=self.config.min_image_side)
-        return self.model.preprocess(image)
+        return self.model.preprocess(image), time.perf_counter() - t0
 
     def _on_decoded(self, msg: _Decoded) -> None:
         self.num_decoding -= 1
+        arrived = self.arrived.pop(msg.key)
         try:
-            self.ready.append(_Ready(msg.key, msg.future.result(), time.monotonic()))
+            pixels, seconds = msg.future.result()
+            self.stats.decode_seconds += seconds
+            self.ready.append(_Ready(msg.key, pixels, time.monotonic(), arrived))
         except MediaError as e:
             self._done(self.waiters.pop(msg.key), 400, e.message)
         except Exception:
@@ -185,6 +193,7 @@ class EncoderProc:
             self._encode(group)
 
     def _encode(self, group: list[_Ready]) -> None:
+        t0 = time.monotonic()
         try:
             pixels = self.to_device([r.pixels for r in group])  # [B, 3, H, W] on the device
             outs = self.model.encode(pixels)
@@ -196,9 +205,13 @@ class EncoderProc:
                 self._done(self.waiters.pop(item.key), 500, INTERNAL_ERROR)
             return
         self.stats.num_encoded += len(group)
+        st, now = self.stats, time.monotonic()
+        st.queue_seconds += sum(t0 - r.since for r in group)
+        st.tower_seconds += (now - t0) * len(group)
         for item, tensor in zip(group, outs):
             self.store.put(item.key, tensor)
             self._publish(item.key, tensor, self.waiters.pop(item.key), cache_hit=False)
+            st.item_seconds += time.monotonic() - item.arrived
 
     # -- emit -------------------------------------------------------------------------------
 

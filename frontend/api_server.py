@@ -37,7 +37,8 @@ CONFIG = web.AppKey("config", FrontendConfig)
 SERVING = web.AppKey("serving", OpenAIServing)
 
 # /metrics: every EngineStats field is exported as mmserve_<field>; these are monotonic.
-_COUNTERS = {"prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_steps"}
+_COUNTERS = {"prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_steps",
+             "step_seconds"}
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:

@@ -152,12 +152,14 @@ class EngineClient:
                            else EngineUnavailable(msg.message))
                     q.put_nowait(err)
             elif isinstance(msg, Ready):
+                if self.ready is None or self.ready.engine_id != msg.engine_id:
+                    # Hello repeats until the first Ready lands: log each engine once.
+                    log.info("engine %s ready (%s, max_model_len=%d)", msg.engine_id, msg.model,
+                             msg.max_model_len)
                 self.ready = msg
                 self.last_beat = time.monotonic()
                 self.step_running_s = None  # a new (or restarted) engine: idle until it beats
                 self.ready_event.set()
-                log.info("engine %s ready (%s, max_model_len=%d)", msg.engine_id, msg.model,
-                         msg.max_model_len)
             elif self.other_messages is not None:
                 self.other_messages(msg)
 

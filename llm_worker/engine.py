@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 
+import msgspec
 import zmq
 
 from llm_worker.config import LLMWorkerConfig
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: LLMWorkerConfig):
         self.config = config
+        self.step_seconds = 0.0  # in steps that ran work (stats)
         self.executor = make_executor(config)
         self.max_model_len = self.executor.max_model_len
         self.vocab_size = self.executor.vocab_size
@@ -125,6 +127,7 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[TokenOutput]:
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -134,6 +137,7 @@ class EngineCore:
         for o in outputs:
             if o.finish_reason is not None:
                 self._release(o.request_id)
+        self.step_seconds += time.perf_counter() - t0
         return outputs
 
     def _attach_embeddings(self, out) -> None:
@@ -166,7 +170,7 @@ class EngineCore:
             out.cached_requests = [r for r in out.cached_requests if r.request_id not in bad]
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        return msgspec.structs.replace(self.scheduler.stats(), step_seconds=self.step_seconds)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -119,6 +119,7 @@ class EngineStats(_Data):
     prefix_cache_hits: int = 0  # of those, tokens found
     num_preemptions: int = 0
     num_steps: int = 0
+    step_seconds: float = 0.0  # wall time inside steps that ran work (divide by num_steps)
 
 
 class Heartbeat(_Data):
@@ -204,6 +205,13 @@ class EncoderStats(_Data):
     num_errors: int = 0
     store_bytes: int = 0
     store_items: int = 0
+    # Where an encoded item's time goes (sums over items; divide by num_encoded): bytes ->
+    # pixels on the decode pool, waiting for a batch, the batch's upload + tower + download (each
+    # item counts its batch's time), and in all from the request's arrival to its publication.
+    decode_seconds: float = 0.0
+    queue_seconds: float = 0.0
+    tower_seconds: float = 0.0
+    item_seconds: float = 0.0
 
 
 class EncoderHeartbeat(_Data):

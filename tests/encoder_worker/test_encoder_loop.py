@@ -58,6 +58,9 @@ def test_duplicate_keys_are_encoded_once(proc, make_image, to_png):
     assert all(d.status == 200 and not d.cache_hit for d in done)
     assert [a for a, _, _ in embeddings(proc)] == ["dec0", "dec1", "dec2"]  # once per address
     assert proc.stats.num_encoded == 1 and "k" in proc.store and not proc.waiters
+    st = proc.stats  # the item's time, by stage, and in all (which covers the stages)
+    assert st.decode_seconds > 0 and st.tower_seconds > 0 and st.queue_seconds >= 0
+    assert st.item_seconds >= st.decode_seconds + st.tower_seconds and not proc.arrived
 
 
 def test_ready_items_share_one_tower_batch(proc, make_image, to_png):
