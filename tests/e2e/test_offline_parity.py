@@ -139,3 +139,24 @@ def test_stop_string_aborts_in_engine(tiny_llama):
     assert out.text == text[: text.index(stop)]
     assert not llm.engine.has_work()
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_total_blocks
+
+
+def test_repetition_penalty_matches_transformers(tiny_llama):
+    """The penalty reads each row's prompt and outputs (the only sampler rule that does): greedy
+    with repetition_penalty equals transformers' generate with the same penalty, batched beside
+    rows without one, and differs from the unpenalized run (so the history really arrived)."""
+    llm = LLM(tiny_llama, max_num_batched_tokens=32, max_num_seqs=8)
+    pen = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.8,
+                         ignore_eos=True)
+    plain = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate(PROMPTS + PROMPTS, [pen] * len(PROMPTS) + [plain] * len(PROMPTS))
+    ours = [o.outputs[0].token_ids for o in outs[: len(PROMPTS)]]
+    unpenalized = [o.outputs[0].token_ids for o in outs[len(PROMPTS):]]
+    assert ours != unpenalized
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    for o, got in zip(outs, ours):
+        ids = torch.tensor([o.prompt_token_ids])
+        want = model.generate(ids, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                              do_sample=False, repetition_penalty=1.8,
+                              pad_token_id=model.generation_config.eos_token_id)
+        assert got == want[0, ids.shape[1]:].tolist()
