@@ -56,7 +56,7 @@ class ModelRunner:
             max_model_len=max_model_len,
         )
         self.vocab_size = self.model.vocab_size
-        self.sampler = Sampler(self.vocab_size, device)
+        self.sampler = Sampler(self.vocab_size, device, max_num_seqs)
         # The model's position rule (M-RoPE models override it); None: token i at position i.
         self.positions = getattr(self.model, "input_positions", None)
         self.kv_caches: list[torch.Tensor] = []

@@ -1,7 +1,8 @@
 """Sampling on the device: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
 
-The batch's parameters become [N] tensors once per step, so every rule is one vectorised op
-over the whole batch instead of a Python loop over requests.
+The batch's parameters go to the device once per step, as one table in a persistent buffer, so
+every rule is one vectorised op over the whole batch instead of a Python loop over requests, and
+an all-greedy step (the common case) does nothing but the argmax.
 """
 
 from __future__ import annotations
@@ -27,16 +28,53 @@ class SamplingRow:
     blocked_ids: tuple[int, ...] = ()
 
 
+# Rows of the per-step parameter table (one column per sampled request).
+_TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _FREQ, _PRES, _GREEDY = range(8)
+
+
+def _is_plain_greedy(p: Sampling) -> bool:
+    """Greedy with no penalty: the step needs no parameter table."""
+    return (p.temperature < _GREEDY_EPS and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
+
+
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device):
+    def __init__(self, vocab_size: int, device: torch.device, max_num_seqs: int = 256):
         self.vocab_size = vocab_size
         self.device = device
+        # The batch's parameters go up as one [8, N] table: a pinned staging buffer and a fixed
+        # device mirror, one async copy per step that needs them (all-greedy steps need none).
+        pin = device.type == "cuda"
+        self._host = torch.zeros(8, max_num_seqs, dtype=torch.float32, pin_memory=pin)
+        self._table = torch.zeros(8, max_num_seqs, dtype=torch.float32, device=device)
+        self._n = 0
+
+    def _upload(self, rows: list[SamplingRow]) -> None:
+        """Fill and upload the parameter table for these rows."""
+        n = self._n = len(rows)
+        if n > self._host.shape[1]:  # more rows than sequences: grow once (never on a hot path)
+            self._host = torch.zeros(8, n, dtype=torch.float32, pin_memory=self._host.is_pinned())
+            self._table = torch.zeros(8, n, dtype=torch.float32, device=self.device)
+        t, v = self._host.numpy(), self.vocab_size
+        for i, r in enumerate(rows):
+            p = r.params
+            greedy = p.temperature < _GREEDY_EPS
+            t[:, i] = (1.0 if greedy else p.temperature, p.top_k if 0 < p.top_k < v else v,
+                       p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
+                       p.presence_penalty, greedy)
+        self._table[:, :n].copy_(self._host[:, :n], non_blocking=self._host.is_pinned())
+
+    def _col(self, field: int) -> torch.Tensor:
+        """[N, 1] column of this step's parameter table on the device."""
+        return self._table[field, : self._n].unsqueeze(1)
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         # logits: [N, vocab] float32, one row per request that samples this step
         logits = logits[:, : self.vocab_size].float()
+        if not all(_is_plain_greedy(r.params) for r in rows):
+            self._upload(rows)
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             # OpenAI semantics: logprobs of the model's distribution, before sampling transforms.
@@ -67,12 +105,12 @@ class Sampler:
             if r.params.repetition_penalty != 1.0 and r.prompt_ids:
                 seen[i, torch.tensor(r.prompt_ids, device=logits.device)] = True
         seen |= counts > 0
-        rep = self._col([x.repetition_penalty for x in p])
+        rep = self._col(_REP)
         # HF/vLLM rule: divide positive logits, multiply negative ones, for tokens already seen.
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
-        logits = logits - self._col([x.frequency_penalty for x in p]) * counts
-        logits = logits - self._col([x.presence_penalty for x in p]) * (counts > 0).float()
+        logits = logits - self._col(_FREQ) * counts
+        logits = logits - self._col(_PRES) * (counts > 0).float()
         return logits
 
     def _block(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -85,31 +123,24 @@ class Sampler:
         logits[idx[0], idx[1]] = float("-inf")
         return logits
 
-    def _col(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
-
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy_tokens = logits.argmax(dim=-1)
-        temps = [r.params.temperature for r in rows]
-        if all(t < _GREEDY_EPS for t in temps):
+        if all(r.params.temperature < _GREEDY_EPS for r in rows):
             return greedy_tokens
-        t = self._col([t if t >= _GREEDY_EPS else 1.0 for t in temps])
-        logits = logits / t
-        top_k = [r.params.top_k for r in rows]
-        if any(0 < k < logits.shape[1] for k in top_k):
-            k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=self.device)
+        logits = logits / self._col(_TEMP)  # greedy rows divide by 1 and are replaced below
+        v = logits.shape[1]
+        if any(0 < r.params.top_k < v for r in rows):
+            k = self._table[_TOP_K, : self._n].long()  # off = vocab: keeps every token
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
-        min_p = [r.params.min_p for r in rows]
-        if any(m > 0 for m in min_p):
-            floor = self._col(min_p) * probs.max(dim=-1, keepdim=True).values
+        if any(r.params.min_p > 0 for r in rows):
+            floor = self._col(_MIN_P) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < floor, 0.0)
-        top_p = [r.params.top_p for r in rows]
-        if any(p < 1.0 for p in top_p):
+        if any(r.params.top_p < 1.0 for r in rows):
             sorted_p, idx = probs.sort(dim=-1, descending=True)
             # Drop a token when the mass strictly before it already reaches top_p.
-            drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= self._col(top_p)
+            drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= self._col(_TOP_P)
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a CDF search.
@@ -118,8 +149,7 @@ class Sampler:
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([x < _GREEDY_EPS for x in temps], device=self.device)
-        return torch.where(is_greedy, greedy_tokens, sampled)
+        return torch.where(self._table[_GREEDY, : self._n] > 0, greedy_tokens, sampled)
 
     def _logprobs(
         self, logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
