@@ -435,6 +435,12 @@ def print_row(r: dict) -> None:
     if steps:  # the engine's clock: its steps per request and time in them
         print(f"    engine: {steps / max(r['completed'], 1):.1f} steps/request, "
               f"{1e3 * d.get('mmserve_step_seconds', 0.0) / steps:.2f} ms/step", flush=True)
+    media = d.get("mmserve_frontend_media_seconds", 0.0)
+    if media:  # the frontend's clock, per request: fetch + probe + hash, then the encoder wait
+        done = max(r["completed"], 1)
+        print(f"    frontend ms/request: media {1e3 * media / done:.1f}, encode wait "
+              f"{1e3 * d.get('mmserve_frontend_encode_wait_seconds', 0.0) / done:.1f}",
+              flush=True)
     if n:  # the encoder's own clock, per encoded item (its stage counters over the variant)
         print("    encoder ms/item: " + ", ".join(
             f"{stage} {1e3 * d.get(f'mmserve_encoder_{stage}_seconds', 0.0) / n:.1f}"

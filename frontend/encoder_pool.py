@@ -74,6 +74,10 @@ class EncoderPool:
         # How long no encoder may be live before requests fail: outlasts a reconnect + a beat.
         self.grace_s = max(1.0, self.dead_after)
         self.inflight: dict[tuple[str, str], _InFlight] = {}  # (request_id, key)
+        # Answered items of requests still running, by (request_id, key): an EncodeDone can
+        # overtake its embedding (two connections), so a SIGKILL right after it may lose the
+        # embedding in the dead process's buffers while the request waits in the decoder.
+        self.delivered: dict[tuple[str, str], _InFlight] = {}
         self._none_live_since: float | None = None  # set by our own ticks, so a stalled loop
         self._ever_live = False  # (beats unread in the socket) does not eat the grace
         self._tasks: list[asyncio.Task] = []
@@ -141,9 +145,27 @@ class EncoderPool:
         self.inflight[(req.request_id, req.key)] = item
         try:
             await self._send_to(item, rendezvous(req.key, live))
-            return await item.future
+            done = await item.future
+            self.delivered[(req.request_id, req.key)] = item
+            return done
         finally:
             self.inflight.pop((req.request_id, req.key), None)
+
+    def settle(self, request_id: str) -> None:
+        """The request is over: its items need no re-delivery any more."""
+        for k in [k for k in self.delivered if k[0] == request_id]:
+            del self.delivered[k]
+
+    async def _redeliver(self, addr: str) -> None:
+        """``addr``'s link dropped: send what it answered for running requests again, to the
+        items' new owners (fire and forget: the decoder takes a duplicate embedding as a
+        replacement, and nobody waits on these EncodeDones)."""
+        live = self.live()
+        for item in list(self.delivered.values()):
+            if item.owner == addr and live:
+                log.warning("%s: re-delivering %s (answered by %s, which died)",
+                            item.req.request_id, item.req.key, addr)
+                await self._send_to(item, rendezvous(item.req.key, live))
 
     def _out_of_grace(self) -> bool:
         since = self._none_live_since
@@ -169,6 +191,7 @@ class EncoderPool:
                 log.warning("encoder %s at %s disconnected; moving %d in-flight items",
                             enc.encoder_id or "?", enc.addr, n)
                 await self._move_orphans()
+                await self._redeliver(enc.addr)
 
     async def _liveness_loop(self) -> None:
         while True:

@@ -53,6 +53,11 @@ class MediaInputs:
         await asyncio.gather(*(self._encode(request_id, it, deliver_to, reply_to)
                                for it in unique.values()))
 
+    def settle(self, request_id: str) -> None:
+        """The request is over (answered or failed): forget its dispatched items."""
+        if self.pool is not None:
+            self.pool.settle(request_id)
+
     async def _encode(self, request_id: str, item: ResolvedItem, deliver_to: str,
                       reply_to: str) -> None:
         buffers: list[Any] = []

@@ -15,6 +15,7 @@ import copy
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -141,7 +142,11 @@ class OpenAIServing:
         self.threads = threads
         self.prompt_tokenizer = ThreadTokenizer(threads)
         self._processor: InputProcessor | None = None
-        self.counters = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        # Request counts, and where a media request's time goes before the engine sees it:
+        # fetch + probe + hash (media_seconds), waiting for the encoders (encode_wait_seconds).
+        self.counters: dict[str, float] = {"requests": 0, "prompt_tokens": 0,
+                                           "generation_tokens": 0, "media_seconds": 0.0,
+                                           "encode_wait_seconds": 0.0}
         self._set_char_limit(max_positions(config.model))  # the engine never allows more
 
     def close(self) -> None:
@@ -241,7 +246,10 @@ class OpenAIServing:
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
         self.renderer.check_request_template(req.chat_template)  # before any media is fetched
         processor = await self.processor()
+        t_media = time.perf_counter()
         messages, items = await self.media.parse(req.messages)
+        if items:
+            self.counters["media_seconds"] += time.perf_counter() - t_media
 
         def prepare() -> list[GenerateRequest]:
             rendered = self.renderer.render(
@@ -256,20 +264,26 @@ class OpenAIServing:
                                      mm_items=mm_items)
 
         reqs = await self.run_cpu(prepare, request_template=req.chat_template is not None)
-        if items:
-            # Before any engine request: a bad image is still a 4xx, not a failed stream. The
-            # engine would let text before the first image prefill meanwhile; see the note in
-            # README's walk-through.
-            assert self.client.ready is not None
-            await self.media.dispatch(rid, items, self.client.ready.embed_addr,
-                                      self.client.reply_to)
-        prompt_ids = reqs[0].prompt_token_ids
-        choices = [(r, SequenceState(self.tokenizer, params, prompt_ids, i, self.token_text))
-                   for i, r in enumerate(reqs)]
-        log.debug("%s: %d choice(s), %d prompt tokens", rid, len(reqs), len(prompt_ids))
-        shape = fmt.ChatShape(rid, model, req, len(prompt_ids), self.token_text,
-                              self.config.response_role, params.logprobs)
-        return await self._respond(request, choices, shape)
+        try:
+            if items:
+                # Before any engine request: a bad image is still a 4xx, not a failed stream.
+                # The engine would let text before the first image prefill meanwhile; see the
+                # note in README's walk-through.
+                assert self.client.ready is not None
+                t_encode = time.perf_counter()
+                await self.media.dispatch(rid, items, self.client.ready.embed_addr,
+                                          self.client.reply_to)
+                self.counters["encode_wait_seconds"] += time.perf_counter() - t_encode
+            prompt_ids = reqs[0].prompt_token_ids
+            choices = [(r, SequenceState(self.tokenizer, params, prompt_ids, i, self.token_text))
+                       for i, r in enumerate(reqs)]
+            log.debug("%s: %d choice(s), %d prompt tokens", rid, len(reqs), len(prompt_ids))
+            shape = fmt.ChatShape(rid, model, req, len(prompt_ids), self.token_text,
+                                  self.config.response_role, params.logprobs)
+            return await self._respond(request, choices, shape)
+        finally:
+            if items:
+                self.media.settle(rid)
 
     # -- completions ------------------------------------------------------------------------------
 
