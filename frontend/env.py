@@ -23,10 +23,6 @@ def log_level() -> str:
     return os.environ.get("MMSERVE_LOG_LEVEL", "INFO").upper()
 
 
-def heartbeat_interval_s() -> float:
-    return float(os.environ.get("MMSERVE_HEARTBEAT_INTERVAL", "0.2"))
-
-
 def engine_dead_after_s() -> float:
     """No heartbeat for this long => the engine is considered dead (health 503, requests fail)."""
     return float(os.environ.get("MMSERVE_ENGINE_TIMEOUT", "1.0"))
