@@ -224,3 +224,37 @@ def test_throughput_during_a_kill_stays_above_half(server):
         if during / steady >= 0.5:
             break
     assert max(ratios)[0] >= 0.5, ratios
+
+
+def test_items_answered_by_a_dead_encoder_are_delivered_again(tiny_llava):
+    """An encoder can answer EncodeDone and die before its embedding left its buffers (two
+    connections): the pool re-sends what it answered for requests still running. The engine's
+    first step is held 3 s, the item's encoder is SIGKILLed meanwhile: the survivor must get
+    the item again, and the request succeeds."""
+    srv = Server(tiny_llava, "--encoders", "2",
+                 env={"MMSERVE_ENCODER_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
+                      "MMSERVE_DEBUG_SLOW_STEP_S": "3"})
+    try:
+        wait_live(srv, 2, 30)
+        (victim, pid), (other, _) = encoders(srv)
+        u = uuids_owned_by(victim, [victim, other], "redeliver", 1)[0]
+        requests_seen = f'mmserve_encoder_num_requests{{encoder="1"}}'
+
+        async def run() -> tuple[int | str, float]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+                req = asyncio.create_task(ask(s, srv, 4000, u))
+                t0 = time.monotonic()
+                while metric(srv.base, 'mmserve_encoder_num_encoded{encoder="0"}') < 1:
+                    assert time.monotonic() - t0 < 10, "the victim never encoded the item"
+                    await asyncio.sleep(0.05)
+                before = metric(srv.base, requests_seen)
+                os.kill(pid, signal.SIGKILL)  # the request now sits in the engine's slow step
+                while metric(srv.base, requests_seen) <= before:
+                    assert time.monotonic() - t0 < 10, "the item was never delivered again"
+                    await asyncio.sleep(0.05)
+                return await req
+
+        status, _ = asyncio.run(run())
+        assert status == 200
+    finally:
+        srv.stop()
