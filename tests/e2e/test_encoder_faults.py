@@ -238,7 +238,7 @@ def test_items_answered_by_a_dead_encoder_are_delivered_again(tiny_llava):
         wait_live(srv, 2, 30)
         (victim, pid), (other, _) = encoders(srv)
         u = uuids_owned_by(victim, [victim, other], "redeliver", 1)[0]
-        requests_seen = f'mmserve_encoder_num_requests{{encoder="1"}}'
+        requests_seen = 'mmserve_encoder_num_requests{encoder="1"}'
 
         async def run() -> tuple[int | str, float]:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
