@@ -119,14 +119,14 @@ def _eager_kernels(core: EngineCore, runner) -> dict[str, float]:
     """CUDA time per kernel family of one eager decode step (graphs off for this one step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs, runner.graphs = runner.graphs, None
+    graphs, mixed, runner.graphs, runner.mixed = runner.graphs, runner.mixed, None, None
     try:
         core.step()  # any lazily compiled eager shape compiles outside the profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             core.step()
             torch.cuda.synchronize()
     finally:
-        runner.graphs = graphs
+        runner.graphs, runner.mixed = graphs, mixed
     fam: dict[str, float] = defaultdict(float)
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)

@@ -124,19 +124,21 @@ class TritonAttentionBackend(AttentionBackend):
 
         return decode_splits(device, num_seqs, num_kv_heads, max_seq_len)
 
-    def graph_metadata(self, bufs: InputBatch, num_seqs: int, max_seq_len: int,
-                       num_splits: int) -> AttentionMetadata:
-        """Metadata of a captured decode batch of `num_seqs` rows: whole-width block tables and
-        a fixed split count; the kernel reads the true lengths on the device, so one graph serves
-        every context up to max_seq_len."""
+    def graph_metadata(self, bufs: InputBatch, num_tokens: int, num_seqs: int,
+                       max_query_len: int, max_seq_len: int, num_splits: int
+                       ) -> AttentionMetadata:
+        """Metadata of a captured step over the first `num_tokens` tokens and `num_seqs` rows of
+        the buffers: whole-width block tables, the length hints fixed at capture (they choose
+        the kernel's tiles, never its bounds: the kernel reads the true lengths on the device),
+        and a fixed split count. One graph serves every context up to max_seq_len."""
         return AttentionMetadata(
-            slot_mapping=bufs.slot_mapping[:num_seqs],
+            slot_mapping=bufs.slot_mapping[:num_tokens],
             query_start_loc=bufs.query_start_loc[: num_seqs + 1],
             seq_lens=bufs.seq_lens[:num_seqs],
             block_tables=bufs.block_tables[:num_seqs],
             query_start_loc_cpu=[],  # never read by the kernel: it must not be (graph replay)
             seq_lens_cpu=[],
-            max_query_len=1,
+            max_query_len=max_query_len,
             max_seq_len=max_seq_len,
             num_splits=num_splits,
         )

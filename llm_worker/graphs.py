@@ -42,6 +42,22 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def capture_graph(run: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph,
+                                                                   torch.Tensor]:
+    """Capture ``run`` into a graph in ``pool``; returns it and its output tensor. ``run`` goes
+    once eagerly first (Triton compiles, cuBLAS picks its kernels) on a side stream, as capture
+    requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
 def split_buckets(most: int) -> list[int]:
     """1, 2, 4, ... up to `most`."""
     return [1 << i for i in range(most.bit_length()) if 1 << i <= most]
@@ -89,26 +105,17 @@ class DecodeGraphs:
         b.block_tables[:size].zero_()
 
     @torch.inference_mode()
-    def capture(self) -> float:
+    def capture(self, pool) -> float:
         """Capture every size, largest first so the smaller graphs reuse its memory pool; returns
-        the seconds it took. Each size runs once eagerly first (Triton compiles, cuBLAS picks its
-        kernels) on a side stream, as capture requires."""
+        the seconds it took."""
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
         for size in sorted(self.sizes, reverse=True):
             for splits in sorted(self.buckets[size], reverse=True):
                 self._dummy_inputs(size)
                 meta = self._metadata(size, splits)
                 ids, pos = self.bufs.input_ids[:size], self.bufs.positions[:size]
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._decode(ids, pos, meta)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.logits[size, splits] = self._decode(ids, pos, meta)
-                self.graphs[size, splits] = graph
+                self.graphs[size, splits], self.logits[size, splits] = capture_graph(
+                    lambda ids=ids, pos=pos, meta=meta: self._decode(ids, pos, meta), pool)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         log.info("captured %d decode graphs (sizes %s) in %.1f s", len(self.graphs),
@@ -121,3 +128,60 @@ class DecodeGraphs:
         self.num_replays += 1
         self.last = (size, splits)
         return self.logits[size, splits]
+
+
+# Token counts of the captured mixed steps. Up to ~256 tokens a 7B step is bound by its weight
+# read and its launches (an eager step costs ~16 ms of launches on the H200 host against ~4 ms
+# of GPU work); past that it is compute-bound and padding to a bucket would cost more than the
+# launches it saves, so larger steps run eagerly.
+MIXED_SIZES = (16, 32, 64, 128, 256)
+
+
+class MixedGraphs:
+    """Graphs for the steps that are not uniform decode (prefill chunks, prefill + decode,
+    media splices) of at most 256 tokens: one per token count in MIXED_SIZES, every sequence
+    slot in use (`InputBatch.pad_mixed`), the input embeddings read from a fixed buffer (the
+    lookup and the media splices run before the replay), logits for every sequence slot."""
+
+    def __init__(self, bufs: InputBatch, forward: Callable[[int], torch.Tensor],
+                 max_tokens: int):
+        self.bufs = bufs
+        self.sizes = [s for s in MIXED_SIZES if s <= max_tokens]
+        self._forward = forward  # num_tokens -> logits [num_seq_slots, vocab], from the buffers
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+
+    def padded_size(self, num_tokens: int) -> int | None:
+        return next((s for s in self.sizes if s >= num_tokens), None)
+
+    def _dummy_inputs(self, num_tokens: int) -> None:
+        """Every slot empty but the spare last one, which owns all tokens (no KV write)."""
+        b, slots = self.bufs, self.bufs.num_seq_slots
+        b.input_ids[:num_tokens].zero_()
+        b.positions[:num_tokens].zero_()
+        b.slot_mapping[:num_tokens].fill_(-1)
+        b.query_start_loc[:slots].zero_()
+        b.query_start_loc[slots].fill_(num_tokens)
+        b.seq_lens[:slots].zero_()
+        b.seq_lens[slots - 1].fill_(num_tokens)
+        b.sample_idx[:slots].zero_()
+
+    @torch.inference_mode()
+    def capture(self, pool) -> float:
+        t0 = time.perf_counter()
+        for size in sorted(self.sizes, reverse=True):
+            self._dummy_inputs(size)
+            self.graphs[size], self.logits[size] = capture_graph(
+                lambda size=size: self._forward(size), pool)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        log.info("captured %d mixed-step graphs (tokens %s) in %.1f s", len(self.graphs),
+                 ",".join(map(str, self.sizes)), elapsed)
+        return elapsed
+
+    def replay(self, num_tokens: int) -> torch.Tensor:
+        """[num_seq_slots, vocab] logits: row i for the i-th sampled row of the step."""
+        self.graphs[num_tokens].replay()
+        self.num_replays += 1
+        return self.logits[num_tokens]

@@ -72,7 +72,10 @@ class InputBatch:
         self.max_num_seqs = max_num_seqs
         self.non_blocking = device.type == "cuda"
         pin = self.non_blocking
-        t, s, b = max_num_tokens, max_num_seqs, max_blocks_per_seq
+        # One spare sequence row beyond max_num_seqs: a padded mixed step gives its padding
+        # tokens to it (`pad_mixed`). Its block-table row stays zero: the null block.
+        self.num_seq_slots = max_num_seqs + 1
+        t, s, b = max_num_tokens, self.num_seq_slots, max_blocks_per_seq
         self.max_blocks_per_seq = b
         # Two staging buffers (int64, int32) mirrored on the device: a step is two copies, not
         # seven. Every field is a fixed view into one of them (what a captured graph reads).
@@ -144,6 +147,21 @@ class InputBatch:
         batch.num_tokens = size
         batch.padded_num_seqs = size
 
+    def pad_mixed(self, batch: StepBatch, num_tokens: int) -> None:
+        """Pad any step to a captured mixed-graph shape: `num_tokens` tokens and every sequence
+        slot. Rows after the real ones are empty (no query), except the spare last slot, which
+        owns the padding tokens: no KV write (slot -1), keys read from the null block. Sample
+        indices past the real ones point at token 0 (their logits are dropped)."""
+        n, t, slots = batch.num_seqs, batch.num_tokens, self.num_seq_slots
+        self._ids[t:num_tokens] = 0
+        self._pos[t:num_tokens] = 0
+        self._slots[t:num_tokens] = -1
+        self._sample_idx[len(batch.sample_rows) : slots] = 0
+        batch.query_start_loc.extend([t] * (slots - 1 - n) + [num_tokens])
+        batch.seq_lens.extend([0] * (slots - 1 - n) + [num_tokens - t])
+        batch.num_tokens = num_tokens
+        batch.padded_num_seqs = slots
+
     def upload(self, batch: StepBatch) -> None:
         """Copy the staged step to the device buffers: two copies, async on CUDA (pinned)."""
         s = batch.num_seqs
@@ -152,6 +170,6 @@ class InputBatch:
         for i, row in enumerate(batch.sample_rows):
             self._sample_idx[i] = batch.query_start_loc[row + 1] - 1
         # int32: query_start_loc, seq_lens and the block-table rows in use (a contiguous prefix).
-        n32 = 2 * self.max_num_seqs + 1 + s * self.max_blocks_per_seq
+        n32 = 2 * self.num_seq_slots + 1 + s * self.max_blocks_per_seq
         self._dev64.copy_(self._host64, non_blocking=self.non_blocking)
         self._dev32[:n32].copy_(self._host32[:n32], non_blocking=self.non_blocking)

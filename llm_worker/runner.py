@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from llm_worker.attention import ATTENTION_BACKENDS, TritonAttentionBackend
-from llm_worker.graphs import DecodeGraphs, capture_sizes
+from llm_worker.graphs import DecodeGraphs, MixedGraphs, capture_sizes
 from llm_worker.input_batch import InputBatch, RequestState, StepBatch
 from llm_worker.sampling import Sampler, SamplingRow
 from llm_worker.sched_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -70,6 +70,9 @@ class ModelRunner:
         self.use_graphs = (device.type == "cuda" and not enforce_eager
                            and isinstance(self.attn_backend, TritonAttentionBackend))
         self.graphs: DecodeGraphs | None = None
+        self.mixed: MixedGraphs | None = None
+        # A mixed graph reads its input embeddings here (lookup + media splices run before it).
+        self.embeds_buf: torch.Tensor | None = None
 
     # -- KV cache ---------------------------------------------------------------------------
 
@@ -100,10 +103,16 @@ class ModelRunner:
         for lens in shapes:
             self._dummy_forward(lens)
         if self.use_graphs:
+            pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph
             self.graphs = DecodeGraphs(self.inputs, self._decode_logits, self._graph_metadata,
                                        capture_sizes(self.max_num_seqs), self._decode_splits,
                                        self.max_model_len)
-            self.graphs.capture()
+            self.graphs.capture(pool)
+            self.mixed = MixedGraphs(self.inputs, self._mixed_logits, self.max_num_tokens)
+            self.embeds_buf = torch.zeros(max(self.mixed.sizes, default=0),
+                                          self.model.hidden_size, dtype=self.dtype,
+                                          device=self.device)
+            self.mixed.capture(pool)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("warm-up done in %.1f s", time.perf_counter() - t0)
@@ -130,8 +139,20 @@ class ModelRunner:
         """What a decode graph holds: the forward and the LM head of every row."""
         return self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta))
 
+    def _mixed_logits(self, num_tokens: int) -> torch.Tensor:
+        """What a mixed graph holds: the forward from the embeddings buffer, the LM head at the
+        sample indices of every sequence slot."""
+        b, slots = self.inputs, self.inputs.num_seq_slots
+        meta = self.attn_backend.graph_metadata(
+            b, num_tokens, slots, max_query_len=num_tokens, max_seq_len=self.max_model_len,
+            num_splits=1)  # the tile shape of a num_tokens-token chunk; never a split
+        hidden = self.model(None, b.positions[:num_tokens], self.kv_caches, meta,
+                            inputs_embeds=self.embeds_buf[:num_tokens])
+        return self.model.compute_logits(hidden[b.sample_idx[:slots]])
+
     def _graph_metadata(self, size: int, num_splits: int):
-        return self.attn_backend.graph_metadata(self.inputs, size, self.max_model_len, num_splits)
+        return self.attn_backend.graph_metadata(self.inputs, size, size, 1, self.max_model_len,
+                                                num_splits)
 
     def _decode_splits(self, num_seqs: int, max_seq_len: int) -> int:
         return self.attn_backend.decode_splits(self.device, num_seqs, self.model.num_kv_heads,
@@ -177,10 +198,18 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={}, logprobs={})
         bufs = self.inputs
         batch = bufs.prepare(self.requests, out.num_scheduled_tokens, self.positions)
-        size = None
+        size = tokens = None
         if self.graphs is not None and batch.is_uniform_decode:
             size = self.graphs.padded_size(batch.num_seqs)
-        if size is not None:
+        elif self.mixed is not None:
+            tokens = self.mixed.padded_size(batch.num_tokens)
+        if tokens is not None:  # a short step that is not uniform decode: the mixed graph
+            num_sampled = len(batch.sample_rows)
+            bufs.pad_mixed(batch, tokens)
+            bufs.upload(batch)
+            self._embed(batch, self.embeds_buf[:tokens])
+            logits = self.mixed.replay(tokens)[:num_sampled]
+        elif size is not None:
             num_seqs = batch.num_seqs
             splits = self.graphs.num_splits(size, max(batch.seq_lens))
             bufs.pad_to(batch, size)
@@ -202,13 +231,20 @@ class ModelRunner:
         embeds = None
         if batch.splices:
             embeds = self.model.embed_tokens(bufs.input_ids[:t])  # [t, hidden]
-            for dst, key, src, count in batch.splices:
-                embeds[dst : dst + count] = self.embeddings[key][src : src + count]
+            self._embed(batch, embeds, lookup=False)
         hidden = self.model(bufs.input_ids[:t], bufs.positions[:t], self.kv_caches, meta,
                             inputs_embeds=embeds)
         if not batch.sample_rows:
             return hidden[:0]
         return self.model.compute_logits(hidden[bufs.sample_idx[: len(batch.sample_rows)]])
+
+    def _embed(self, batch: StepBatch, out: torch.Tensor, lookup: bool = True) -> None:
+        """Token embeddings of the step into `out` [num_tokens, hidden], media embeddings
+        spliced over their placeholder rows."""
+        if lookup:
+            out.copy_(self.model.embed_tokens(self.inputs.input_ids[: out.shape[0]]))
+        for dst, key, src, count in batch.splices:
+            out[dst : dst + count] = self.embeddings[key][src : src + count]
 
     def _sample(self, batch: StepBatch, logits: torch.Tensor) -> ModelRunnerOutput:
         if not batch.sample_rows:

@@ -41,20 +41,23 @@ def _run(model_dir: str, kernels: str, monkeypatch, **kw):
     prompts = PROMPTS + ["A fifth prompt, a little longer than the first."]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=5,
                                                 ignore_eos=True))
-    graphs = llm.engine.executor.worker.runner.graphs
-    replays = graphs.num_replays if graphs is not None else 0
+    runner = llm.engine.executor.worker.runner
+    replays = (runner.graphs.num_replays if runner.graphs is not None else 0,
+               runner.mixed.num_replays if runner.mixed is not None else 0)
     llm.engine.shutdown()
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], replays
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
 def test_triton_graphs_equal_reference(request, name, monkeypatch):
-    """Acceptance 2: the Triton kernels + CUDA-graph decode give the torch-reference path's
-    greedy tokens, and the same top-5 logprobs to fp32 rounding (logits, not only tokens)."""
+    """Acceptance 2: the Triton kernels + CUDA graphs (decode and mixed steps) give the
+    torch-reference path's greedy tokens, and the same top-5 logprobs to fp32 rounding (logits,
+    not only tokens)."""
     model_dir = request.getfixturevalue(name)
     ref, ref_replays = _run(model_dir, "reference", monkeypatch)
     fast, replays = _run(model_dir, "triton", monkeypatch)
-    assert ref_replays == 0 and replays >= MAX_NEW // 2  # the fast path really replayed graphs
+    # The fast path really replayed graphs: decode steps, and the (32-token) prefill steps.
+    assert ref_replays == (0, 0) and replays[0] >= MAX_NEW // 2 and replays[1] >= 2, replays
     for (ref_ids, ref_lps), (ids, lps) in zip(ref, fast, strict=True):
         assert ids == ref_ids
         for a, b in zip(ref_lps, lps, strict=True):

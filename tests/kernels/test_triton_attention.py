@@ -161,6 +161,15 @@ def test_interp_length_hints_are_not_bounds(interp):
 
 
 @interp_only
+def test_interp_mixed_graph_padding(interp):
+    # How a captured mixed step pads a batch: empty sequences (no query, no context) after the
+    # real ones, then one sequence that owns the padding tokens; hints fixed at the bucket.
+    seq_lens, q_lens = MIXED
+    _check(interp.paged_attention, [*seq_lens, 0, 0, 0, 6], [*q_lens, 0, 0, 0, 6],
+           hints=(64, 4096), splits=1, seed=13)
+
+
+@interp_only
 def test_interp_default_output_and_heuristic(interp):
     query, kv_cache, meta, ref_meta = _batch(*DECODE, block_size=16, hq=4, hkv=2, d=64,
                                              dtype=torch.float32, seed=5)

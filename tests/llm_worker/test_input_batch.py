@@ -95,3 +95,38 @@ def test_graph_sizes_and_split_buckets(runner):
     assert graphs.num_splits(1, 128) == 1  # a short context: no empty splits to merge
     assert graphs.num_splits(1, 3 * 256) == 2  # 3 wanted, 2 captured
     assert graphs.num_splits(2, 4096) == 8
+
+
+def test_padded_mixed_step_changes_nothing(runner):
+    """A prefill step padded as a mixed graph pads it (31 tokens -> 32, every sequence slot,
+    the spare one owning the padding): the sampled rows' logits and the KV match the eager
+    step; the padding writes nothing."""
+    blocks = {"a": [1], "b": [2], "c": [3, 4]}
+    gen = torch.Generator().manual_seed(0)
+    new = [NewRequestData(rid, torch.randint(3, 100, (n,), generator=gen).tolist(), n,
+                          Sampling(max_tokens=8, temperature=0.0), blocks[rid], 0)
+           for rid, n in PROMPTS.items()]
+    runner._update_states(SchedulerOutput(new, [], dict(PROMPTS), sum(PROMPTS.values())))
+    bufs, before = runner.inputs, [c.clone() for c in runner.kv_caches]
+    batch = bufs.prepare(runner.requests, dict(PROMPTS))
+    bufs.upload(batch)
+    eager = runner._forward(batch)  # [3, vocab]
+    eager_kv = [c.clone() for c in runner.kv_caches]
+
+    for c, b in zip(runner.kv_caches, before):
+        c.copy_(b)
+    batch = bufs.prepare(runner.requests, dict(PROMPTS))
+    bufs.pad_mixed(batch, 32)
+    assert batch.num_seqs == bufs.num_seq_slots == runner.max_num_seqs + 1
+    bufs.upload(batch)
+    embeds = torch.empty(32, runner.model.hidden_size)
+    runner._embed(batch, embeds)
+    meta = runner.attn_backend.build_metadata(bufs, batch)
+    hidden = runner.model(None, bufs.positions[:32], runner.kv_caches, meta, inputs_embeds=embeds)
+    padded = runner.model.compute_logits(hidden[bufs.sample_idx[: bufs.num_seq_slots]])
+    torch.testing.assert_close(padded[:3], eager, rtol=1e-5, atol=1e-5)
+    for a, b, old in zip(runner.kv_caches, eager_kv, before):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        untouched = (b == old).all(-1).all(-1)
+        assert torch.equal(a[untouched], old[untouched])
+        assert not a[:, 0].any()
