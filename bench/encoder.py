@@ -8,8 +8,11 @@ median ms per batch, pixels preprocessed, CUDA events after warm-up):
 
   mmserve-tower   LlavaEncoder.encode on pixels already on the device: the tower up to the
                   feature layer (-2: 23 layers) + projector, SDPA, inference_mode
+  mmserve-graphs  the same through the server's CUDA graphs (batches 1, 2, 4, 8 replay one;
+                  larger ones run eagerly; CUDA only)
   mmserve-step    what the encoder server runs per batch: PixelUploader (stack into pinned
-                  memory, async upload) -> encode -> HostCopier (owned CPU tensors)
+                  memory, async upload) -> encode (graphs where the server uses them) ->
+                  HostCopier (owned CPU tensors)
   hf-sdpa         LlavaForConditionalGeneration.get_image_features, pixels on the device,
   hf-eager        attn_implementation "sdpa" / "eager" (all 24 layers + every hidden state)
 
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 from common import env_record, measure_device, resolve_device, time_ms, write_json
 
+from encoder_worker.graphs import TowerGraphs
 from encoder_worker.models.llava import LlavaEncoder
 from encoder_worker.transfer import HostCopier, PixelUploader
 
@@ -51,7 +55,7 @@ SHAPES: dict[str, dict[str, int]] = {  # CLIP ViT-L/14-336 as in llava-hf/llava-
 }
 MARKER = "MMSERVE_BENCH_ENCODER.json"
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-SYSTEMS = ("mmserve-tower", "mmserve-step", "hf-sdpa", "hf-eager")
+SYSTEMS = ("mmserve-tower", "mmserve-graphs", "mmserve-step", "hf-sdpa", "hf-eager")
 
 
 def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std: float = 0.02,
@@ -154,18 +158,21 @@ def preprocess_rate(enc: LlavaEncoder, side: int, n: int = 32) -> dict:
             "images_per_s_per_thread": n / dt}
 
 
-def batch_runs(enc: LlavaEncoder, hf: dict, images: list[torch.Tensor],
-               systems: list[str]) -> dict[str, Callable[[], object]]:
+def batch_runs(enc: LlavaEncoder, graphs: TowerGraphs | None, hf: dict,
+               images: list[torch.Tensor], systems: list[str]) -> dict[str, Callable[[], object]]:
     """One batch of each system in `systems`, on the same pixels."""
     pixels = torch.stack(images).to(enc.device)  # [B, 3, H, W] float32, as the uploader makes
     up, down = PixelUploader(enc.device), HostCopier()
+    served = graphs or enc  # what the server's loop calls
     runs: dict[str, Callable[[], object]] = {
         "mmserve-tower": lambda: enc.encode(pixels),
-        "mmserve-step": lambda: down(enc.encode(up(images))),
+        "mmserve-step": lambda: down(served.encode(up(images))),
     }
+    if graphs is not None:
+        runs["mmserve-graphs"] = lambda: graphs.encode(pixels)
     for attn, model in hf.items():
         runs[f"hf-{attn}"] = lambda m=model: m.get_image_features(pixel_values=pixels)
-    return {s: runs[s] for s in SYSTEMS if s in systems}
+    return {s: runs[s] for s in SYSTEMS if s in systems and s in runs}
 
 
 def time_point(system: str, fn: Callable[[], object], batch: int, flops: float, peak: float,
@@ -333,6 +340,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     enc = LlavaEncoder(args.model, device, dtype)
+    graphs = None
+    if device.type == "cuda" and "mmserve-graphs" in args.systems + ["mmserve-step"]:
+        graphs = TowerGraphs(enc, enc.graph_input_shape())
+        graphs.capture()
     hf = {a: load_hf(args.model, a, device, dtype) for a in ("sdpa", "eager")
           if f"hf-{a}" in args.systems}
     load_s = time.perf_counter() - t0
@@ -357,7 +368,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for b in sorted(args.batch):  # cheapest first: a budget cut loses the largest batches
         images = [torch.randn(3, side, side, generator=g) for _ in range(b)]  # [3, H, W] f32
-        for system, fn in batch_runs(enc, hf, images, args.systems).items():
+        for system, fn in batch_runs(enc, graphs, hf, images, args.systems).items():
             if time.perf_counter() - t_start > args.budget_s:
                 row = {"system": system, "batch": b, "ms": None,
                        "skipped": f"budget {args.budget_s:.0f} s spent"}

@@ -24,6 +24,7 @@ class EncoderConfig:
     max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width * height
     min_image_side: int = 2  # thinner images can't be resized into the tower's input
     heartbeat_s: float = 0.2  # EncoderHeartbeat period to every frontend that said Hello
+    cuda_graphs: bool = True  # on CUDA, small batches of fixed-size inputs replay CUDA graphs
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "config.json").is_file():

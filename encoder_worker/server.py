@@ -21,6 +21,7 @@ import torch
 
 from encoder_worker.config import EncoderConfig
 from encoder_worker.decode import MediaError, decode_image
+from encoder_worker.graphs import TowerGraphs
 from encoder_worker.io_threads import EncoderIO, UserEmbeds
 from encoder_worker.models import load_encoder
 from encoder_worker.store import EmbeddingStore
@@ -67,6 +68,12 @@ class EncoderProc:
         self.num_decoding = 0
         self.to_device = PixelUploader(self.model.device)
         self.to_host = HostCopier()
+        self.graphs: TowerGraphs | None = None
+        shape = self.model.graph_input_shape()
+        if config.cuda_graphs and self.model.device.type == "cuda" and shape is not None:
+            # Before the IO threads start: no heartbeat (so no traffic) until the graphs exist.
+            self.graphs = TowerGraphs(self.model, shape)
+            self.graphs.capture()
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="encoder-decode")
         self.running = True
         self.io = EncoderIO(input_addr, self._heartbeat, config.heartbeat_s)
@@ -196,7 +203,7 @@ class EncoderProc:
         t0 = time.monotonic()
         try:
             pixels = self.to_device([r.pixels for r in group])  # [B, 3, H, W] on the device
-            outs = self.model.encode(pixels)
+            outs = (self.graphs or self.model).encode(pixels)
             outs = self.to_host(outs)  # each [n, hidden], CPU, owned
         except Exception:
             ids = [r.request_id for g in group for r in self.waiters.get(g.key, [])]

@@ -32,7 +32,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="on by default")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: every decode step launches its kernels eagerly")
+                   help="no CUDA graphs: every decoder step and encoder batch launches its kernels "
+                        "eagerly")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
@@ -128,7 +129,8 @@ def encoder_config(args: argparse.Namespace):
     from encoder_worker.config import EncoderConfig
 
     return EncoderConfig(model=args.model, device=args.encoder_device,
-                         store_bytes=int(args.encoder_store_gb * (1 << 30)))
+                         store_bytes=int(args.encoder_store_gb * (1 << 30)),
+                         cuda_graphs=not args.enforce_eager)
 
 
 def engine_config(args: argparse.Namespace):
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encoder", help="run one encoder worker alone")
     enc.add_argument("--model", required=True)
     enc.add_argument("--input-addr", required=True, help="address to bind")
+    enc.add_argument("--enforce-eager", action="store_true",
+                     help="no CUDA graphs: every tower batch launches its kernels eagerly")
     _add_encoder_args(enc)
     for p in (fe, eng, enc):
         p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ _FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "ma
                    "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs",
                    "chat_template_content_format", "trust_request_chat_template",
                    "max_prompt_chars", "tokenizer_workers", "http_header_timeout", "http_body_timeout")
-_ENCODER_FLAGS = ("encoder_device", "encoder_store_gb")
+_ENCODER_FLAGS = ("encoder_device", "encoder_store_gb", "enforce_eager")
 MAX_RESTARTS = 3  # within RESTART_WINDOW_S; more means a crash loop, not a transient failure
 RESTART_WINDOW_S = 60.0
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.cuda_graphs import capture_graph
 from llm_worker.attention import AttentionMetadata
 from llm_worker.input_batch import InputBatch
 
@@ -40,22 +41,6 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
     sizes += list(range(8, max_num_seqs, 8)) + [max_num_seqs]
     return sorted(set(sizes))
-
-
-def capture_graph(run: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph,
-                                                                   torch.Tensor]:
-    """Capture ``run`` into a graph in ``pool``; returns it and its output tensor. ``run`` goes
-    once eagerly first (Triton compiles, cuBLAS picks its kernels) on a side stream, as capture
-    requires."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = run()
-    return graph, out
 
 
 def split_buckets(most: int) -> list[int]:

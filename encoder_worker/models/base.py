@@ -34,3 +34,12 @@ class EncoderModel(ABC):
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """[B, 3, H, W] float32 (CPU or on the model's device) -> B tensors
         [num_tokens, hidden_size] on the model's device."""
+
+    def graph_input_shape(self) -> tuple[int, ...] | None:
+        """The shape every preprocessed input has, when it is fixed: then small batches run as
+        CUDA graphs (`encoder_worker/graphs.py`) through ``encode_batch``. None: shapes vary."""
+        return None
+
+    def encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``encode`` as one [B, num_tokens, hidden_size] tensor (models with a fixed input)."""
+        raise NotImplementedError

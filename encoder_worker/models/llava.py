@@ -134,12 +134,18 @@ class LlavaEncoder(EncoderModel):
     def num_tokens(self, width: int, height: int) -> int:
         return self._num_tokens  # resize + center crop: independent of the input size
 
+    def graph_input_shape(self) -> tuple[int, ...]:
+        side = self.processor.output_hw()[0]
+        return (3, side, side)  # resize + center crop: every image the same
+
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(self.device, self.dtype)  # [B, 3, side, side]
         states = self.tower(pixel_values, self.feature_layers)  # each [B, 1 + P, vision_hidden]
         if self.select_strategy == "default":
             states = [s[:, 1:] for s in states]  # drop CLS
         features = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
-        out = self.projector(features)  # [B, num_tokens, hidden_size]
-        return list(out.unbind(0))
+        return self.projector(features)  # [B, num_tokens, hidden_size]
+
+    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.encode_batch(pixel_values).unbind(0))
