@@ -198,10 +198,18 @@ class OpenAIServing:
     async def read(self, request: web.Request, cls: type) -> Any:
         return await read_json(request, cls, self.config.http_body_timeout_s)
 
-    async def _merge(self, choices: list[Choice]) -> AsyncIterator[tuple[SequenceState,
-                                                                          SequenceDelta]]:
-        """Every choice's deltas, in arrival order; raises the first choice's error."""
+    async def _merge(self, choices: list[Choice], media: asyncio.Task | None = None
+                     ) -> AsyncIterator[tuple[SequenceState, SequenceDelta]]:
+        """Every choice's deltas, in arrival order; raises the first choice's error, and the
+        media dispatch's if it fails before any output (after one, every embedding had landed:
+        a later failure, e.g. of a re-delivery, changes nothing)."""
         queue: asyncio.Queue = asyncio.Queue()
+
+        async def watch(task: asyncio.Task) -> None:
+            try:
+                await task
+            except Exception as e:
+                queue.put_nowait((None, e))
 
         async def pump(req: GenerateRequest, state: SequenceState) -> None:
             try:
@@ -216,15 +224,22 @@ class OpenAIServing:
                 queue.put_nowait((state, None))
 
         tasks = [asyncio.create_task(pump(r, s), name=r.request_id) for r, s in choices]
+        remaining = len(tasks)  # the pumps; the watcher ends with them
+        if media is not None:
+            tasks.append(asyncio.create_task(watch(media)))
+        yielded = False
         try:
-            remaining = len(tasks)
             while remaining:
                 state, item = await queue.get()
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, Exception):
+                    if state is None and yielded:
+                        log.info("media dispatch failed after the first output: %r", item)
+                        continue
                     raise item
                 else:
+                    yielded = True
                     yield state, item
         finally:
             for t in tasks:
@@ -264,25 +279,32 @@ class OpenAIServing:
                                      mm_items=mm_items)
 
         reqs = await self.run_cpu(prepare, request_template=req.chat_template is not None)
-        try:
-            if items:
-                # Before any engine request: a bad image is still a 4xx, not a failed stream.
-                # The engine would let text before the first image prefill meanwhile; see the
-                # note in README's walk-through.
-                assert self.client.ready is not None
-                t_encode = time.perf_counter()
-                await self.media.dispatch(rid, items, self.client.ready.embed_addr,
-                                          self.client.reply_to)
+        media = None
+        if items:
+            # Encoding runs beside the engine request, which prefills the text before the first
+            # item meanwhile and takes each embedding as it lands. No token can come before all
+            # of them, so a bad item still fails the request as a plain 4xx (`_merge`).
+            assert self.client.ready is not None
+            media = asyncio.create_task(self.media.dispatch(
+                rid, items, self.client.ready.embed_addr, self.client.reply_to), name=f"{rid}-media")
+            t_encode = time.perf_counter()
+
+            def encoded(_: asyncio.Task) -> None:
                 self.counters["encode_wait_seconds"] += time.perf_counter() - t_encode
+
+            media.add_done_callback(encoded)
+        try:
             prompt_ids = reqs[0].prompt_token_ids
             choices = [(r, SequenceState(self.tokenizer, params, prompt_ids, i, self.token_text))
                        for i, r in enumerate(reqs)]
             log.debug("%s: %d choice(s), %d prompt tokens", rid, len(reqs), len(prompt_ids))
             shape = fmt.ChatShape(rid, model, req, len(prompt_ids), self.token_text,
                                   self.config.response_role, params.logprobs)
-            return await self._respond(request, choices, shape)
+            return await self._respond(request, choices, shape, media)
         finally:
-            if items:
+            if media is not None:
+                media.cancel()  # a no-op when it is done (the usual case)
+                await asyncio.gather(media, return_exceptions=True)
                 self.media.settle(rid)
 
     # -- completions ------------------------------------------------------------------------------
@@ -321,10 +343,11 @@ class OpenAIServing:
     # -- answering ----------------------------------------------------------------------------------
 
     async def _respond(self, request: web.Request, choices: list[Choice],
-                       shape: fmt.ChatShape | fmt.CompletionShape) -> web.StreamResponse:
+                       shape: fmt.ChatShape | fmt.CompletionShape,
+                       media: asyncio.Task | None = None) -> web.StreamResponse:
         if shape.req.stream:
-            return await self._stream(request, choices, shape)
-        async with aclosing(self._merge(choices)) as merged:
+            return await self._stream(request, choices, shape, media)
+        async with aclosing(self._merge(choices, media)) as merged:
             async for _ in merged:
                 pass
         states = [s for _, s in choices]
@@ -332,13 +355,14 @@ class OpenAIServing:
         return web.json_response(shape.final(states))
 
     async def _stream(self, request: web.Request, choices: list[Choice],
-                      shape: fmt.ChatShape | fmt.CompletionShape) -> web.StreamResponse:
+                      shape: fmt.ChatShape | fmt.CompletionShape,
+                      media: asyncio.Task | None = None) -> web.StreamResponse:
         """SSE. Nothing is sent before the engine's first output: a request it refuses (or an
         engine that dies first) is still a plain 4xx/503. Errors after the 200 went out become an
         error event, then [DONE]."""
         rid = shape.rid
         states = [s for _, s in choices]
-        async with aclosing(self._merge(choices)) as merged:
+        async with aclosing(self._merge(choices, media)) as merged:
             first = await anext(merged, None)  # raises what the middleware maps to 4xx/503
             resp = web.StreamResponse(headers=fmt.SSE_HEADERS)
             await resp.prepare(request)

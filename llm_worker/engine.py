@@ -254,9 +254,15 @@ class EngineCoreProc:
     def run(self) -> None:
         log.info("%s serving %s", self.engine_id, self.model_name)
         next_stats = 0.0
+        stalled = False
         while self.running:
-            self._drain_inputs(block=not self.core.has_work())
+            # Block on the inbox when idle, and when the last step found nothing to run (every
+            # request waits for an embedding): only an input can change that, and spinning
+            # would burn a core the encoders may be sharing.
+            self._drain_inputs(block=stalled or not self.core.has_work())
+            steps = self.core.scheduler.num_steps
             self._emit(self._step())
+            stalled = self.core.scheduler.num_steps == steps
             now = time.monotonic()
             if now >= next_stats:  # a snapshot for the beat thread (it never reads live state)
                 self._stats = self.core.stats()

@@ -12,6 +12,7 @@ import base64
 import os
 import signal
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -258,3 +259,45 @@ def test_items_answered_by_a_dead_encoder_are_delivered_again(tiny_llava):
         assert status == 200
     finally:
         srv.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_engine_has_the_request_while_its_image_encodes(server):
+    """The GenerateRequest goes out beside the EncodeRequest, not after EncodeDone: with every
+    encoder frozen, the engine already holds the request (waiting for its embedding), and
+    waits for it without spinning; once they thaw, it completes."""
+    wait_live(server, 2, 60)
+    pids = [pid for _, pid in encoders(server)]
+    engine = next(p for p in children_of(server.proc.pid) if "llm-worker" in cmdline(p))
+    spent = 0.0
+
+    async def run() -> tuple[float, tuple[int | str, float]]:
+        nonlocal spent
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                req = asyncio.create_task(ask(s, server, 5000))
+                t0, waiting = time.monotonic(), 0.0
+                while waiting < 1 and time.monotonic() - t0 < 2.0:  # inside the 3 s grace
+                    await asyncio.sleep(0.05)
+                    # Running once the text before the image is prefilled, else waiting.
+                    waiting = (metric(server.base, "mmserve_num_running")
+                               + metric(server.base, "mmserve_num_waiting"))
+                cpu0 = cpu_seconds(engine)
+                await asyncio.sleep(0.5)
+                spent = cpu_seconds(engine) - cpu0
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            return waiting, await req
+
+    waiting, (status, _) = asyncio.run(run())
+    assert waiting >= 1 and status == 200
+    assert spent < 0.2, f"the engine spun while its request waited: {spent:.2f} CPU s in 0.5 s"
+    wait_live(server, 2, 5)
