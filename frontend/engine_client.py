@@ -137,6 +137,9 @@ class EngineClient:
         while True:
             msg, _ = await self.receiver.recv()
             if isinstance(msg, TokenOutputs):
+                # Outputs leave when their step has ended: not busy any more, whatever the last
+                # beat (sent during that step) said; the next beat reports the next step.
+                self.step_running_s = None
                 for out in msg.outputs:
                     q = self.streams.get(out.request_id)
                     if q is not None:
