@@ -25,12 +25,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # `python bench/x.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the
-# `kernels` package: the scripts import this module first, and it swaps bench/ for the repo root
-# (which also makes them run without `pip install -e .`).
+# `kernels` package: the scripts import this module first, and it puts the repo root first (which
+# also makes them run without `pip install -e .`) and bench/ last, for the scripts' own helpers.
 _BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() not in (_BENCH, REPO)),
+               str(_BENCH)]
 
 # Llama-2-7B without its vocabulary (cut to the offline BPE's size); "tiny" smoke-tests on CPU.
 SHAPES: dict[str, dict[str, int]] = {
@@ -88,6 +87,31 @@ def build_checkpoint(out_dir: str | os.PathLike, shape: str = "7b", device: str 
     (out / MARKER).write_text(json.dumps(spec))
     (out / "MMSERVE_RANDOM_WEIGHTS").write_text("Random weights: for speed runs only.\n")
     return out
+
+
+def save_random_llava(config, out: Path, device, std: float, seed: int,
+                      eos_token_id: int | None = None) -> None:
+    """A LlavaForConditionalGeneration of `config` with random bf16 weights (std `std`, norm
+    gains 1), built on `device` (a 7B initialises in seconds on a GPU) and saved to `out`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = transformers.LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)  # never zeros: they can run faster than real data
+    if eos_token_id is not None:
+        model.generation_config.eos_token_id = eos_token_id
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="5GB")
 
 
 def checkpoint_stats(model_dir: str | os.PathLike) -> dict:

@@ -41,7 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import env_record, measure_device, resolve_device, time_ms, write_json
+from common import (
+    env_record,
+    measure_device,
+    resolve_device,
+    save_random_llava,
+    time_ms,
+    write_json,
+)
 
 from encoder_worker.graphs import TowerGraphs
 from encoder_worker.models.llava import LlavaEncoder
@@ -80,22 +87,7 @@ def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std:
         vision_config=vision, text_config=text, image_token_index=31,
         vision_feature_select_strategy="default", vision_feature_layer=-2,
         projector_hidden_act="gelu", tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):  # a 300M-parameter tower initialises in seconds on a GPU
-            model = transformers.LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)  # never zeros: they can run faster than real data
-    model.to(torch.bfloat16).save_pretrained(out)
-    del model
+    save_random_llava(config, out, device, std, seed)
     side = {"height": s["image"], "width": s["image"]}
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "do_resize": True,

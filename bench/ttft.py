@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -42,17 +41,16 @@ import random
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from common import REPO, env_record, resolve_device, write_json
+from common import REPO, env_record, resolve_device, save_random_llava, write_json
+from mm_server import launch, stop, wait_healthy
 
 SHAPES: dict[str, dict[str, int]] = {
     # llava-hf/llava-1.5-7b-hf without its vocabulary: CLIP ViT-L/14-336 + Llama-2-7B
@@ -105,23 +103,7 @@ def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std:
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default", vision_feature_layer=-2,
         projector_hidden_act="gelu", tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):  # 7B initialises in seconds on a GPU, minutes on a CPU
-            model = transformers.LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)  # never zeros: they can run faster than real data
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="5GB")
-    del model
+    save_random_llava(config, out, device, std, seed, eos_token_id=tok.eos_token_id)
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()  # the server's engine sizes its KV cache from free memory
@@ -211,83 +193,6 @@ def plan(names: list[str], images: list[Path], texts: list[str], warmup: int,
 
 
 # -- server ----------------------------------------------------------------------------------------
-
-def _die_with_parent() -> None:
-    """In the server's child before exec: SIGTERM it when this process dies (even by SIGKILL)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def launch(model: str, argv: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`mmserve serve` in its own session, output to `log_path`; (proc, base url). The children
-    find the repo (and wheels on PYTHONPATH) through the env."""
-    from protocol.addresses import free_port
-
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    path = os.environ.get("PYTHONPATH")
-    env = dict(os.environ, MMSERVE_LOG_LEVEL=os.environ.get("MMSERVE_LOG_LEVEL", "INFO"),
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
-    cmd = [sys.executable, "-m", "frontend.cli", "serve", model, "--host", "127.0.0.1",
-           "--port", str(port), *argv]
-    print("server:", shlex.join(cmd), flush=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
-    return proc, base
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, deadline: float) -> float:
-    """Seconds until /health answers 200 (model load and warm-up included)."""
-    t0 = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=1.0) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"mmserve serve exited with code {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"mmserve serve not healthy after {time.monotonic() - t0:.0f} s")
-        time.sleep(0.25)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (from /proc; the roles run in sessions of their own)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out, frontier = [], [pid]
-    while frontier:
-        kids = [c for c, p in parent.items() if p in frontier]
-        out += kids
-        frontier = kids
-    return out
-
-
-def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM the launcher (it stops its roles in order), then SIGKILL whatever is left of the
-    tree, by pid."""
-    tree = descendants(proc.pid)
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    deadline = time.monotonic() + 3.0  # roles also exit on their own once the launcher is gone
-    for pid in tree:
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
 
 # -- client ----------------------------------------------------------------------------------------
 
