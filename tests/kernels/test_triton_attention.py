@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from importlib.metadata import version
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from interp_child import run_interpreter_cases
 
 from kernels import reference
 
-REPO = Path(__file__).parents[2]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BF16_TOL = {"atol": 1e-2, "rtol": 1.6e-2}  # bf16 output rounding (2^-8) plus bf16 P in P @ V
 FP32_TOL = {"atol": 2e-5, "rtol": 2e-5}  # only summation order differs from the reference
@@ -34,18 +30,7 @@ compiled_only = pytest.mark.skipif(INTERPRETED, reason="GPU cases run compiled, 
 def test_interpreter_cases():
     if INTERPRETED:
         pytest.skip("already under the interpreter: the interp cases run in this process")
-    # Triton 3.6's interpreter calls int() on 1-element arrays for range() over tensor bounds,
-    # which numpy 2 refuses; 3.9 (this project's CPU pin) runs them. Read without importing triton.
-    if tuple(int(x) for x in version("triton").split(".")[:2]) < (3, 9):
-        pytest.skip(f"triton {version('triton')}'s interpreter fails range() over tensor bounds")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MMSERVE_KERNELS": "reference"}
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
-         str(Path(__file__).relative_to(REPO))],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and " skipped" not in child.stdout, child.stdout[-2000:]
+    run_interpreter_cases(__file__, "test_interp_", kernels="reference")
 
 
 @pytest.fixture(scope="module")

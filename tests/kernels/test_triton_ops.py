@@ -12,14 +12,12 @@ allocations poisoned with NaN, so an element a kernel never writes fails the com
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from interp_child import run_interpreter_cases
 
 import kernels
 from kernels import reference
@@ -27,7 +25,6 @@ from llm_worker.layers.activation import SiluAndMul
 from llm_worker.layers.norm import RMSNorm
 from llm_worker.layers.rope import RotaryEmbedding
 
-REPO = Path(__file__).parents[2]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_cases' child")
 
@@ -52,15 +49,8 @@ def cases(cpu: list[tuple], gpu: list[tuple]) -> list:
 def test_interpreter_cases():
     if INTERPRETED:
         pytest.skip("already under the interpreter: the CPU cases run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("MMSERVE_KERNELS", None)  # the tests force it where they dispatch
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-k", "not test_interpreter_cases", str(Path(__file__).relative_to(REPO))],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and " skipped" not in child.stdout, child.stdout[-2000:]
+    # MMSERVE_KERNELS unset: the tests force it where they dispatch.
+    run_interpreter_cases(__file__, "not test_interpreter_cases", kernels=None)
 
 
 @pytest.fixture(scope="module")

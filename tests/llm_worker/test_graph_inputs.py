@@ -10,20 +10,16 @@ cases of this file in a child pytest."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from interp_child import run_interpreter_cases
 
 from llm_worker.runner import ModelRunner
 from llm_worker.sched_output import CachedRequestData, NewRequestData, SchedulerOutput
 from protocol.messages import Sampling
 
-REPO = Path(__file__).parents[2]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_child")
 PROMPTS = {"a": 5, "b": 9, "c": 17}  # 31 tokens: the 32-token mixed graph
@@ -33,16 +29,7 @@ BLOCKS = {"a": [1], "b": [2], "c": [3, 4]}
 def test_interpreter_child():
     if INTERPRETED:
         pytest.skip("already under the interpreter")
-    if tuple(int(x) for x in version("triton").split(".")[:2]) < (3, 9):
-        pytest.skip(f"triton {version('triton')}'s interpreter fails range() over tensor bounds")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MMSERVE_KERNELS": "triton"}
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
-         str(Path(__file__).relative_to(REPO))],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and " skipped" not in child.stdout, child.stdout[-2000:]
+    run_interpreter_cases(__file__, "test_interp_", kernels="triton")
 
 
 def _kv_unchanged_but_real(kv, eager_kv, before) -> None:
