@@ -10,6 +10,11 @@ For each batch size, a decode batch of `--context`-token prompts runs through mm
 - the kernels of one eager step (torch.profiler, CUDA time per kernel family), which show what
   bounds the GPU time (the GEMMs' bandwidth, attention, the small ops).
 
+For each `--prefill` length, one prompt of that many tokens is prefilled alone (the step an
+image request's TTFT waits on): the step's wall time through the mixed-step graph and eagerly,
+and the eager step's CUDA time by kernel family (so eager step - CUDA time = what the Python
+launches add).
+
     python bench/profile_step.py --model /dev/shm/mmserve_llama7b --batch 1 8 64 --out prof.json
 """
 
@@ -115,18 +120,55 @@ def profile_point(core: EngineCore, st: dict, bw: float, batch: int, ctx: int,
             "roofline_ms": roof_ms, "stages_ms": stages, "eager_kernels_ms": kernels}
 
 
-def _eager_kernels(core: EngineCore, runner) -> dict[str, float]:
-    """CUDA time per kernel family of one eager decode step (graphs off for this one step)."""
+def profile_prefill(core: EngineCore, st: dict, tokens: int, reps: int = 5) -> dict:
+    """One `tokens`-token prompt prefilled alone, through the mixed graph (where one holds it)
+    and eagerly: median step wall time of each, and the eager step's kernels."""
+    runner = core.executor.worker.runner
+    prompts = iter(prompt_ids(4 * reps + 4, tokens, st["vocab_size"], seed=11))
+    device = core.executor.worker.device
+
+    def prefill_ms() -> float:
+        rid = f"prefill{tokens}-{id(object())}"
+        core.add_request(GenerateRequest(
+            rid, next(prompts), Sampling(max_tokens=1, temperature=0.0, ignore_eos=True), [2], ""))
+        sync(device)
+        t0 = time.perf_counter()
+        core.step()  # the whole prompt in one step (max_num_batched_tokens >= tokens)
+        sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        while rid in core.scheduler.requests:
+            core.step()
+        return ms
+
+    mixed = runner.mixed
+    replays = mixed.num_replays if mixed is not None else 0
+    prefill_ms()  # settles the shape
+    graph = statistics.median(prefill_ms() for _ in range(reps))
+    used_graph = mixed is not None and mixed.num_replays > replays
+    runner.mixed = None
+    try:
+        prefill_ms()
+        eager = statistics.median(prefill_ms() for _ in range(reps))
+        rid = f"prefill{tokens}-profiled"
+        core.add_request(GenerateRequest(
+            rid, next(prompts), Sampling(max_tokens=1, temperature=0.0, ignore_eos=True), [2], ""))
+        kernels = _profiled_kernels(core.step)
+        while rid in core.scheduler.requests:
+            core.step()
+    finally:
+        runner.mixed = mixed
+    return {"tokens": tokens, "graph_step_ms": graph if used_graph else None,
+            "eager_step_ms": eager, "eager_cuda_ms": sum(kernels.values()),
+            "eager_kernels_ms": kernels}
+
+
+def _profiled_kernels(step) -> dict[str, float]:
+    """CUDA time per kernel family of one call of `step`."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs, mixed, runner.graphs, runner.mixed = runner.graphs, runner.mixed, None, None
-    try:
-        core.step()  # any lazily compiled eager shape compiles outside the profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            core.step()
-            torch.cuda.synchronize()
-    finally:
-        runner.graphs, runner.mixed = graphs, mixed
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
     fam: dict[str, float] = defaultdict(float)
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
@@ -135,12 +177,24 @@ def _eager_kernels(core: EngineCore, runner) -> dict[str, float]:
     return dict(sorted(fam.items(), key=lambda kv: -kv[1]))
 
 
+def _eager_kernels(core: EngineCore, runner) -> dict[str, float]:
+    """CUDA time per kernel family of one eager decode step (graphs off for this one step)."""
+    graphs, mixed, runner.graphs, runner.mixed = runner.graphs, runner.mixed, None, None
+    try:
+        core.step()  # any lazily compiled eager shape compiles outside the profile
+        return _profiled_kernels(core.step)
+    finally:
+        runner.graphs, runner.mixed = graphs, mixed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[632],
+                    help="prompt lengths prefilled alone (632: one LLaVA image + 56 text tokens)")
     ap.add_argument("--out", default="bench/results/profile_step.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -150,7 +204,8 @@ def main() -> None:
     bw = res["ceilings"]["copy_GBps"] * 1e9
     core = EngineCore(LLMWorkerConfig(
         model=args.model, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch),
-        max_model_len=args.context + 4 * args.steps + 64, max_num_batched_tokens=8192,
+        max_model_len=max(args.context + 4 * args.steps + 64, max(args.prefill, default=0) + 8),
+        max_num_batched_tokens=8192,
         enable_prefix_caching=False, gpu_memory_utilization=0.9))
     for b in args.batch:
         row = profile_point(core, st, bw, b, args.context, args.steps)
@@ -163,6 +218,15 @@ def main() -> None:
             f"{k} {v:.3f}" for k, v in row["stages_ms"].items()))
         print("  eager step, CUDA ms by kernel family: " + ", ".join(
             f"{k} {v:.2f}" for k, v in row["eager_kernels_ms"].items()))
+    res["prefill"] = []
+    for n in args.prefill:
+        row = profile_prefill(core, st, n)
+        res["prefill"].append(row)
+        write_json(args.out, res)
+        graph = f"{row['graph_step_ms']:.2f} ms" if row["graph_step_ms"] else "no graph"
+        print(f"\nprefill {n} tokens alone: mixed graph {graph}, eager {row['eager_step_ms']:.2f} ms "
+              f"(its CUDA time {row['eager_cuda_ms']:.2f} ms: " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in row["eager_kernels_ms"].items()) + ")")
     core.shutdown()
     print(f"wrote {args.out}")
 

@@ -115,16 +115,17 @@ class DecodeGraphs:
         return self.logits[size, splits]
 
 
-# Token counts of the captured mixed steps. Up to ~256 tokens a 7B step is bound by its weight
-# read and its launches (an eager step costs ~16 ms of launches on the H200 host against ~4 ms
-# of GPU work); past that it is compute-bound and padding to a bucket would cost more than the
-# launches it saves, so larger steps run eagerly.
-MIXED_SIZES = (16, 32, 64, 128, 256)
+# Token counts of the captured mixed steps. An eager 7B step costs ~16 ms of Python launches on
+# the H200 host, more than the GPU work of a step of a few hundred tokens (a 632-token image
+# prefill measured ~30 ms eager); a graph pays only its padding (< 128 tokens, ~2.5 ms of GEMMs
+# past 256). Past 1024 tokens the GPU work dominates and a padded bucket would cost more than the
+# launches it hides, so larger steps run eagerly.
+MIXED_SIZES = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024)
 
 
 class MixedGraphs:
     """Graphs for the steps that are not uniform decode (prefill chunks, prefill + decode,
-    media splices) of at most 256 tokens: one per token count in MIXED_SIZES, every sequence
+    media splices) of at most 1024 tokens: one per token count in MIXED_SIZES, every sequence
     slot in use (`InputBatch.pad_mixed`), the input embeddings read from a fixed buffer (the
     lookup and the media splices run before the replay), logits for every sequence slot."""
 

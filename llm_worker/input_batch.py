@@ -75,7 +75,10 @@ class InputBatch:
         # One spare sequence row beyond max_num_seqs: a padded mixed step gives its padding
         # tokens to it (`pad_mixed`). Its block-table row stays zero: the null block.
         self.num_seq_slots = max_num_seqs + 1
-        t, s, b = max_num_tokens, self.num_seq_slots, max_blocks_per_seq
+        # Its keys (one per padding token, up to a whole step) must fit in one row, also when
+        # max_model_len is shorter than a step: rows are at least a step's blocks wide.
+        t, s = max_num_tokens, self.num_seq_slots
+        b = max(max_blocks_per_seq, -(-max_num_tokens // block_size))
         self.max_blocks_per_seq = b
         # Two staging buffers (int64, int32) mirrored on the device: a step is two copies, not
         # seven. Every field is a fixed view into one of them (what a captured graph reads).

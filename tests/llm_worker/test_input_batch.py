@@ -130,3 +130,31 @@ def test_padded_mixed_step_changes_nothing(runner):
         untouched = (b == old).all(-1).all(-1)
         assert torch.equal(a[untouched], old[untouched])
         assert not a[:, 0].any()
+
+
+def test_mixed_padding_longer_than_max_model_len(tiny_llama):
+    """The spare slot reads one key per padding token: a step padded past max_model_len (5
+    tokens -> 64, max_model_len 16) still finds every one of them in its block-table row, and
+    the real row's logits match the unpadded step."""
+    cfg = transformers.AutoConfig.from_pretrained(tiny_llama)
+    r = ModelRunner(tiny_llama, cfg, device=torch.device("cpu"), dtype=torch.float32,
+                    max_model_len=16, max_num_seqs=2, max_num_batched_tokens=64, block_size=BS)
+    r.init_kv_cache(4)
+    bufs = r.inputs
+    assert bufs.block_tables.shape[1] * BS >= 64
+    prompt = torch.randint(3, 100, (5,), generator=torch.Generator().manual_seed(1)).tolist()
+    r._update_states(SchedulerOutput(
+        [NewRequestData("a", prompt, 5, Sampling(max_tokens=4, temperature=0.0), [1], 0)],
+        [], {"a": 5}, 5))
+    batch = bufs.prepare(r.requests, {"a": 5})
+    bufs.upload(batch)
+    eager = r._forward(batch)
+    batch = bufs.prepare(r.requests, {"a": 5})
+    bufs.pad_mixed(batch, 64)
+    bufs.upload(batch)
+    embeds = torch.empty(64, r.model.hidden_size)
+    r._embed(batch, embeds)
+    meta = r.attn_backend.build_metadata(bufs, batch)
+    hidden = r.model(None, bufs.positions[:64], r.kv_caches, meta, inputs_embeds=embeds)
+    torch.testing.assert_close(r.model.compute_logits(hidden[bufs.sample_idx[:1]]), eager,
+                               rtol=1e-5, atol=1e-5)
