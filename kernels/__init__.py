@@ -16,13 +16,14 @@ from typing import Any
 
 from kernels.reference import (
     apply_rope,
+    linear,
     paged_attention,
     rms_norm,
     silu_and_mul,
     write_kv_cache,
 )
 
-OPS = ("rms_norm", "silu_and_mul", "apply_rope", "write_kv_cache", "paged_attention")
+OPS = ("rms_norm", "silu_and_mul", "apply_rope", "write_kv_cache", "paged_attention", "linear")
 
 # op -> "module:function" of its Triton kernel (same signature as the reference).
 TRITON: dict[str, str] = {
@@ -31,6 +32,9 @@ TRITON: dict[str, str] = {
     "apply_rope": "kernels.triton_ops:apply_rope",
     "write_kv_cache": "kernels.triton_ops:write_kv_cache",
     "paged_attention": "kernels.triton_attention:paged_attention",
+    # A GEMV for decode's few rows; the layers still call F.linear (cuBLAS) until
+    # bench/gemv_sweep.py shows it faster on the GPU.
+    "linear": "kernels.triton_gemv:linear",
 }
 
 
@@ -57,5 +61,5 @@ def get(name: str, device: Any) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), fn)
 
 
-__all__ = ["OPS", "TRITON", "apply_rope", "get", "paged_attention", "rms_norm", "silu_and_mul",
-           "use_triton", "write_kv_cache"]
+__all__ = ["OPS", "TRITON", "apply_rope", "get", "linear", "paged_attention", "rms_norm",
+           "silu_and_mul", "use_triton", "write_kv_cache"]

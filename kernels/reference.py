@@ -109,6 +109,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:  # [..., K] @ [N, K]^T (+ [N]) -> [..., N]
+    """A projection as nn.Linear computes it (cuBLAS on CUDA)."""
+    return F.linear(x, weight, bias)
+
+
 def apply_rope(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]

@@ -1,0 +1,103 @@
+"""Decode projections at few rows: cuBLAS (F.linear) against the Triton GEMV
+(kernels/triton_gemv.py) over a grid of tile configs, at the Llama-2-7B shapes in bf16.
+
+Per (rows, projection): µs and achieved GB/s (weight + x + y bytes / time) as % of the copy
+bandwidth measured in this process, for cuBLAS, the GEMV's default config and its best config;
+then the sum over one layer's four projections x 32 layers, the GEMM time of one decode step that
+`profile_step.py` reports (3.59 ms for cuBLAS at batch 1 on the H200). Every config's output is
+checked against cuBLAS first (bf16 tolerance). triton.testing.do_bench median, L2 flushed.
+
+    python bench/gemv_sweep.py --out bench/results/gemv_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+import torch.nn.functional as F
+from common import env_record, measure_device, write_json
+
+# name -> (N, K) of the weight, Llama-2-7B (hidden 4096, intermediate 11008, 32 heads)
+PROJECTIONS = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096),
+               "down": (4096, 11008)}
+LAYERS = 32
+GRID = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+        for bn, bk, w, st in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4))]
+
+
+def sweep_point(triton_gemv, do_bench, m: int, name: str, n: int, k: int, bw: float,
+                gen: torch.Generator) -> dict:
+    """cuBLAS and every GEMV config at one (rows, projection); configs checked before timing."""
+    device = gen.device
+    x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+    w = (0.02 * torch.randn(n, k, device=device, generator=gen)).to(torch.bfloat16)
+    nbytes = (n * k + m * k + m * n) * 2
+    want = F.linear(x, w)
+
+    def timed(fn) -> dict:
+        us = do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+        return {"us": us, "pct_bw": 100 * nbytes / (us * 1e-6) / bw}
+
+    row = {"rows": m, "proj": name, "N": n, "K": k, "bytes": nbytes,
+           "cublas": timed(lambda: F.linear(x, w)), "configs": []}
+    for cfg in [None, *GRID]:
+        try:
+            got = triton_gemv.gemv(x, w, config=cfg)
+            err = (got.float() - want.float()).abs().max().item()
+            ok = err <= 2e-2 * max(1.0, want.float().abs().max().item())
+            t = timed(lambda cfg=cfg: triton_gemv.gemv(x, w, config=cfg)) if ok else {}
+            row["configs"].append({"config": cfg or "default", "max_abs_diff": err, "ok": ok,
+                                   **t})
+        except Exception as e:  # a config Triton cannot build (shared memory, registers)
+            row["configs"].append({"config": cfg, "error": f"{type(e).__name__}: {e}"[:200]})
+    timed_cfgs = [c for c in row["configs"] if "us" in c]
+    row["default"] = next((c for c in timed_cfgs if c["config"] == "default"), None)
+    row["best"] = min(timed_cfgs, key=lambda c: c["us"], default=None)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--budget-s", type=float, default=150)
+    ap.add_argument("--out", default="bench/results/gemv_sweep.json")
+    args = ap.parse_args()
+    from triton.testing import do_bench
+
+    from kernels import triton_gemv
+
+    t_start = time.perf_counter()
+    device = torch.device("cuda")
+    res = {"env": env_record(device), "ceilings": measure_device(device), "args": vars(args),
+           "rows": []}
+    bw = res["ceilings"]["copy_GBps"] * 1e9
+    gen = torch.Generator(device=device).manual_seed(0)
+    for m, (name, (n, k)) in itertools.product(args.rows, PROJECTIONS.items()):
+        if time.perf_counter() - t_start > args.budget_s:
+            print("budget spent: stopping")
+            break
+        row = sweep_point(triton_gemv, do_bench, m, name, n, k, bw, gen)
+        res["rows"].append(row)
+        write_json(args.out, res)
+        best, dflt = row["best"], row["default"]
+        print(f"M={m:2d} {name:8s} [{n}x{k}]  cublas {row['cublas']['us']:7.1f} us "
+              f"({row['cublas']['pct_bw']:3.0f}%)  gemv default "
+              f"{dflt['us'] if dflt else float('nan'):7.1f} us  best {best['us']:7.1f} us "
+              f"({best['pct_bw']:3.0f}%) {best['config']}" if best else f"M={m} {name}: no config ran")
+    for m in args.rows:
+        rows = [r for r in res["rows"] if r["rows"] == m and r["best"]]
+        if len(rows) == len(PROJECTIONS):
+            step = {key: LAYERS * sum(r[key]["us"] for r in rows) / 1e3
+                    for key in ("cublas", "best")}
+            res.setdefault("per_step_ms", {})[m] = step
+            print(f"M={m}: GEMMs of one decode step (4 projections x {LAYERS} layers): cuBLAS "
+                  f"{step['cublas']:.2f} ms, GEMV best configs {step['best']:.2f} ms")
+    write_json(args.out, res)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
