@@ -51,9 +51,17 @@ def _gemv_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def default_config(n: int, k: int) -> dict[str, int]:
-    """BLOCK_N / BLOCK_K / warps / stages for an [n, k] weight (to be tuned on the GPU)."""
-    return {"BLOCK_N": 16 if n <= 8192 else 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4}
+def default_config(n: int, k: int, element_size: int = 2) -> dict[str, int]:
+    """BLOCK_N / BLOCK_K / warps / stages for an [n, k] weight: the fastest of
+    bench/gemv_sweep.py's grid at the 7B projections on the H200 (bf16, 1 and 8 rows). fp32 gets
+    short tiles and two stages, which fit shared memory (not a tuned path)."""
+    if element_size > 2:
+        return {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+    if n > 16384:
+        return {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    if n > 8192:
+        return {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4}
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -67,7 +75,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    cfg = config or default_config(n, k)
+    cfg = config or default_config(n, k, x.element_size())
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemv_kernel[grid](
