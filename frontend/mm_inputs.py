@@ -67,6 +67,7 @@ class MediaInputs:
             buffers.append(buf)
         req = EncodeRequest(key=item.key, modality=item.modality, data=item.data,
                             kwargs=item.kwargs, deliver_to=[deliver_to], reply_to=reply_to,
-                            request_id=request_id, embeds=embeds)
+                            request_id=request_id, embeds=embeds,
+                            geometry=(item.meta or {}).get("geometry"))
         assert self.pool is not None
         await self.pool.encode(req, buffers)

@@ -55,7 +55,10 @@ class ResolvedItem(NamedTuple):
     num_tokens: int
     kwargs: dict[str, Any]  # media_io_kwargs that shape the embedding (also in the key)
     param: str
-    meta: dict[str, Any] | None = None  # probed width, height, format (fetched/PIL images)
+    # Probed width, height, format (fetched/PIL images) and the item's geometry
+    # (`ItemGeometry.to_meta()`: num_tokens, grid_thw, resized_hw), which travels to the encoder
+    # and the decoder.
+    meta: dict[str, Any] | None = None
 
 
 # -- parse --------------------------------------------------------------------------------------
@@ -205,12 +208,12 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
                        config: FrontendConfig) -> ResolvedItem:
     kwargs = dict(config.media_io_kwargs.get(ref.modality, {}))
     if ref.kind == "uuid":
-        n = model.fixed_num_image_tokens
-        if n is None:
+        fixed = model.fixed_image_geometry
+        if fixed is None:
             raise RequestError("this model needs the image to size it: send the image (or its "
                                "embeddings) along with the uuid", ref.param)
-        return ResolvedItem(ref.modality, uuid_key(ref.uuid or ""), None, None, n, kwargs,
-                            ref.param)
+        return ResolvedItem(ref.modality, uuid_key(ref.uuid or ""), None, None, fixed.num_tokens,
+                            kwargs, ref.param, {"geometry": fixed.to_meta()})
     if ref.kind == "embeds":
         return await _from_embeds(ref, model, config)
     if ref.kind == "pil":
@@ -221,9 +224,11 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
         info, key = await asyncio.to_thread(_probe_and_key, data, ref, kwargs, config)
     else:
         info, key = _probe_and_key(data, ref, kwargs, config)
-    meta = {"width": info.width, "height": info.height, "format": info.format}
-    return ResolvedItem(ref.modality, key, data, None,
-                        model.num_image_tokens(info.width, info.height), kwargs, ref.param, meta)
+    geometry = model.image_geometry(info.width, info.height, ref.param)
+    meta = {"width": info.width, "height": info.height, "format": info.format,
+            "geometry": geometry.to_meta()}
+    return ResolvedItem(ref.modality, key, data, None, geometry.num_tokens, kwargs, ref.param,
+                        meta)
 
 
 def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any],

@@ -178,6 +178,9 @@ class EncodeRequest(_Data):
     # User-supplied embeddings (image_embeds), in an extra frame: the encoder stores and
     # publishes them like its own, so a uuid can reuse them later.
     embeds: TensorRef | None = None
+    # What the frontend sized the prompt by (`protocol.geometry.ItemGeometry.to_meta()`:
+    # num_tokens, grid_thw, resized_hw); the encoder's output must agree with it.
+    geometry: dict[str, Any] | None = None
 
 
 class Embedding(_Data):

@@ -8,6 +8,9 @@ the post-layernorm never run (and are never loaded).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from PIL import Image
 from torch import nn
@@ -18,6 +21,8 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionE
 from encoder_worker.models.base import EncoderModel
 from encoder_worker.models.clip_image import ClipImageProcessor
 from encoder_worker.models.weights import copy_into, load_weights
+from protocol.checkpoint import image_processor_config
+from protocol.geometry.llava import LlavaGeometry
 
 
 class ClipTower(nn.Module):
@@ -86,7 +91,9 @@ class LlavaEncoder(EncoderModel):
         if self.processor.output_hw() != (side, side):
             raise ValueError(f"{model_dir}: the image processor makes {self.processor.output_hw()} "
                              f"images but the tower takes {side}x{side}")
-        self._num_tokens = (side // vision.patch_size) ** 2 + (self.select_strategy == "full")
+        self.geometry = LlavaGeometry(json.loads(Path(model_dir, "config.json").read_text()),
+                                      image_processor_config(model_dir) or {})
+        self._num_tokens = self.geometry.fixed_image.num_tokens
         self.hidden_size = hf.text_config.hidden_size
         self.device, self.dtype = torch.device(device), dtype
         self.num_tower_layers = max(self.feature_layers)

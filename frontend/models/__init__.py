@@ -11,32 +11,48 @@ from pathlib import Path
 from typing import Any
 
 from frontend.errors import RequestError
+from protocol.geometry import ItemGeometry, MediaGeometry
 
 
 class MediaPlaceholders(ABC):
     """Placeholder arithmetic of one multimodal architecture (pure: no weights, no tokenizer).
 
     Each image token in the rendered prompt stands for one image item, in order; ``expand``
-    widens it to that item's feature count.
+    widens it to that item's feature count. The counts come from the architecture's geometry
+    (`protocol.geometry`), which the encoder and the decoder read from the item's metadata.
     """
 
     image_token_id: int
     hidden_size: int  # of the embeddings that replace the placeholders (the LM's hidden size)
+    geometry: MediaGeometry
 
     @classmethod
     @abstractmethod
     def from_pretrained(cls, model_dir: str | Path) -> MediaPlaceholders:
         """Read what the arithmetic needs from the checkpoint's config files."""
 
-    @abstractmethod
+    def image_geometry(self, width: int, height: int, param: str) -> ItemGeometry:
+        """What one image of this size (pixels, before preprocessing) becomes; 400 naming
+        ``param`` for a size the model refuses."""
+        try:
+            return self.geometry.image(width, height)
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+
     def num_image_tokens(self, width: int, height: int) -> int:
-        """Placeholder tokens for one image of this size (pixels, before preprocessing)."""
+        """Placeholder tokens for one image of this size."""
+        return self.geometry.image(width, height).num_tokens
+
+    @property
+    def fixed_image_geometry(self) -> ItemGeometry | None:
+        """The geometry when it does not depend on the image size, else None (then an item
+        known only by its uuid cannot be placed)."""
+        return self.geometry.fixed_image
 
     @property
     def fixed_num_image_tokens(self) -> int | None:
-        """The count when it does not depend on the image size, else None (then an item known
-        only by its uuid cannot be placed)."""
-        return None
+        fixed = self.geometry.fixed_image
+        return None if fixed is None else fixed.num_tokens
 
     def expand(self, prompt_ids: list[int], item_tokens: list[int],
                param: str) -> tuple[list[int], list[tuple[int, int]]]:

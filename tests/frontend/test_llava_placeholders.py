@@ -13,6 +13,7 @@ from frontend.errors import RequestError
 from frontend.models import load_placeholders, require_image_support
 from frontend.models.llava import LlavaPlaceholders
 from frontend.random_model import IMAGE_TOKEN, build_random_llava
+from protocol.geometry.llava import LlavaGeometry
 
 PROMPT = "<|im_start|>user\n<image>Describe this<image> now<|im_end|>\n<|im_start|>assistant\n"
 IMAGES = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (17, 50), (0, 0, 255))]
@@ -63,7 +64,8 @@ def test_expand_matches_transformers(request, which, per_image):
 
 
 def test_expand_offsets_and_mismatch():
-    ph = LlavaPlaceholders(9, (32, 32), 8, "default", 64)
+    ph = LlavaPlaceholders(9, LlavaGeometry({"vision_config": {"image_size": 32, "patch_size": 8}}, {}),
+                           64)
     ids, ranges = ph.expand([1, 9, 2, 9, 3], [2, 3], "messages")
     assert ids == [1, 9, 9, 2, 9, 9, 9, 3] and ranges == [(1, 2), (4, 3)]
     assert ph.expand([1, 2], [], "messages") == ([1, 2], [])

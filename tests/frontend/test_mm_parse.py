@@ -19,11 +19,15 @@ from frontend.media_fetch import MediaFetcher
 from frontend.mm_parse import MediaRef, ResolvedItem, parse_media, resolve
 from frontend.models import MediaPlaceholders
 from frontend.models.llava import LlavaPlaceholders
+from protocol.geometry import ItemGeometry, MediaGeometry
+from protocol.geometry.llava import LlavaGeometry
 from protocol.hashing import content_key, uuid_key
 
 LIMITS = {"image": 8}
 HIDDEN = 64
-LLAVA = LlavaPlaceholders(3, (32, 32), 8, "default", HIDDEN)  # 16 tokens per image
+LLAVA = LlavaPlaceholders(  # 16 tokens per image
+    3, LlavaGeometry({"vision_config": {"image_size": 32, "patch_size": 8}}, {}), HIDDEN)
+LLAVA_GEOMETRY = {"num_tokens": 16, "grid_thw": None, "resized_hw": [32, 32]}  # what travels
 
 
 def _png(w: int = 12, h: int = 10, color=(255, 0, 0)) -> bytes:
@@ -151,7 +155,8 @@ def test_offline_only_part_values(config):
                                    {"type": "image_pil", "image_pil": np.asarray(pil)},
                                    {"type": "image_pil", "image_pil": None, "uuid": "p"},
                                    {"type": "image_embeds", "image_embeds": t}), config)
-    assert a.key == b.key and b.meta == {"width": 20, "height": 30, "format": "PNG"}
+    assert a.key == b.key and b.meta == {"width": 20, "height": 30, "format": "PNG",
+                                         "geometry": LLAVA_GEOMETRY}
     assert c.key == uuid_key("p") and c.data is None
     assert torch.equal(d.embeds, t) and d.num_tokens == 5
     for bad, match in [(torch.zeros(1).expand(10**4, HIDDEN), "repeats"),
@@ -191,14 +196,15 @@ def test_resolve_url_pil_uuid(config):
                         config)
     url, with_uuid, from_pil, uuid_only = items
     assert url.key == content_key(png, {}) and url.data == png and url.num_tokens == 16
-    assert url.meta == {"width": 12, "height": 10, "format": "PNG"}
+    assert url.meta == {"width": 12, "height": 10, "format": "PNG", "geometry": LLAVA_GEOMETRY}
     assert url.param == "messages[0].content[0].image_url" and url.embeds is None
     assert with_uuid.key == uuid_key("mine") and with_uuid.data == png
     # PIL images travel as lossless PNG bytes: same pixels, keyed by content.
     assert Image.open(io.BytesIO(from_pil.data)).tobytes() == pil.tobytes()
     assert from_pil.key == content_key(from_pil.data, {}) and from_pil.meta["width"] == 20
     assert uuid_only == ResolvedItem("image", uuid_key("old"), None, None, 16, {},
-                                     "messages[0].content[3].image_url")
+                                     "messages[0].content[3].image_url",
+                                     {"geometry": LLAVA_GEOMETRY})
 
 
 def test_media_io_kwargs_change_the_key(tmp_path):
@@ -239,20 +245,23 @@ def test_text_only_model_refuses_media(config):
     assert run_resolve(_user(_text("hi")), config, placeholders=None) == []
 
 
+class _QuarterGrid(MediaGeometry):
+    def image(self, width: int, height: int) -> ItemGeometry:
+        return ItemGeometry((width // 4) * (height // 4), (1, height // 4, width // 4))
+
+
 class _SizeDependent(MediaPlaceholders):
-    image_token_id, hidden_size = 3, HIDDEN
+    image_token_id, hidden_size, geometry = 3, HIDDEN, _QuarterGrid({}, {})
 
     @classmethod
     def from_pretrained(cls, model_dir):
         return cls()
 
-    def num_image_tokens(self, width: int, height: int) -> int:
-        return (width // 4) * (height // 4)
-
 
 def test_uuid_only_needs_a_fixed_count(config):
     item = run_resolve(_user(_img(_data_url(_png(16, 8)))), config, _SizeDependent())[0]
     assert item.num_tokens == 8
+    assert item.meta["geometry"] == {"num_tokens": 8, "grid_thw": [1, 2, 4], "resized_hw": None}
     with pytest.raises(RequestError, match="needs the image"):
         run_resolve(_user(_img(None, uuid="x")), config, _SizeDependent())
 

@@ -1,0 +1,77 @@
+"""Media geometry: what one media item becomes, computed once, torch-free.
+
+Per architecture, one function maps the checkpoint's settings and an item's probed size to an
+`ItemGeometry`: the placeholder count in the prompt, the patch grid the tower sees and the size
+the preprocessing resizes to. The frontend computes it from the probed header (it sizes the
+prompt), sends it in the EncodeRequest and the MMItem's meta, and the encoder and the decoder read
+it from there (the encoder checks its own preprocessing against it); no role recomputes it.
+
+`GEOMETRY` maps the HF ``architectures`` name to "module:class" of a `MediaGeometry` subclass;
+values are import paths so that a role imports only its model's module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.checkpoint import image_processor_config
+
+
+@dataclass(frozen=True)
+class ItemGeometry:
+    num_tokens: int  # placeholder tokens (= embedding rows) of the item in the prompt
+    grid_thw: tuple[int, int, int] | None = None  # patches (t, h, w) before any merge; None: fixed
+    resized_hw: tuple[int, int] | None = None  # (height, width) the preprocessing resizes to
+
+    def to_meta(self) -> dict[str, Any]:
+        """The form that travels in message metadata (msgspec-encodable)."""
+        return {"num_tokens": self.num_tokens,
+                "grid_thw": list(self.grid_thw) if self.grid_thw else None,
+                "resized_hw": list(self.resized_hw) if self.resized_hw else None}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ItemGeometry:
+        grid, hw = meta.get("grid_thw"), meta.get("resized_hw")
+        return cls(int(meta["num_tokens"]), tuple(grid) if grid else None,
+                   tuple(hw) if hw else None)
+
+
+class MediaGeometry:
+    """One architecture's media arithmetic, built from its config.json and processor settings.
+
+    ``image(width, height)`` raises ValueError (a message for the client, naming no field) for
+    a size the model cannot take. ``fixed_image`` is the geometry when it does not depend on the
+    size (then an item sent by uuid alone can be placed), else None.
+    """
+
+    fixed_image: ItemGeometry | None = None
+
+    def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
+        self.config = config
+        self.processor = processor
+
+    def image(self, width: int, height: int) -> ItemGeometry:
+        raise NotImplementedError
+
+
+GEOMETRY: dict[str, str] = {
+    "LlavaForConditionalGeneration": "protocol.geometry.llava:LlavaGeometry",
+    "Qwen2VLForConditionalGeneration": "protocol.geometry.qwen2_vl:Qwen2VLGeometry",
+}
+
+
+def load_geometry(model_dir: str | Path) -> MediaGeometry | None:
+    """The geometry of the checkpoint in ``model_dir``; None when its architecture takes no
+    media."""
+    folder = Path(model_dir)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for arch in config.get("architectures") or []:
+        if arch in GEOMETRY:
+            module, name = GEOMETRY[arch].split(":")
+            cls = getattr(importlib.import_module(module), name)
+            return cls(config, image_processor_config(folder) or {})
+    return None
