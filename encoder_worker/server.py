@@ -24,9 +24,11 @@ from encoder_worker.decode import MediaError, decode_image
 from encoder_worker.graphs import TowerGraphs
 from encoder_worker.io_threads import EncoderIO, UserEmbeds
 from encoder_worker.models import load_encoder
+from encoder_worker.models.base import Patches
 from encoder_worker.store import EmbeddingStore
 from encoder_worker.transfer import HostCopier, PixelUploader
 from protocol.codec import tensor_ref
+from protocol.geometry import ItemGeometry
 from protocol.messages import (
     Embedding,
     EncodeDone,
@@ -43,12 +45,12 @@ INTERNAL_ERROR = "internal error while encoding"
 
 class _Decoded(NamedTuple):
     key: str
-    future: Future  # -> pixel values [3, H, W] float32, or MediaError / a bug
+    future: Future  # -> the model's input (see _Ready.pixels), or MediaError / a bug
 
 
 class _Ready(NamedTuple):
     key: str
-    pixels: torch.Tensor  # [3, H, W] float32, CPU
+    pixels: torch.Tensor | Patches  # [3, H, W] float32, or a variable-size model's patches; CPU
     since: float  # monotonic time it became ready (the batch deadline counts from the oldest)
     arrived: float  # monotonic time its first request arrived
 
@@ -149,16 +151,21 @@ class EncoderProc:
             self.waiters[msg.key] = [msg]
             self.arrived[msg.key] = time.monotonic()
             self.num_decoding += 1
-            fut = self.pool.submit(self._decode, msg.data, msg.kwargs)
+            fut = self.pool.submit(self._decode, msg.data, msg.kwargs, msg.geometry)
             fut.add_done_callback(lambda f, key=msg.key: self.inbox.put(_Decoded(key, f)))
 
-    def _decode(self, data: bytes, kwargs: dict[str, Any]) -> tuple[torch.Tensor, float]:
-        """Decode-pool thread: bytes -> pixel values [3, H, W] float32, and the seconds it took
-        (added to the stats by the loop thread, which owns them)."""
+    def _decode(self, data: bytes, kwargs: dict[str, Any],
+                geometry: dict[str, Any] | None) -> tuple[torch.Tensor | Patches, float]:
+        """Decode-pool thread: bytes -> the model's input (pixel values [3, H, W] float32 or
+        `Patches`), checked against the request's ``geometry``, and the seconds it took (added
+        to the stats by the loop thread, which owns them)."""
         t0 = time.perf_counter()
         image = decode_image(data, kwargs, max_pixels=self.config.max_image_pixels,
                              min_side=self.config.min_image_side)
-        return self.model.preprocess(image), time.perf_counter() - t0
+        inputs = self.model.preprocess(image)
+        if geometry is not None:
+            _check_geometry(inputs, ItemGeometry.from_meta(geometry))
+        return inputs, time.perf_counter() - t0
 
     def _on_decoded(self, msg: _Decoded) -> None:
         self.num_decoding -= 1
@@ -188,22 +195,30 @@ class EncoderProc:
             self._publish(msg.key, t, [msg], cache_hit=False)
 
     def _step(self) -> None:
-        """Run the tower over one batch of ready items, if one is due."""
+        """Run the tower over one batch of ready items, if one is due: one forward for a model
+        that packs variable sizes, else one per input shape."""
         if not self.ready or not self._batch_due(time.monotonic()):
             return
         batch = self.ready[:self.config.max_batch_items]
         del self.ready[:self.config.max_batch_items]
-        by_shape: dict[tuple[int, ...], list[_Ready]] = {}  # only equal shapes stack
-        for item in batch:
-            by_shape.setdefault(tuple(item.pixels.shape), []).append(item)
-        for group in by_shape.values():
+        if self.model.packs_variable_sizes:
+            groups = [batch]
+        else:
+            by_shape: dict[tuple[int, ...], list[_Ready]] = {}  # only equal shapes stack
+            for item in batch:
+                by_shape.setdefault(tuple(item.pixels.shape), []).append(item)
+            groups = list(by_shape.values())
+        for group in groups:
             self._encode(group)
 
     def _encode(self, group: list[_Ready]) -> None:
         t0 = time.monotonic()
         try:
-            pixels = self.to_device([r.pixels for r in group])  # [B, 3, H, W] on the device
-            outs = (self.graphs or self.model).encode(pixels)
+            if self.model.packs_variable_sizes:
+                outs = self.model.encode_packed([r.pixels for r in group])
+            else:
+                pixels = self.to_device([r.pixels for r in group])  # [B, 3, H, W] on the device
+                outs = (self.graphs or self.model).encode(pixels)
             outs = self.to_host(outs)  # each [n, hidden], CPU, owned
         except Exception:
             ids = [r.request_id for g in group for r in self.waiters.get(g.key, [])]
@@ -212,6 +227,7 @@ class EncoderProc:
                 self._done(self.waiters.pop(item.key), 500, INTERNAL_ERROR)
             return
         self.stats.num_encoded += len(group)
+        self.stats.num_batches += 1
         st, now = self.stats, time.monotonic()
         st.queue_seconds += sum(t0 - r.since for r in group)
         st.tower_seconds += (now - t0) * len(group)
@@ -244,6 +260,19 @@ class EncoderProc:
         stats = msgspec.structs.replace(self.stats, store_bytes=self.store.bytes,
                                         store_items=len(self.store))
         return EncoderHeartbeat(self.encoder_id, time.time(), stats, addr=self.input_addr)
+
+
+def _check_geometry(inputs: torch.Tensor | Patches, geo: ItemGeometry) -> None:
+    """The frontend sized the prompt by ``geo``: an input of another grid or size would make
+    another number of embedding rows. A mismatch means the roles read the checkpoint's settings
+    differently, so it is a ValueError (answered 500), not the user's fault."""
+    if isinstance(inputs, Patches):
+        got, want = inputs.grid_thw, geo.grid_thw
+    else:
+        got, want = tuple(inputs.shape[-2:]), geo.resized_hw
+    if want is not None and tuple(got) != tuple(want):
+        raise ValueError(f"preprocessing made {tuple(got)}, the request's geometry says "
+                         f"{tuple(want)}")
 
 
 def run_encoder(config: EncoderConfig, input_addr: str) -> None:

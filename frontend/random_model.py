@@ -201,6 +201,90 @@ def build_random_llava(
     return out
 
 
+# Qwen2-VL's vision tokens: an image part renders as start, one pad (the processor expands it to
+# the image's token count) and end, as the Qwen2-VL chat template does.
+QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{% if not (loop.last and continue_final_message) %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_random_qwen2_vl(
+    out_dir: str | os.PathLike,
+    *,
+    vision_depth: int = 2,
+    vision_embed_dim: int = 32,
+    vision_heads: int = 2,
+    text_hidden: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+    min_pixels: int = 28 * 28 * 2,
+    max_pixels: int = 28 * 28 * 16,
+    std: float = 0.15,
+    seed: int = 0,
+) -> Path:
+    """A tiny random `Qwen2VLForConditionalGeneration` with its tokenizer (vision special tokens
+    whose ids the config names), a chat template with image parts, and the image processor
+    config. ``mrope_section`` must sum to half the LM head dim (64 / 4 heads = 16 -> 8). The
+    default pixel bounds make a 30-120 px image 2-16 placeholder tokens (grids 2x4 to 8x8)."""
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out, chat_template=QWEN2_VL_TEMPLATE)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok.add_tokens(QWEN2_VL_TOKENS, special_tokens=True)
+    tok.save_pretrained(out)
+    ids = dict(zip(QWEN2_VL_TOKENS, tok.convert_tokens_to_ids(QWEN2_VL_TOKENS)))
+    vision = {"depth": vision_depth, "embed_dim": vision_embed_dim, "num_heads": vision_heads,
+              "hidden_size": text_hidden, "mlp_ratio": 2}
+    text = {"vocab_size": len(tok), "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden, "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+            "max_position_embeddings": 2048, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": list(mrope_section)}}
+    config = transformers.Qwen2VLConfig(
+        vision_config=vision, text_config=text, tie_word_embeddings=False,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
+                p.normal_(1.0, std)  # norms near identity keep the signal alive
+            else:
+                p.normal_(0.0, std)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    # The image processor alone, flat in preprocessor_config.json: a whole Qwen2VLProcessor
+    # needs the video processor, which needs torchvision. The PIL backend saves the same config
+    # as the default (torchvision) one.
+    image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=min_pixels,
+                                                            max_pixels=max_pixels)
+    image_processor.save_pretrained(out)
+    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
+        "This checkpoint has random weights: it produces arbitrary text.\n"
+    )
+    return out
+
+
 DEMO_MODEL = "mmserve-demo-shapes"
 
 

@@ -215,6 +215,7 @@ class EncoderStats(_Data):
     queue_seconds: float = 0.0
     tower_seconds: float = 0.0
     item_seconds: float = 0.0
+    num_batches: int = 0  # tower forwards (a packed batch of any sizes is one)
 
 
 class EncoderHeartbeat(_Data):

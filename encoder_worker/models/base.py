@@ -3,37 +3,57 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
 
+class Patches(NamedTuple):
+    """One variable-size input (dynamic-resolution towers such as Qwen2-VL's): its patches,
+    flattened in the order the tower reads them, and their grid."""
+
+    values: torch.Tensor  # [t * h * w, patch_dim] float32, CPU
+    grid_thw: tuple[int, int, int]  # patches along time, height, width
+
+
 class EncoderModel(ABC):
     """Preprocessing + tower + projector of one architecture, loaded from an HF checkpoint.
 
-    ``preprocess`` runs in the decode thread pool (CPU, any thread); ``encode`` runs on the
-    server's busy loop, on the model's device.
+    ``preprocess`` runs in the decode thread pool (CPU, any thread); ``encode`` (or
+    ``encode_packed``) runs on the server's busy loop, on the model's device.
+
+    Fixed-size models return [3, H, W] pixels and the server stacks equal shapes into one
+    ``encode`` batch. Models that set ``packs_variable_sizes`` return `Patches` instead, and the
+    server hands every ready item of a step to one ``encode_packed`` call: their tower attends
+    within each item over the concatenated patches, so sizes need not match.
     """
 
     modality: str = "image"
+    packs_variable_sizes: bool = False
     hidden_size: int  # width of the LM input embeddings it produces
     dtype: torch.dtype  # of the embeddings it produces (user-supplied ones are cast to it)
     device: torch.device  # where ``encode`` runs (the server uploads each batch there first)
 
     @abstractmethod
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One decoded RGB image -> pixel values [3, H, W] float32 on the CPU."""
+    def preprocess(self, image: Image.Image) -> torch.Tensor | Patches:
+        """One decoded RGB image -> pixel values [3, H, W] float32 on the CPU, or its `Patches`
+        (``packs_variable_sizes``)."""
 
     @abstractmethod
     def num_tokens(self, width: int, height: int) -> int:
         """Embedding rows produced for an input image of ``width`` x ``height`` pixels."""
 
-    @abstractmethod
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """[B, 3, H, W] float32 (CPU or on the model's device) -> B tensors
-        [num_tokens, hidden_size] on the model's device."""
+        [num_tokens, hidden_size] on the model's device (fixed-size models)."""
+        raise NotImplementedError
+
+    def encode_packed(self, items: list[Patches]) -> list[torch.Tensor]:
+        """Items of any sizes (CPU) -> one [num_tokens_i, hidden_size] tensor each, on the
+        model's device, from one tower forward (``packs_variable_sizes`` models)."""
+        raise NotImplementedError
 
     def graph_input_shape(self) -> tuple[int, ...] | None:
         """The shape every preprocessed input has, when it is fixed: then small batches run as

@@ -1,0 +1,204 @@
+"""Qwen2-VL, encoder slice: dynamic-resolution preprocessing, the vision tower and its patch
+merger (the merger is the projector: it maps 2x2 patch windows to LM embeddings).
+
+Images of different sizes run as one forward: their patches are concatenated ([sum N_i,
+patch_dim]) and ``cu_seqlens`` marks where each image starts, so every layer but attention runs
+over the whole pack and attention stays within each image. Positions are 2-D rotary ones:
+each patch rotates half of each head by its row and the other half by its column in the grid.
+
+Only ``visual.*`` is read from the checkpoint (the LM is the decoder's). Parameter names match
+transformers' so the weights load as saved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig
+from transformers.activations import ACT2FN
+
+from encoder_worker.models.base import EncoderModel, Patches
+from encoder_worker.models.qwen2_vl_image import Qwen2VLImageProcessor
+from encoder_worker.models.weights import copy_into, load_weights
+
+LN_EPS = 1e-6  # the tower's LayerNorms (fixed in transformers, not in the config)
+
+
+class PatchEmbed(nn.Module):
+    """The checkpoint's Conv3d, whose stride equals its kernel: on pre-cut patches it is one
+    matmul, [N, C * t * p * p] @ [C * t * p * p, embed]."""
+
+    def __init__(self, embed_dim: int, channels: int, temporal: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv3d(channels, embed_dim, (temporal, patch, patch), bias=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches, self.proj.weight.flatten(1))  # [N, embed]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                seqlens: list[int]) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [N, heads, hd]
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        # Block-diagonal attention: one SDPA per image. A varlen kernel would do all at once on
+        # GPU; per image keeps it device-agnostic and never builds an [N, N] mask.
+        outs = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1),
+                                               vi.transpose(0, 1)).transpose(0, 1)
+                for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens))]
+        return self.proj(torch.cat(outs).reshape(n, -1))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, head_dim] rotated by angles whose cos/sin are [N, head_dim]; in fp32, as
+    transformers computes it, then back to x's dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACT2FN[act]
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, act: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = VisionAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = VisionMlp(dim, mlp_hidden, act)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                seqlens: list[int]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """LayerNorm, then each window of merge^2 consecutive patches as one row through an MLP."""
+
+    def __init__(self, dim: int, out_dim: int, merge: int):
+        super().__init__()
+        self.window_dim = dim * merge ** 2
+        self.ln_q = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = nn.Sequential(nn.Linear(self.window_dim, self.window_dim), nn.GELU(),
+                                 nn.Linear(self.window_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.window_dim))  # [N / merge^2, out_dim]
+
+
+class Qwen2VisionTower(nn.Module):
+    def __init__(self, vision):
+        super().__init__()
+        self.merge = vision.spatial_merge_size
+        self.num_heads = vision.num_heads
+        self.patch_embed = PatchEmbed(vision.embed_dim, vision.in_channels,
+                                      vision.temporal_patch_size, vision.patch_size)
+        mlp_hidden = int(vision.embed_dim * vision.mlp_ratio)
+        self.blocks = nn.ModuleList(
+            VisionBlock(vision.embed_dim, vision.num_heads, mlp_hidden, vision.hidden_act)
+            for _ in range(vision.depth))
+        self.merger = PatchMerger(vision.embed_dim, vision.hidden_size, self.merge)
+        self.head_dim = vision.embed_dim // vision.num_heads
+        self.theta = float((getattr(vision, "rope_parameters", None) or {}).get("rope_theta",
+                                                                               10000.0))
+
+    def rotary(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, head_dim] of every packed patch, in the merge-window order of the
+        patches: angle = row * inv_freq on the first quarter, column * inv_freq on the second,
+        both repeated over the second half (rotate-half pairs dimension i with i + head_dim/2)."""
+        device, m = self.merger.ln_q.weight.device, self.merge
+        # head_dim / 4 frequencies, shared by rows and columns; fp32 whatever the tower's dtype.
+        quarter = torch.arange(0, self.head_dim // 2, 2, dtype=torch.float, device=device)
+        inv_freq = 1.0 / self.theta ** (quarter / (self.head_dim // 2))
+        rows, cols = [], []
+        for t, h, w in grids:
+            # [h/m, w/m, m, m] windows, flattened in the order the patches are laid out
+            r = torch.arange(h, device=device).view(h // m, 1, m, 1).expand(-1, w // m, -1, m)
+            c = torch.arange(w, device=device).view(1, w // m, 1, m).expand(h // m, -1, m, -1)
+            rows.append(r.flatten().repeat(t))
+            cols.append(c.flatten().repeat(t))
+        angles = torch.cat((torch.cat(rows)[:, None] * inv_freq,
+                            torch.cat(cols)[:, None] * inv_freq), dim=-1)
+        angles = torch.cat((angles, angles), dim=-1)  # [N, head_dim]
+        return angles.cos(), angles.sin()
+
+    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """[N, patch_dim] packed patches of ``grids`` -> [N / merge^2, hidden] merged tokens."""
+        # Attention segments are frames: a video's frames see each other only through the LM.
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]
+        rotary = self.rotary(grids)
+        x = self.patch_embed(patches)
+        for block in self.blocks:
+            x = block(x, rotary, seqlens)
+        return self.merger(x)
+
+
+class Qwen2VLEncoder(EncoderModel):
+    modality = "image"
+    packs_variable_sizes = True
+
+    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
+        hf = AutoConfig.from_pretrained(model_dir)
+        vision = hf.vision_config
+        model_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        self.processor = Qwen2VLImageProcessor.from_pretrained(model_dir, model_config)
+        geo = self.processor.geometry
+        tower_settings = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+        if (geo.patch_size, geo.merge_size, geo.temporal_patch_size) != tower_settings:
+            raise ValueError(f"{model_dir}: the image processor cuts (patch, merge, temporal) = "
+                             f"{(geo.patch_size, geo.merge_size, geo.temporal_patch_size)} but "
+                             f"the tower takes {tower_settings}")
+        self.hidden_size = vision.hidden_size  # the merger's output: LM embedding width
+        self.device, self.dtype = torch.device(device), dtype
+        # Built on the meta device, then allocated once in the target dtype on the target device:
+        # no random init of weights the checkpoint overwrites anyway.
+        with torch.device("meta"):
+            self.tower = Qwen2VisionTower(vision)
+        self.tower = self.tower.to(dtype).to_empty(device=self.device).eval()
+        weights = load_weights(model_dir, _local_name)
+        copy_into(self.tower, weights, f"{model_dir} visual")
+
+    def preprocess(self, image: Image.Image) -> Patches:
+        return self.processor(image)
+
+    def num_tokens(self, width: int, height: int) -> int:
+        return self.processor.geometry.image(width, height).num_tokens
+
+    @torch.inference_mode()
+    def encode_packed(self, items: list[Patches]) -> list[torch.Tensor]:
+        grids = [item.grid_thw for item in items]
+        # Cast on the device: a CPU cast first would copy twice the bytes of a bf16 pack.
+        patches = torch.cat([item.values for item in items]).to(self.device).to(self.dtype)
+        merged = self.tower(patches, grids)  # [sum num_tokens_i, hidden_size]
+        sizes = [t * h * w // self.tower.merge ** 2 for t, h, w in grids]
+        return list(merged.split(sizes))
+
+
+def _local_name(name: str) -> str | None:
+    """Checkpoint name -> tower parameter, or None for the LM's weights. transformers 5 saves
+    ``visual.*``; some transformers 4 versions saved ``model.visual.*``."""
+    name = name.removeprefix("model.")
+    return name.removeprefix("visual.") if name.startswith("visual.") else None

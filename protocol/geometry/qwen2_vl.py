@@ -1,0 +1,98 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic resolution. Each image is resized, keeping its aspect ratio,
+to sides that are multiples of patch * merge (28 px) and an area within [min_pixels,
+max_pixels]; the tower cuts it into 14 px patches (a single image counts as one temporal patch,
+its frame repeated ``temporal_patch_size`` times) and merges each 2x2 window of patches into one
+LM token. So a 448x448 image becomes a (1, 32, 32) grid and 256 placeholder tokens.
+
+The arithmetic follows transformers' ``smart_resize`` exactly, Python's round-half-to-even
+included: a size the frontend computes must be the size the encoder's resize produces.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from protocol.geometry import ItemGeometry, MediaGeometry
+
+# transformers' Qwen2VLImageProcessor defaults, for configs saved without them.
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+DEFAULT_PATCH_SIZE = 14
+DEFAULT_MERGE_SIZE = 2
+DEFAULT_TEMPORAL_PATCH_SIZE = 2
+MAX_ASPECT_RATIO = 200
+
+
+def pixel_bounds(processor: dict[str, Any]) -> tuple[int, int]:
+    """(min_pixels, max_pixels) as transformers reads them: ``size`` {shortest_edge,
+    longest_edge} (both areas, despite the names), overridden by flat ``min_pixels`` /
+    ``max_pixels`` (how the Qwen checkpoints on the Hub spell them). ``size`` {min_pixels,
+    max_pixels}, as some transformers 4 versions saved it, is read too."""
+    size = processor.get("size")
+    if size is None:
+        size = {"shortest_edge": DEFAULT_MIN_PIXELS, "longest_edge": DEFAULT_MAX_PIXELS}
+    if not isinstance(size, dict):
+        raise ValueError(f"image processor size {size!r} is not a dict of pixel counts")
+    low = processor.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+    high = processor.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+    if not low or not high:  # transformers refuses a missing or zero bound too
+        raise ValueError(f"image processor needs min_pixels and max_pixels, got {low!r} and "
+                         f"{high!r}")
+    return int(low), int(high)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int,
+                 max_pixels: int) -> tuple[int, int]:
+    """(height, width) of the resized image: multiples of ``factor``, the area brought into
+    [min_pixels, max_pixels] by one common scale. Past 200:1 a ValueError for the client.
+
+    For very thin images the ``factor`` floor on the short side can leave the area above
+    ``max_pixels``; transformers allows that, so we do too.
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"image of {width}x{height} pixels has no area")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image aspect ratio is too extreme: {width}x{height} is more than "
+                         f"{MAX_ASPECT_RATIO}:1")
+    new_h, new_w = round(height / factor) * factor, round(width / factor) * factor
+    if new_h * new_w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        new_h = max(factor, math.floor(height / shrink / factor) * factor)
+        new_w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif new_h * new_w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        new_h = math.ceil(height * grow / factor) * factor
+        new_w = math.ceil(width * grow / factor) * factor
+    return new_h, new_w
+
+
+class Qwen2VLGeometry(MediaGeometry):
+    """Patch settings come from the image processor config (what the preprocessing uses); the
+    encoder checks that its tower agrees with them."""
+
+    def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
+        super().__init__(config, processor)
+        self.patch_size = int(processor.get("patch_size", DEFAULT_PATCH_SIZE))
+        self.merge_size = int(processor.get("merge_size", DEFAULT_MERGE_SIZE))
+        self.temporal_patch_size = int(processor.get("temporal_patch_size",
+                                                     DEFAULT_TEMPORAL_PATCH_SIZE))
+        if min(self.patch_size, self.merge_size, self.temporal_patch_size) < 1:
+            raise ValueError("patch_size, merge_size and temporal_patch_size must be >= 1")
+        self.do_resize = bool(processor.get("do_resize", True))
+        self.min_pixels, self.max_pixels = pixel_bounds(processor)
+
+    def resized_hw(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) the preprocessing resizes a ``width`` x ``height`` image to."""
+        factor = self.patch_size * self.merge_size
+        if self.do_resize:
+            return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        if height % factor or width % factor:
+            raise ValueError(f"image of {width}x{height} pixels: without a resize, each side "
+                             f"must be a multiple of {factor}")
+        return height, width
+
+    def image(self, width: int, height: int) -> ItemGeometry:
+        new_h, new_w = self.resized_hw(width, height)
+        grid = (1, new_h // self.patch_size, new_w // self.patch_size)  # one temporal patch
+        return ItemGeometry(math.prod(grid) // self.merge_size ** 2, grid, (new_h, new_w))
