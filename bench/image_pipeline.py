@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from frontend.encoder_pool import rendezvous
+from frontend.media.encoder_pool import rendezvous
 from frontend.random_model import build_random_llava
 from protocol.addresses import tcp
 from protocol.codec import encode
@@ -112,7 +112,7 @@ def frontend_work(model: str, data: bytes, n: int) -> dict:
 
     from frontend.chat import ChatRenderer
     from frontend.config import FrontendConfig
-    from frontend.mm_inputs import MediaInputs
+    from frontend.media.inputs import MediaInputs
     from frontend.processor import InputProcessor
     from frontend.sampling_params import SamplingParams
 

@@ -17,11 +17,11 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
-# Same list as frontend/image_probe.py: EPS would call Ghostscript, and rarely used parsers are
+# Same list as frontend/media/probe.py: EPS would call Ghostscript, and rarely used parsers are
 # where decoder bugs live.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
 DEFAULT_BACKGROUND = (255, 255, 255)
-# Long side / short side, as frontend/image_probe.py (and vLLM, Qwen2-VL) bound it: a resize to
+# Long side / short side, as frontend/media/probe.py (and vLLM, Qwen2-VL) bound it: a resize to
 # the tower's short side scales the long one by the same factor.
 MAX_ASPECT_RATIO = 200
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from frontend.llm import LLM
+    from frontend.offline.llm import LLM
     from frontend.outputs import CompletionOutput, RequestOutput
     from frontend.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 _LAZY = {
-    "LLM": "frontend.llm",
+    "LLM": "frontend.offline.llm",
     "SamplingParams": "frontend.sampling_params",
     "RequestOutput": "frontend.outputs",
     "CompletionOutput": "frontend.outputs",

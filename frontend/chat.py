@@ -68,7 +68,7 @@ def _unsupported_modality(modality: str) -> Callable[[dict[str, Any], str], dict
 # handlers (fetch + probe + placeholder expansion) with the multimodal path.
 PART_HANDLERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "text": _text_part,
-    # What frontend.mm_parse leaves where a media part was (it refuses client-sent ones).
+    # What frontend.media.parse leaves where a media part was (it refuses client-sent ones).
     "image": lambda part, where: {"type": "image"},
     "image_url": _unsupported_modality("image"),
     "input_image": _unsupported_modality("image"),

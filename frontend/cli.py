@@ -41,7 +41,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def _add_vllm_args(p: argparse.ArgumentParser) -> None:
     """vLLM flags that keep their meaning here, so vLLM command lines run unchanged; a value
-    mmserve can't honour stops with a clear error (frontend.llm.check_vllm_options)."""
+    mmserve can't honour stops with a clear error (frontend.offline.llm.check_vllm_options)."""
     g = p.add_argument_group("vLLM compatibility")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="accepted; checkpoint code is never run (architectures are built in)")
@@ -56,7 +56,7 @@ def _add_vllm_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_vllm_args(args: argparse.Namespace) -> None:
-    from frontend.llm import check_vllm_options
+    from frontend.offline.llm import check_vllm_options
 
     if not hasattr(args, "runner"):
         return
@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run = prepare(args)
         elif args.command == "frontend":
-            from frontend.api_server import run_frontend
             from frontend.models import load_placeholders
+            from frontend.openai.api_server import run_frontend
 
             config = frontend_config(args)
             load_placeholders(config.model)  # an unknown architecture stops here

@@ -39,7 +39,7 @@ class FrontendConfig:
     # engine needs an address it can reach (explicit config, never a default).
     reply_addr: str | None = None
     encoder_addrs: tuple[str, ...] = ()  # input addresses of the encoder workers
-    # -- media (see frontend/media_fetch.py) --
+    # -- media (see frontend/media/fetch.py) --
     # file:// URLs are served only from under this folder (None: file:// refused).
     allowed_local_media_path: str | None = None
     # Non-empty: only these hosts may be fetched, and they skip the private-address check.

@@ -19,7 +19,7 @@ import pytest
 from llava_utils import image, png
 from server_utils import Server, children_of, cmdline, metric
 
-from frontend.encoder_pool import rendezvous
+from frontend.media.encoder_pool import rendezvous
 from protocol.hashing import uuid_key
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """Issue 7, point 4: property-based fuzzing of every endpoint's request schema over real HTTP.
 
-Strategies are derived from the msgspec Structs in frontend/openai_protocol.py (msgspec.inspect),
+Strategies are derived from the msgspec Structs in frontend/openai/protocol.py (msgspec.inspect),
 so a new field is fuzzed without touching this file. Each field mixes valid values, edge values
 (huge and negative ints, NaN/Infinity literals, empty and odd unicode) and wrong types; fully
 random JSON and random bytes go to every endpoint too. Property: never a 5xx, an answer within
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_utils import Server, alive, get
 
-from frontend.openai_protocol import (
+from frontend.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_offline_parity import MAX_NEW, PROMPTS, assert_greedy_equal
 
-from frontend.llm import LLM
+from frontend.offline.llm import LLM
 from frontend.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu

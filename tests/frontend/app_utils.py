@@ -11,8 +11,8 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from frontend.api_server import build_app, start_site
 from frontend.config import FrontendConfig
+from frontend.openai.api_server import build_app, start_site
 from protocol.addresses import tcp
 
 

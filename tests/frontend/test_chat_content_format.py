@@ -66,7 +66,7 @@ SPLITS_LINES = (
 )
 PRINTS = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
 
-CONVERSATION = [  # vLLM's multi-turn example, the image already parsed by frontend.mm_parse
+CONVERSATION = [  # vLLM's multi-turn example, the image already parsed by frontend.media.parse
     {"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
                                  {"type": "image"}]},
     {"role": "assistant", "content": "A cat."},

@@ -12,8 +12,8 @@ import zipfile
 import pytest
 import torch
 
-from frontend.embeds import load_image_embeds, validate_image_embeds
 from frontend.errors import RequestError
+from frontend.media.embeds import load_image_embeds, validate_image_embeds
 
 HIDDEN = 16
 PARAM = "messages[0].content[2].image_embeds"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from frontend.encoder_pool import EncoderPool
 from frontend.engine_client import BUSY_AFTER_S, EngineClient
+from frontend.media.encoder_pool import EncoderPool
 from protocol.addresses import tcp
 from protocol.messages import EncoderHeartbeat, EncoderStats, EngineStats, Heartbeat, Ready
 

@@ -15,7 +15,7 @@ import pytest
 from app_utils import AppServer, running_engine
 
 from frontend.config import FrontendConfig
-from frontend.openai_serving import TokenizerThreads
+from frontend.openai.serving import TokenizerThreads
 from frontend.random_model import build_random_checkpoint
 from frontend.tokenizer import load_tokenizer
 from protocol.addresses import LOOPBACK, free_port

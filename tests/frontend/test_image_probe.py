@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from frontend.errors import RequestError
-from frontend.image_probe import ImageInfo, probe_image
+from frontend.media.probe import ImageInfo, probe_image
 
 PARAM = "messages[0].content[0].image_url"
 LIMIT = 50_000_000
@@ -96,7 +96,7 @@ def test_to_pil_image_layouts():
     import numpy as np
     import torch
 
-    from frontend.image_probe import to_pil_image
+    from frontend.media.probe import to_pil_image
 
     rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)  # [H, W, C]
     for value in (rgb, rgb / 255.0, rgb.astype(np.int32), torch.from_numpy(rgb).permute(2, 0, 1),
@@ -122,7 +122,7 @@ def test_to_pil_image_refuses_before_reading(make, match):
     import numpy as np
     import torch
 
-    from frontend.image_probe import to_pil_image
+    from frontend.media.probe import to_pil_image
 
     with pytest.raises(RequestError, match=match) as e:
         to_pil_image(make(np, torch), PARAM, LIMIT)

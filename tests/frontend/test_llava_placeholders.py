@@ -126,8 +126,8 @@ def test_parse_render_resolve_expand(llava, tmp_path):
     import io
 
     from frontend.config import FrontendConfig
-    from frontend.media_fetch import MediaFetcher
-    from frontend.mm_parse import parse_media, resolve
+    from frontend.media.fetch import MediaFetcher
+    from frontend.media.parse import parse_media, resolve
 
     def data_url(img):
         buf = io.BytesIO()

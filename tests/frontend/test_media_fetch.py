@@ -17,7 +17,7 @@ from PIL import Image
 
 from frontend.config import FrontendConfig
 from frontend.errors import RequestError
-from frontend.media_fetch import (
+from frontend.media.fetch import (
     BlockedAddress,
     MediaFetcher,
     PublicOnlyResolver,

@@ -15,8 +15,8 @@ from PIL import Image
 
 from frontend.config import FrontendConfig
 from frontend.errors import RequestError
-from frontend.media_fetch import MediaFetcher
-from frontend.mm_parse import MediaRef, ResolvedItem, parse_media, resolve
+from frontend.media.fetch import MediaFetcher
+from frontend.media.parse import MediaRef, ResolvedItem, parse_media, resolve
 from frontend.models import MediaPlaceholders
 from frontend.models.llava import LlavaPlaceholders
 from protocol.geometry import ItemGeometry, MediaGeometry

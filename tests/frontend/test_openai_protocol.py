@@ -5,7 +5,7 @@ import json
 import pytest
 
 from frontend.errors import RequestError
-from frontend.openai_protocol import (
+from frontend.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from frontend.config import FrontendConfig
-from frontend.embeds import validate_image_embeds
 from frontend.errors import RequestError
-from frontend.media_fetch import MediaFetcher
-from frontend.mm_parse import (
+from frontend.media.embeds import validate_image_embeds
+from frontend.media.fetch import MediaFetcher
+from frontend.media.parse import (
     MediaRef,
     ResolvedItem,
     check_uuid,

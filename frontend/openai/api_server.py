@@ -20,14 +20,14 @@ from aiohttp import web
 
 from frontend.chat import ChatRenderer, load_chat_template
 from frontend.config import FrontendConfig
-from frontend.encoder_pool import EncoderPool
 from frontend.engine_client import BUSY_AFTER_S, EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
-from frontend.mm_inputs import MediaInputs
+from frontend.media.encoder_pool import EncoderPool
+from frontend.media.inputs import MediaInputs
 from frontend.models import load_placeholders, placeholder_texts
-from frontend.openai_format import error_json
-from frontend.openai_protocol import DetokenizeRequest, TokenizeRequest
-from frontend.openai_serving import REQUEST_ID, OpenAIServing, ThreadTokenizer, TokenizerThreads
+from frontend.openai.protocol import DetokenizeRequest, TokenizeRequest
+from frontend.openai.responses import error_json
+from frontend.openai.serving import REQUEST_ID, OpenAIServing, ThreadTokenizer, TokenizerThreads
 from frontend.tokenizer import load_tokenizer
 from protocol.messages import EncoderStats, EngineStats
 

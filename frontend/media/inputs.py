@@ -12,10 +12,10 @@ import asyncio
 from typing import Any
 
 from frontend.config import FrontendConfig
-from frontend.encoder_pool import EncoderPool
 from frontend.errors import EngineUnavailable
-from frontend.media_fetch import MediaFetcher
-from frontend.mm_parse import ResolvedItem, expand_items, parse_media, resolve
+from frontend.media.encoder_pool import EncoderPool
+from frontend.media.fetch import MediaFetcher
+from frontend.media.parse import ResolvedItem, expand_items, parse_media, resolve
 from frontend.models import MediaPlaceholders, load_placeholders
 from protocol.codec import tensor_ref
 from protocol.messages import EncodeRequest, MMItem

@@ -24,14 +24,14 @@ from typing import Any
 
 from aiohttp import web
 
-from frontend import openai_format as fmt
 from frontend.chat import ChatRenderer
 from frontend.config import FrontendConfig
 from frontend.detokenizer import TokenText
 from frontend.engine_client import EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
-from frontend.mm_inputs import MediaInputs
-from frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, decode_body
+from frontend.media.inputs import MediaInputs
+from frontend.openai import responses as fmt
+from frontend.openai.protocol import ChatCompletionRequest, CompletionRequest, decode_body
 from frontend.outputs import SequenceDelta, SequenceState
 from frontend.processor import InputProcessor, check_prompt_chars, prompt_char_limit
 from protocol.checkpoint import max_positions

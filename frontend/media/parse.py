@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from frontend.config import DEFAULT_LIMIT_MM_PER_PROMPT, FrontendConfig
 from frontend.errors import RequestError
-from frontend.image_probe import probe_image, to_pil_image
+from frontend.media.probe import probe_image, to_pil_image
 from frontend.models import MediaPlaceholders, require_image_support
 from protocol.hashing import content_key, uuid_key
 from protocol.messages import MMItem
@@ -25,7 +25,7 @@ from protocol.messages import MMItem
 if TYPE_CHECKING:
     import torch
 
-    from frontend.media_fetch import MediaFetcher
+    from frontend.media.fetch import MediaFetcher
 
 MAX_UUID_CHARS = 256
 # Past this many bytes, hashing/probing/decoding moves to a worker thread (event loop stays free).
@@ -241,7 +241,7 @@ def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any],
 
 async def _from_embeds(ref: MediaRef, model: MediaPlaceholders,
                        config: FrontendConfig) -> ResolvedItem:
-    from frontend.embeds import load_image_embeds, validate_image_embeds
+    from frontend.media.embeds import load_image_embeds, validate_image_embeds
 
     # max_images=1: one part renders one placeholder; a batch would not line up with the prompt.
     if not isinstance(ref.value, str):

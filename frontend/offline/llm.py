@@ -12,7 +12,7 @@ from typing import Any
 
 from frontend.chat import ChatRenderer, load_chat_template
 from frontend.errors import RequestError
-from frontend.mm_parse import expand_items
+from frontend.media.parse import expand_items
 from frontend.outputs import RequestOutput, SequenceState
 from frontend.sampling_params import SamplingParams
 from frontend.tokenizer import load_tokenizer
@@ -61,8 +61,8 @@ class LLM:
         served_model_name: str | list[str] | None = None,
     ):
         from frontend.config import FrontendConfig
-        from frontend.llm_media import OfflineMedia
         from frontend.models import placeholder_texts
+        from frontend.offline.media import OfflineMedia
         from frontend.processor import InputProcessor
         from llm_worker.config import LLMWorkerConfig
         from llm_worker.engine import EngineCore
