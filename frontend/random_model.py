@@ -222,6 +222,7 @@ QWEN2_VL_TEMPLATE = (
 def build_random_qwen2_vl(
     out_dir: str | os.PathLike,
     *,
+    arch: str = "qwen2_vl",
     vision_depth: int = 2,
     vision_embed_dim: int = 32,
     vision_heads: int = 2,
@@ -235,10 +236,13 @@ def build_random_qwen2_vl(
     std: float = 0.15,
     seed: int = 0,
 ) -> Path:
-    """A tiny random `Qwen2VLForConditionalGeneration` with its tokenizer (vision special tokens
-    whose ids the config names), a chat template with image parts, and the image processor
-    config. ``mrope_section`` must sum to half the LM head dim (64 / 4 heads = 16 -> 8). The
-    default pixel bounds make a 30-120 px image 2-16 placeholder tokens (grids 2x4 to 8x8)."""
+    """A tiny random `Qwen2VLForConditionalGeneration` (``arch`` "qwen2_vl") or
+    `Qwen2_5_VLForConditionalGeneration` ("qwen2_5_vl") with its tokenizer (vision special
+    tokens whose ids the config names), a chat template with image parts, and the image
+    processor config. ``mrope_section`` must sum to half the LM head dim (64 / 4 heads = 16 ->
+    8). The default pixel bounds make a 30-120 px image 2-16 placeholder tokens (grids 2x4 to
+    8x8). Qwen2.5-VL's windows are 56 px (2x2 merged tokens), so such images have several, and
+    its last vision block attends over the whole image."""
     import torch
     import transformers
 
@@ -249,8 +253,19 @@ def build_random_qwen2_vl(
     tok.add_tokens(QWEN2_VL_TOKENS, special_tokens=True)
     tok.save_pretrained(out)
     ids = dict(zip(QWEN2_VL_TOKENS, tok.convert_tokens_to_ids(QWEN2_VL_TOKENS)))
-    vision = {"depth": vision_depth, "embed_dim": vision_embed_dim, "num_heads": vision_heads,
-              "hidden_size": text_hidden, "mlp_ratio": 2}
+    if arch == "qwen2_vl":
+        vision = {"depth": vision_depth, "embed_dim": vision_embed_dim,
+                  "num_heads": vision_heads, "hidden_size": text_hidden, "mlp_ratio": 2}
+    else:
+        vision = {"depth": vision_depth, "hidden_size": vision_embed_dim,
+                  "num_heads": vision_heads, "out_hidden_size": text_hidden,
+                  "intermediate_size": 2 * vision_embed_dim, "window_size": 56,
+                  "fullatt_block_indexes": [vision_depth - 1]}
+    config_cls, model_cls = {
+        "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
+        "qwen2_5_vl": (transformers.Qwen2_5_VLConfig,
+                       transformers.Qwen2_5_VLForConditionalGeneration),
+    }[arch]
     text = {"vocab_size": len(tok), "hidden_size": text_hidden,
             "intermediate_size": 2 * text_hidden, "num_hidden_layers": num_layers,
             "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
@@ -258,13 +273,13 @@ def build_random_qwen2_vl(
             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "mrope_section": list(mrope_section)}}
-    config = transformers.Qwen2VLConfig(
+    config = config_cls(
         vision_config=vision, text_config=text, tie_word_embeddings=False,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    model = model_cls(config).to(torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):

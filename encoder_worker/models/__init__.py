@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 ENCODER_REGISTRY: dict[str, str] = {
     "LlavaForConditionalGeneration": "encoder_worker.models.llava:LlavaEncoder",
     "Qwen2VLForConditionalGeneration": "encoder_worker.models.qwen2_vl:Qwen2VLEncoder",
+    "Qwen2_5_VLForConditionalGeneration": "encoder_worker.models.qwen2_vl:Qwen2VLEncoder",
 }
 
 

@@ -1,10 +1,12 @@
-"""Qwen2-VL, encoder slice: dynamic-resolution preprocessing, the vision tower and its patch
-merger (the merger is the projector: it maps 2x2 patch windows to LM embeddings).
+"""Qwen2-VL and Qwen2.5-VL, encoder slice: dynamic-resolution preprocessing, the vision tower
+and its patch merger (the merger is the projector: it maps 2x2 patch windows to LM embeddings).
 
 Images of different sizes run as one forward: their patches are concatenated ([sum N_i,
-patch_dim]) and ``cu_seqlens`` marks where each image starts, so every layer but attention runs
-over the whole pack and attention stays within each image. Positions are 2-D rotary ones:
-each patch rotates half of each head by its row and the other half by its column in the grid.
+patch_dim]) and per-segment lengths (cu_seqlens, as a list) say where each image starts, so
+every layer but attention runs over the whole pack and attention stays within each image.
+Positions are 2-D rotary ones: each patch rotates half of each head by its row and the other
+half by its column in the grid. Qwen2.5-VL's tower differs in its parts (RMSNorm, gated MLP) and
+in attending within windows of the image in most blocks.
 
 Only ``visual.*`` is read from the checkpoint (the LM is the decoder's). Parameter names match
 transformers' so the weights load as saved.
@@ -13,6 +15,7 @@ transformers' so the weights load as saved.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,8 +28,9 @@ from transformers.activations import ACT2FN
 from encoder_worker.models.base import EncoderModel, Patches
 from encoder_worker.models.qwen2_vl_image import Qwen2VLImageProcessor
 from encoder_worker.models.weights import copy_into, load_weights
+from kernels.reference import rms_norm
 
-LN_EPS = 1e-6  # the tower's LayerNorms (fixed in transformers, not in the config)
+NORM_EPS = 1e-6  # the tower's norms (fixed in transformers, not in the config)
 
 
 class PatchEmbed(nn.Module):
@@ -71,6 +75,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class VisionMlp(nn.Module):
+    """Qwen2-VL: fc1 -> act (QuickGELU) -> fc2."""
+
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -81,13 +87,39 @@ class VisionMlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, act: str):
+class GatedMlp(nn.Module):
+    """Qwen2.5-VL: down(act(gate(x)) * up(x)), with biases."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.act = ACT2FN[act]
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """Qwen2.5-VL's norms: statistics in fp32, as transformers computes them."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, norm: type[nn.Module], mlp: nn.Module):
+        super().__init__()
+        self.norm1 = norm(dim, eps=NORM_EPS)
         self.attn = VisionAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = VisionMlp(dim, mlp_hidden, act)
+        self.norm2 = norm(dim, eps=NORM_EPS)
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 seqlens: list[int]) -> torch.Tensor:
@@ -96,12 +128,12 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """LayerNorm, then each window of merge^2 consecutive patches as one row through an MLP."""
+    """Norm, then each window of merge^2 consecutive patches as one row through an MLP."""
 
-    def __init__(self, dim: int, out_dim: int, merge: int):
+    def __init__(self, dim: int, out_dim: int, merge: int, norm: type[nn.Module]):
         super().__init__()
         self.window_dim = dim * merge ** 2
-        self.ln_q = nn.LayerNorm(dim, eps=LN_EPS)
+        self.ln_q = norm(dim, eps=NORM_EPS)
         self.mlp = nn.Sequential(nn.Linear(self.window_dim, self.window_dim), nn.GELU(),
                                  nn.Linear(self.window_dim, out_dim))
 
@@ -109,19 +141,20 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.window_dim))  # [N / merge^2, out_dim]
 
 
-class Qwen2VisionTower(nn.Module):
-    def __init__(self, vision):
+class VisionTower(nn.Module):
+    """Patch embedding, blocks and merger over packed images; the subclasses pick the parts."""
+
+    def __init__(self, vision, dim: int, out_dim: int, norm: type[nn.Module],
+                 make_mlp: Callable[[], nn.Module]):
         super().__init__()
         self.merge = vision.spatial_merge_size
-        self.num_heads = vision.num_heads
-        self.patch_embed = PatchEmbed(vision.embed_dim, vision.in_channels,
-                                      vision.temporal_patch_size, vision.patch_size)
-        mlp_hidden = int(vision.embed_dim * vision.mlp_ratio)
-        self.blocks = nn.ModuleList(
-            VisionBlock(vision.embed_dim, vision.num_heads, mlp_hidden, vision.hidden_act)
-            for _ in range(vision.depth))
-        self.merger = PatchMerger(vision.embed_dim, vision.hidden_size, self.merge)
-        self.head_dim = vision.embed_dim // vision.num_heads
+        self.out_dim = out_dim  # the LM's embedding width
+        self.patch_embed = PatchEmbed(dim, vision.in_channels, vision.temporal_patch_size,
+                                      vision.patch_size)
+        self.blocks = nn.ModuleList(VisionBlock(dim, vision.num_heads, norm, make_mlp())
+                                    for _ in range(vision.depth))
+        self.merger = PatchMerger(dim, out_dim, self.merge, norm)
+        self.head_dim = dim // vision.num_heads
         self.theta = float((getattr(vision, "rope_parameters", None) or {}).get("rope_theta",
                                                                                10000.0))
 
@@ -129,7 +162,7 @@ class Qwen2VisionTower(nn.Module):
         """cos, sin [N, head_dim] of every packed patch, in the merge-window order of the
         patches: angle = row * inv_freq on the first quarter, column * inv_freq on the second,
         both repeated over the second half (rotate-half pairs dimension i with i + head_dim/2)."""
-        device, m = self.merger.ln_q.weight.device, self.merge
+        device, m = self.patch_embed.proj.weight.device, self.merge
         # head_dim / 4 frequencies, shared by rows and columns; fp32 whatever the tower's dtype.
         quarter = torch.arange(0, self.head_dim // 2, 2, dtype=torch.float, device=device)
         inv_freq = 1.0 / self.theta ** (quarter / (self.head_dim // 2))
@@ -145,15 +178,82 @@ class Qwen2VisionTower(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [N, head_dim]
         return angles.cos(), angles.sin()
 
+
+def _frames(grids: list[tuple[int, int, int]]) -> list[int]:
+    """Patches per attention segment: each frame (an image is one) attends within itself; a
+    video's frames meet only in the LM."""
+    return [h * w for t, h, w in grids for _ in range(t)]
+
+
+class Qwen2VisionTower(VisionTower):
+    """Qwen2-VL: LayerNorm, fc1/fc2 MLP; every block attends over whole frames."""
+
+    def __init__(self, vision):
+        dim = vision.embed_dim
+        super().__init__(vision, dim, vision.hidden_size, nn.LayerNorm, lambda: VisionMlp(
+            dim, int(dim * vision.mlp_ratio), vision.hidden_act))
+
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """[N, patch_dim] packed patches of ``grids`` -> [N / merge^2, hidden] merged tokens."""
-        # Attention segments are frames: a video's frames see each other only through the LM.
-        seqlens = [h * w for t, h, w in grids for _ in range(t)]
-        rotary = self.rotary(grids)
+        """[N, patch_dim] packed patches of ``grids`` -> [N / merge^2, out_dim] merged tokens."""
+        frames, rotary = _frames(grids), self.rotary(grids)
         x = self.patch_embed(patches)
         for block in self.blocks:
-            x = block(x, rotary, seqlens)
+            x = block(x, rotary, frames)
         return self.merger(x)
+
+
+class Qwen25VisionTower(VisionTower):
+    """Qwen2.5-VL: RMSNorm, gated MLP, and window attention in all blocks but a few: merged
+    units are regrouped window by window (``window_size`` px squares of a frame), so each
+    window is a contiguous attention segment, and put back in place after the merger."""
+
+    def __init__(self, vision):
+        dim = vision.hidden_size
+        super().__init__(vision, dim, vision.out_hidden_size, RMSNorm, lambda: GatedMlp(
+            dim, vision.intermediate_size, vision.hidden_act))
+        self.window = vision.window_size // vision.spatial_merge_size // vision.patch_size
+        self.full_blocks = set(vision.fullatt_block_indexes)
+
+    def window_order(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:
+        """The merged units in window order (windows row by row, units row by row inside, a
+        frame's edge windows smaller) and each window's length in patches."""
+        ws, m = self.window, self.merge
+        order, lengths, offset = [], [], 0
+        for t, h, w in grids:
+            units = torch.arange(t * (h // m) * (w // m)).view(t, h // m, w // m) + offset
+            for frame in units:
+                for top in range(0, h // m, ws):
+                    for left in range(0, w // m, ws):
+                        window = frame[top:top + ws, left:left + ws].flatten()
+                        order.append(window)
+                        lengths.append(window.numel() * m * m)
+            offset += units.numel()
+        return torch.cat(order).to(self.patch_embed.proj.weight.device), lengths
+
+    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """[N, patch_dim] packed patches of ``grids`` -> [N / merge^2, out_dim] merged tokens."""
+        order, windows = self.window_order(grids)
+        unit = self.merge ** 2
+
+        def by_window(t: torch.Tensor) -> torch.Tensor:  # [N, d], whole merge units moved
+            return t.view(-1, unit, t.shape[-1])[order].view(t.shape)
+
+        frames = _frames(grids)
+        rotary = tuple(by_window(r) for r in self.rotary(grids))
+        x = by_window(self.patch_embed(patches))
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, frames if i in self.full_blocks else windows)
+        out = self.merger(x)  # [N / merge^2, out_dim], in window order
+        merged = torch.empty_like(out)
+        merged[order] = out  # back to the images' own order
+        return merged
+
+
+# vision_config.model_type -> tower
+TOWERS: dict[str, type[VisionTower]] = {
+    "qwen2_vl_vision": Qwen2VisionTower,
+    "qwen2_5_vl_vision": Qwen25VisionTower,
+}
 
 
 class Qwen2VLEncoder(EncoderModel):
@@ -171,13 +271,16 @@ class Qwen2VLEncoder(EncoderModel):
             raise ValueError(f"{model_dir}: the image processor cuts (patch, merge, temporal) = "
                              f"{(geo.patch_size, geo.merge_size, geo.temporal_patch_size)} but "
                              f"the tower takes {tower_settings}")
-        self.hidden_size = vision.hidden_size  # the merger's output: LM embedding width
+        if vision.model_type not in TOWERS:
+            raise ValueError(f"{model_dir}: vision tower {vision.model_type!r} is not supported "
+                             f"(only {', '.join(TOWERS)})")
         self.device, self.dtype = torch.device(device), dtype
         # Built on the meta device, then allocated once in the target dtype on the target device:
         # no random init of weights the checkpoint overwrites anyway.
         with torch.device("meta"):
-            self.tower = Qwen2VisionTower(vision)
+            self.tower = TOWERS[vision.model_type](vision)
         self.tower = self.tower.to(dtype).to_empty(device=self.device).eval()
+        self.hidden_size = self.tower.out_dim
         weights = load_weights(model_dir, _local_name)
         copy_into(self.tower, weights, f"{model_dir} visual")
 

@@ -61,6 +61,7 @@ class MediaGeometry:
 GEOMETRY: dict[str, str] = {
     "LlavaForConditionalGeneration": "protocol.geometry.llava:LlavaGeometry",
     "Qwen2VLForConditionalGeneration": "protocol.geometry.qwen2_vl:Qwen2VLGeometry",
+    "Qwen2_5_VLForConditionalGeneration": "protocol.geometry.qwen2_vl:Qwen2VLGeometry",
 }
 
 

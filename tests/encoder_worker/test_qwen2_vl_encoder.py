@@ -1,5 +1,5 @@
-"""Qwen2-VL encoder slice: preprocessing equals transformers' image processor, the packed tower
-equals Qwen2VLForConditionalGeneration.get_image_features for one image and for several sizes in
+"""Qwen2-VL and Qwen2.5-VL encoder slices: preprocessing equals transformers' image processor,
+the packed tower equals the model's get_image_features for one image and for several sizes in
 one forward, and the encoder loop runs every ready size as one batch."""
 
 from __future__ import annotations
@@ -23,11 +23,20 @@ SIZES = [(37, 91), (120, 45), (33, 33), (9, 14), (301, 257), (15, 120)]
 PACK = [(37, 91), (120, 45), (64, 64)]  # grids (1,2,6), (1,8,4), (1,4,4): 3 + 8 + 4 tokens
 
 
+HF_MODELS = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+             "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
+
+
+@pytest.fixture(scope="module", params=list(HF_MODELS))
+def arch(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tiny_qwen2_vl(tmp_path_factory) -> str:
+def tiny_qwen2_vl(tmp_path_factory, arch) -> str:
     from frontend.random_model import build_random_qwen2_vl
 
-    return str(build_random_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl")))
+    return str(build_random_qwen2_vl(tmp_path_factory.mktemp(arch), arch=arch))
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +45,10 @@ def encoder(tiny_qwen2_vl) -> Qwen2VLEncoder:
 
 
 @pytest.fixture(scope="module")
-def hf_qwen2_vl(tiny_qwen2_vl):
+def hf_qwen2_vl(tiny_qwen2_vl, arch):
     """transformers' (PIL image processor, model), fp32: the reference."""
     processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen2_vl)
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2_vl,
-                                                                         dtype=torch.float32)
+    model = HF_MODELS[arch].from_pretrained(tiny_qwen2_vl, dtype=torch.float32)
     return processor, model.eval()
 
 
@@ -53,7 +61,8 @@ def hf_features(hf_qwen2_vl, images) -> list[torch.Tensor]:
 
 
 def test_registry():
-    assert "Qwen2VLForConditionalGeneration" in ENCODER_REGISTRY
+    assert ENCODER_REGISTRY["Qwen2VLForConditionalGeneration"] == \
+        ENCODER_REGISTRY["Qwen2_5_VLForConditionalGeneration"]
 
 
 def test_preprocess_equals_hf(encoder, hf_qwen2_vl, make_image):
@@ -129,6 +138,17 @@ def test_flattened_positions_would_not_pass(encoder, hf_qwen2_vl, make_image, mo
         return angles.cos(), angles.sin()
 
     monkeypatch.setattr(tower, "rotary", row_major)
+    (wrong,) = encoder.encode_packed([encoder.preprocess(img)])
+    assert (wrong - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl"], indirect=True)
+def test_windows_matter_in_qwen2_5(encoder, hf_qwen2_vl, make_image, monkeypatch):
+    """Qwen2.5-VL's window attention is checked too: attending over whole images in every
+    block moves the output well past the tolerance."""
+    img = make_image(4, 112, 112)  # 4x4 merged tokens: four 2x2 windows
+    (ref,) = hf_features(hf_qwen2_vl, [img])
+    monkeypatch.setattr(encoder.tower, "full_blocks", set(range(len(encoder.tower.blocks))))
     (wrong,) = encoder.encode_packed([encoder.preprocess(img)])
     assert (wrong - ref).abs().max() > 1e-2
 

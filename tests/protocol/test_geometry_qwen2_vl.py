@@ -83,7 +83,8 @@ def test_other_patch_settings():
 def test_registered_and_loaded(tmp_path):
     from frontend.random_model import build_random_qwen2_vl
 
-    assert "Qwen2VLForConditionalGeneration" in GEOMETRY
+    assert GEOMETRY["Qwen2VLForConditionalGeneration"] == \
+        GEOMETRY["Qwen2_5_VLForConditionalGeneration"]  # one image processor for both
     geo = load_geometry(build_random_qwen2_vl(tmp_path))
     assert isinstance(geo, Qwen2VLGeometry) and geo.fixed_image is None
     assert (geo.min_pixels, geo.max_pixels) == (28 * 28 * 2, 28 * 28 * 16)
