@@ -39,3 +39,10 @@ def tiny_llava(tmp_path_factory):
     from frontend.random_model import build_random_llava
 
     return str(build_random_llava(tmp_path_factory.mktemp("tiny_llava")))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory):
+    from frontend.random_model import build_random_qwen2_vl
+
+    return str(build_random_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl")))

@@ -54,6 +54,10 @@ class MediaPlaceholders(ABC):
         fixed = self.geometry.fixed_image
         return None if fixed is None else fixed.num_tokens
 
+    def placeholder_text(self, tokenizer: Any) -> str:
+        """What a string-content chat template gets where an image part was."""
+        return tokenizer.convert_ids_to_tokens(self.image_token_id)
+
     def expand(self, prompt_ids: list[int], item_tokens: list[int],
                param: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Replace the k-th image token by ``item_tokens[k]`` copies of it.
@@ -86,6 +90,8 @@ class MediaPlaceholders(ABC):
 # Modules are imported on use so the frontend loads only its model's slice.
 MEDIA_SLICES: dict[str, tuple[str, str] | None] = {
     "LlavaForConditionalGeneration": ("llava", "LlavaPlaceholders"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLPlaceholders"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLPlaceholders"),
     "LlamaForCausalLM": None,
     "MistralForCausalLM": None,
     "Qwen2ForCausalLM": None,
@@ -113,7 +119,7 @@ def placeholder_texts(placeholders: MediaPlaceholders | None, tokenizer: Any) ->
     where a media part was), e.g. {"image": "<image>"}; empty for a text-only model."""
     if placeholders is None:
         return {}
-    return {"image": tokenizer.convert_ids_to_tokens(placeholders.image_token_id)}
+    return {"image": placeholders.placeholder_text(tokenizer)}
 
 
 def require_image_support(placeholders: MediaPlaceholders | None, param: str) -> MediaPlaceholders:
