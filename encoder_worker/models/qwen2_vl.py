@@ -57,8 +57,9 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [N, heads, hd]
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        # Block-diagonal attention: one SDPA per image. A varlen kernel would do all at once on
-        # GPU; per image keeps it device-agnostic and never builds an [N, N] mask.
+        # Block-diagonal attention: one SDPA per segment (a frame, or a Qwen2.5-VL window). A
+        # varlen kernel would take them all at once on GPU; this stays device-agnostic and never
+        # builds an [N, N] mask.
         outs = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1),
                                                vi.transpose(0, 1)).transpose(0, 1)
                 for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens))]
@@ -293,7 +294,8 @@ class Qwen2VLEncoder(EncoderModel):
     @torch.inference_mode()
     def encode_packed(self, items: list[Patches]) -> list[torch.Tensor]:
         grids = [item.grid_thw for item in items]
-        # Cast on the device: a CPU cast first would copy twice the bytes of a bf16 pack.
+        # Cast after the upload, on the device: a cast of the whole pack on the CPU is slower than
+        # moving the fp32 bytes (as PixelUploader does for fixed-size models).
         patches = torch.cat([item.values for item in items]).to(self.device).to(self.dtype)
         merged = self.tower(patches, grids)  # [sum num_tokens_i, hidden_size]
         sizes = [t * h * w // self.tower.merge ** 2 for t, h, w in grids]
