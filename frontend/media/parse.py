@@ -284,5 +284,13 @@ def expand_items(placeholders: MediaPlaceholders | None, prompt_ids: list[int],
         return prompt_ids, []
     model = require_image_support(placeholders, param)
     ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param)
-    return ids, [MMItem(it.key, it.modality, off, n, it.meta or {})
+    return ids, [MMItem(it.key, it.modality, off, n, _item_meta(it.meta))
                  for it, (off, n) in zip(items, spans)]
+
+
+def _item_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """An MMItem's meta: the probed size and the geometry's fields (grid_thw, ...) at the top
+    level, where the decoder's position rule reads them."""
+    flat = dict(meta or {})
+    flat.update(flat.pop("geometry", None) or {})
+    return flat
