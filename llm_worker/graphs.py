@@ -29,7 +29,7 @@ from llm_worker.input_batch import InputBatch
 
 log = logging.getLogger(__name__)
 
-# (input_ids [n], positions [n], metadata) -> logits [n, vocab] float32
+# (input_ids [n], positions [n] or [n, rows], metadata) -> logits [n, vocab] float32
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 # (num_seqs, max_seq_len) -> split-KV count the attention kernel wants for that decode batch
 SplitsFn = Callable[[int, int], int]

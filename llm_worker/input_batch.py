@@ -4,11 +4,15 @@ Everything is written into persistent buffers: host staging (pinned on CUDA, so 
 asynchronous) and device tensors at fixed addresses, which is what CUDA-graph replay reads. A step
 allocates no device tensor and never waits on the device; the only host work is filling numpy
 views from each request's state.
+
+Positions are 1-D (token i at position i) unless the model has a `PositionScheme` (M-RoPE: three
+per token); then the positions buffer is [max_num_tokens, rows], token-major, so that a step's
+tokens are `positions[:num_tokens]` either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +34,10 @@ class RequestState:
     generator: torch.Generator | None = None  # set when the request has a seed
     # Token ids kept out of the sample until min_tokens outputs exist (EOS and stop ids).
     min_tokens_block: tuple[int, ...] = ()
+    # Set by a model's PositionScheme: the prompt's positions, int64 [num_prompt_tokens, rows],
+    # and the shift of every later token (token i at i + position_delta in each row).
+    prompt_positions: np.ndarray | None = None
+    position_delta: int = 0
 
     def add_blocks(self, new_block_ids: list[int]) -> None:
         if new_block_ids:
@@ -37,8 +45,26 @@ class RequestState:
                 [self.block_ids, np.asarray(new_block_ids, dtype=np.int32)])
 
 
-# (request state, first position, count) -> the positions of those tokens, int64 [count].
-PositionRule = Callable[[RequestState, int, int], np.ndarray]
+class PositionScheme(ABC):
+    """A model's token positions when they are not "token i at position i" (M-RoPE). The
+    prompt's are computed once, from its media items, when the runner adds the request (again
+    on resume, so preemption cannot shift them); every later token is text at i + delta."""
+
+    rows: int  # positions per token
+
+    @abstractmethod
+    def prompt_positions(self, num_prompt_tokens: int,
+                         mm_items: list[MMItem]) -> tuple[np.ndarray, int]:
+        """(int64 [num_prompt_tokens, rows], delta of the tokens after the prompt)."""
+
+    def __call__(self, st: RequestState, start: int, count: int) -> np.ndarray:
+        """int64 [count, rows]: the positions of the request's tokens [start, start + count)."""
+        prompt = st.prompt_positions
+        cut = min(max(len(prompt) - start, 0), count)  # how many of them are prompt tokens
+        out = np.empty((count, self.rows), dtype=np.int64)
+        out[:cut] = prompt[start : start + cut]
+        out[cut:] = (np.arange(start + cut, start + count) + st.position_delta)[:, None]
+        return out
 
 
 @dataclass
@@ -66,7 +92,7 @@ class StepBatch:
 
 class InputBatch:
     def __init__(self, *, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, position_rows: int = 1):
         self.block_size = block_size
         self.device = device
         self.max_num_seqs = max_num_seqs
@@ -82,14 +108,16 @@ class InputBatch:
         self.max_blocks_per_seq = b
         # Two staging buffers (int64, int32) mirrored on the device: a step is two copies, not
         # seven. Every field is a fixed view into one of them (what a captured graph reads).
-        self._host64 = torch.zeros(3 * t + s, dtype=torch.int64, pin_memory=pin)
+        p = t * position_rows
+        self._host64 = torch.zeros(2 * t + p + s, dtype=torch.int64, pin_memory=pin)
         self._host32 = torch.zeros(2 * s + 1 + s * b, dtype=torch.int32, pin_memory=pin)
-        self._dev64 = torch.zeros(3 * t + s, dtype=torch.int64, device=device)
+        self._dev64 = torch.zeros(2 * t + p + s, dtype=torch.int64, device=device)
         self._dev32 = torch.zeros(2 * s + 1 + s * b, dtype=torch.int32, device=device)
+        pos_shape = (t,) if position_rows == 1 else (t, position_rows)
 
         def fields(b64: torch.Tensor, b32: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return (b64[:t], b64[t : 2 * t], b64[2 * t : 3 * t],  # ids, positions, slots
-                    b64[3 * t :],  # token index of each sampled row's last token
+            return (b64[:t], b64[t : t + p].view(pos_shape), b64[t + p : 2 * t + p],  # ids, pos,
+                    b64[2 * t + p :],  # slots; token index of each sampled row's last token
                     b32[: s + 1], b32[s + 1 : 2 * s + 1],  # query_start_loc, seq_lens
                     b32[2 * s + 1 :].view(s, b))  # block tables
 
@@ -103,9 +131,9 @@ class InputBatch:
         self._sample_idx = self.cpu_sample_idx.numpy()
 
     def prepare(self, requests: dict[str, RequestState], num_scheduled: dict[str, int],
-                positions: PositionRule | None = None) -> StepBatch:
-        """Fill the host staging buffers for this step's rows. Positions follow the model's rule
-        (`model.input_positions`); None is plain 1-D RoPE, token i at position i."""
+                positions: PositionScheme | None = None) -> StepBatch:
+        """Fill the host staging buffers for this step's rows. Positions follow the model's
+        scheme; None is plain 1-D RoPE, token i at position i."""
         ids_np, pos_np, slots_np, blocks_np = self._ids, self._pos, self._slots, self._blocks
         bs = self.block_size
         qstart, seqlens, sample_rows = [0], [], []

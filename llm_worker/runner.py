@@ -17,7 +17,7 @@ import torch
 
 from llm_worker.attention import ATTENTION_BACKENDS, TritonAttentionBackend
 from llm_worker.graphs import DecodeGraphs, MixedGraphs, capture_sizes
-from llm_worker.input_batch import InputBatch, RequestState, StepBatch
+from llm_worker.input_batch import InputBatch, PositionScheme, RequestState, StepBatch
 from llm_worker.sampling import Sampler, SamplingRow
 from llm_worker.sched_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from llm_worker.weights import load_model
@@ -57,14 +57,17 @@ class ModelRunner:
         )
         self.vocab_size = self.model.vocab_size
         self.sampler = Sampler(self.vocab_size, device, max_num_seqs)
-        # The model's position rule (M-RoPE models override it); None: token i at position i.
-        self.positions = getattr(self.model, "input_positions", None)
+        # The model's position scheme (M-RoPE models name one; it reads the vision settings, so
+        # it gets the whole config, not the LM's); None: 1-D, token i at position i.
+        scheme = getattr(self.model, "position_scheme", None)
+        self.positions: PositionScheme | None = scheme(hf_config) if scheme is not None else None
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, RequestState] = {}
         self.embeddings: dict[str, torch.Tensor] = {}  # mm key -> [num_tokens, hidden] on device
         self.inputs = InputBatch(
             max_num_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             max_blocks_per_seq=self.max_blocks_per_seq, block_size=block_size, device=device,
+            position_rows=self.positions.rows if self.positions is not None else 1,
         )
         # CUDA graphs need a kernel path that reads only device metadata: the Triton backend.
         self.use_graphs = (device.type == "cuda" and not enforce_eager
@@ -123,7 +126,7 @@ class ModelRunner:
         b = self.inputs
         t = sum(lens)
         b.cpu_ids[:t] = 0
-        b.cpu_pos[:t] = torch.cat([torch.arange(n) for n in lens])
+        b.cpu_pos[:t].view(t, -1)[:] = torch.cat([torch.arange(n) for n in lens])[:, None]
         b.cpu_slots[:t] = -1
         b.cpu_blocks[: len(lens)] = 0
         qsl = [0]
@@ -180,7 +183,7 @@ class ModelRunner:
         if gen is None and new.sampling.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(new.sampling.seed)
-        self.requests[new.request_id] = RequestState(
+        st = RequestState(
             token_ids=list(new.token_ids),
             num_prompt_tokens=new.num_prompt_tokens,
             block_ids=np.asarray(new.block_ids, dtype=np.int32),
@@ -190,6 +193,10 @@ class ModelRunner:
             generator=gen,
             min_tokens_block=_stop_ids(new.sampling, new.eos_token_ids),
         )
+        if self.positions is not None:
+            st.prompt_positions, st.position_delta = self.positions.prompt_positions(
+                new.num_prompt_tokens, st.mm_items)
+        self.requests[new.request_id] = st
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:

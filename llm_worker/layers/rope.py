@@ -4,6 +4,10 @@ Supports rope_type default, linear, llama3 and yarn. The frequencies mirror tran
 `modeling_rope_utils`, so parity tests hold. Reads both config layouts: transformers 5 keeps
 everything (rope_theta included) in `rope_parameters`; transformers 4 has `rope_scaling` plus a
 top-level `rope_theta`.
+
+A config with an `mrope_section` (Qwen2-VL) gets M-RoPE: each token has three positions
+(temporal, height, width), and the frequencies are split into three sections, each rotated by
+its own position.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def rope_parameters(hf_config) -> dict[str, Any]:
     if any(isinstance(v, dict) for v in params.values()):
         raise NotImplementedError("per-layer-type rope_parameters are not supported")
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] == "mrope":  # Qwen2-VL's old name: default frequencies, in sections
+        params["rope_type"] = "default"
     theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
     params["rope_theta"] = float(theta)
     return params
@@ -131,8 +137,21 @@ _INV_FREQ = {
 }
 
 
+def mrope_rows(mrope_section: list[int], head_dim: int) -> torch.Tensor:
+    """int64 [head_dim]: which position row (0 t, 1 h, 2 w) each cos | sin column rotates by.
+
+    The sections split the head_dim // 2 frequencies in order; cos and sin halves alike."""
+    if len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section {mrope_section} must be 3 sections summing to "
+                         f"head_dim // 2 = {head_dim // 2}")
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section))
+    return torch.cat((rows, rows)).to(torch.get_default_device())
+
+
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k from a precomputed cache indexed by position."""
+    """Applies RoPE to q and k from a precomputed cache indexed by position.
+
+    Positions are [T] int64, or [T, 3] (t, h, w) when the config has an `mrope_section`."""
 
     def __init__(self, hf_config, head_dim: int, max_position: int):
         super().__init__()
@@ -142,16 +161,27 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer(
             "cos_sin_cache", cache.to(torch.get_default_device()), persistent=False
         )
+        section = rope_parameters(hf_config).get("mrope_section")
+        rows = None if section is None else mrope_rows(list(section), head_dim)
+        # [head_dim] int64 for M-RoPE, else None.
+        self.register_buffer("mrope_rows", rows, persistent=False)
         # The kernel for the device of the last input: resolved at first forward, not per call.
         self._device: torch.device | None = None
         self._apply_rope = kernels.apply_rope
 
     def forward(
         self,
-        positions: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64, or [T, 3] for M-RoPE
         q: torch.Tensor,  # [T, Hq, D]
         k: torch.Tensor,  # [T, Hkv, D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if q.device != self._device:
             self._device, self._apply_rope = q.device, kernels.get("apply_rope", q.device)
-        return self._apply_rope(q, k, positions, self.cos_sin_cache)
+        if self.mrope_rows is None:
+            return self._apply_rope(q, k, positions, self.cos_sin_cache)
+        # M-RoPE: column c of token t's cos | sin row is the 1-D cache's column c at the token's
+        # position in c's section. One gather builds the step's own table; token t then reads
+        # row t of it, so the 1-D kernel (and a captured graph) runs M-RoPE unchanged.
+        table = self.cos_sin_cache.gather(0, positions[:, self.mrope_rows])  # [T, D]
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        return self._apply_rope(q, k, rows, table)

@@ -10,10 +10,14 @@ import importlib
 from typing import Any
 
 _LLAMA = "llm_worker.models.llama"
+_QWEN2_VL = "llm_worker.models.qwen2_vl"
 MODEL_REGISTRY: dict[str, str] = {
     "LlamaForCausalLM": f"{_LLAMA}:LlamaForCausalLM",
     "MistralForCausalLM": f"{_LLAMA}:MistralForCausalLM",
     "Qwen2ForCausalLM": f"{_LLAMA}:Qwen2ForCausalLM",
+    # Their LM is always Qwen2's, with M-RoPE (older config.json files are flat, no text_config).
+    "Qwen2VLForConditionalGeneration": f"{_QWEN2_VL}:Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": f"{_QWEN2_VL}:Qwen2_5_VLForConditionalGeneration",
 }
 
 # Multimodal checkpoints whose decoder is a plain LM named by `text_config.model_type`
