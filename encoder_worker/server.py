@@ -20,15 +20,12 @@ import msgspec
 import torch
 
 from encoder_worker.config import EncoderConfig
-from encoder_worker.decode import MediaError, decode_image
-from encoder_worker.graphs import TowerGraphs
+from encoder_worker.core import EncoderCore, Inputs
+from encoder_worker.decode import MediaError
 from encoder_worker.io_threads import EncoderIO, UserEmbeds
 from encoder_worker.models import load_encoder
-from encoder_worker.models.base import Patches
 from encoder_worker.store import EmbeddingStore
-from encoder_worker.transfer import HostCopier, PixelUploader
 from protocol.codec import tensor_ref
-from protocol.geometry import ItemGeometry
 from protocol.messages import (
     Embedding,
     EncodeDone,
@@ -50,7 +47,7 @@ class _Decoded(NamedTuple):
 
 class _Ready(NamedTuple):
     key: str
-    pixels: torch.Tensor | Patches  # [3, H, W] float32, or a variable-size model's patches; CPU
+    pixels: Inputs  # [3, H, W] float32, or a variable-size model's patches; CPU
     since: float  # monotonic time it became ready (the batch deadline counts from the oldest)
     arrived: float  # monotonic time its first request arrived
 
@@ -68,14 +65,11 @@ class EncoderProc:
         self.ready: list[_Ready] = []  # decoded, waiting for the tower
         self.arrived: dict[str, float] = {}  # key -> arrival of an item on the decode pool
         self.num_decoding = 0
-        self.to_device = PixelUploader(self.model.device)
-        self.to_host = HostCopier()
-        self.graphs: TowerGraphs | None = None
-        shape = self.model.graph_input_shape()
-        if config.cuda_graphs and self.model.device.type == "cuda" and shape is not None:
-            # Before the IO threads start: no heartbeat (so no traffic) until the graphs exist.
-            self.graphs = TowerGraphs(self.model, shape)
-            self.graphs.capture()
+        # Graphs are captured here, before the IO threads start: no heartbeat (so no traffic)
+        # until they exist.
+        self.core = EncoderCore(self.model, max_image_pixels=config.max_image_pixels,
+                                min_image_side=config.min_image_side,
+                                cuda_graphs=config.cuda_graphs)
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="encoder-decode")
         self.running = True
         self.io = EncoderIO(input_addr, self._heartbeat, config.heartbeat_s)
@@ -155,16 +149,11 @@ class EncoderProc:
             fut.add_done_callback(lambda f, key=msg.key: self.inbox.put(_Decoded(key, f)))
 
     def _decode(self, data: bytes, kwargs: dict[str, Any],
-                geometry: dict[str, Any] | None) -> tuple[torch.Tensor | Patches, float]:
-        """Decode-pool thread: bytes -> the model's input (pixel values [3, H, W] float32 or
-        `Patches`), checked against the request's ``geometry``, and the seconds it took (added
-        to the stats by the loop thread, which owns them)."""
+                geometry: dict[str, Any] | None) -> tuple[Inputs, float]:
+        """Decode-pool thread: `EncoderCore.prepare`, and the seconds it took (added to the
+        stats by the loop thread, which owns them)."""
         t0 = time.perf_counter()
-        image = decode_image(data, kwargs, max_pixels=self.config.max_image_pixels,
-                             min_side=self.config.min_image_side)
-        inputs = self.model.preprocess(image)
-        if geometry is not None:
-            _check_geometry(inputs, ItemGeometry.from_meta(geometry))
+        inputs = self.core.prepare(data, kwargs, geometry)
         return inputs, time.perf_counter() - t0
 
     def _on_decoded(self, msg: _Decoded) -> None:
@@ -195,31 +184,19 @@ class EncoderProc:
             self._publish(msg.key, t, [msg], cache_hit=False)
 
     def _step(self) -> None:
-        """Run the tower over one batch of ready items, if one is due: one forward for a model
-        that packs variable sizes, else one per input shape."""
+        """Run the tower over one batch of ready items, if one is due (`EncoderCore.batches`:
+        one forward for a model that packs variable sizes, else one per input shape)."""
         if not self.ready or not self._batch_due(time.monotonic()):
             return
         batch = self.ready[:self.config.max_batch_items]
         del self.ready[:self.config.max_batch_items]
-        if self.model.packs_variable_sizes:
-            groups = [batch]
-        else:
-            by_shape: dict[tuple[int, ...], list[_Ready]] = {}  # only equal shapes stack
-            for item in batch:
-                by_shape.setdefault(tuple(item.pixels.shape), []).append(item)
-            groups = list(by_shape.values())
-        for group in groups:
-            self._encode(group)
+        for group in self.core.batches([r.pixels for r in batch]):
+            self._encode([batch[i] for i in group])
 
     def _encode(self, group: list[_Ready]) -> None:
         t0 = time.monotonic()
         try:
-            if self.model.packs_variable_sizes:
-                outs = self.model.encode_packed([r.pixels for r in group])
-            else:
-                pixels = self.to_device([r.pixels for r in group])  # [B, 3, H, W] on the device
-                outs = (self.graphs or self.model).encode(pixels)
-            outs = self.to_host(outs)  # each [n, hidden], CPU, owned
+            outs = self.core.encode_batch([r.pixels for r in group])  # CPU, owned
         except Exception:
             ids = [r.request_id for g in group for r in self.waiters.get(g.key, [])]
             log.exception("encoding failed for requests %s", ",".join(ids))
@@ -260,19 +237,6 @@ class EncoderProc:
         stats = msgspec.structs.replace(self.stats, store_bytes=self.store.bytes,
                                         store_items=len(self.store))
         return EncoderHeartbeat(self.encoder_id, time.time(), stats, addr=self.input_addr)
-
-
-def _check_geometry(inputs: torch.Tensor | Patches, geo: ItemGeometry) -> None:
-    """The frontend sized the prompt by ``geo``: an input of another grid or size would make
-    another number of embedding rows. A mismatch means the roles read the checkpoint's settings
-    differently, so it is a ValueError (answered 500), not the user's fault."""
-    if isinstance(inputs, Patches):
-        got, want = inputs.grid_thw, geo.grid_thw
-    else:
-        got, want = tuple(inputs.shape[-2:]), geo.resized_hw
-    if want is not None and tuple(got) != tuple(want):
-        raise ValueError(f"preprocessing made {tuple(got)}, the request's geometry says "
-                         f"{tuple(want)}")
 
 
 def run_encoder(config: EncoderConfig, input_addr: str) -> None:

@@ -38,14 +38,17 @@ class OfflineMedia:
         self._encoder = None  # loaded on first use: text-only calls never pay for the tower
 
     def encoder(self):
+        """The encoder core (`encoder_worker/core.py`) over the checkpoint's encoder slice."""
         if self._encoder is None:
+            from encoder_worker.core import EncoderCore
             from encoder_worker.models import load_encoder
 
             device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                                   else ("cpu" if self.device == "auto" else self.device))
             dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) \
                 if self.dtype == "auto" else getattr(torch, self.dtype)
-            self._encoder = load_encoder(self.config.model, device, dtype)
+            self._encoder = EncoderCore(load_encoder(self.config.model, device, dtype),
+                                        max_image_pixels=self.config.max_image_pixels)
         return self._encoder
 
     # -- items from the two offline request shapes -----------------------------------------------
@@ -164,7 +167,7 @@ class OfflineMedia:
 
     def provide(self, engine, items: list[ResolvedItem]) -> None:
         """Make sure the engine core holds every item's embedding (encoding misses in-process)."""
-        from encoder_worker.decode import MediaError, decode_image
+        from encoder_worker.decode import MediaError
 
         todo: dict[str, ResolvedItem] = {}
         for it in items:
@@ -181,16 +184,15 @@ class OfflineMedia:
                 todo[it.key] = it
         if not todo:
             return
-        enc = self.encoder()
-        pixels = []
+        core = self.encoder()
+        inputs = []
         for it in todo.values():
-            try:
-                image = decode_image(it.data, it.kwargs, max_pixels=self.config.max_image_pixels)
-                pixels.append(enc.preprocess(image))  # bounds its intermediates: MediaError
+            try:  # preprocessing bounds its intermediates: MediaError
+                inputs.append(core.prepare(it.data, it.kwargs, (it.meta or {}).get("geometry")))
             except MediaError as e:
                 raise RequestError(e.message, it.param) from None
-        for it, emb in zip(todo.values(), enc.encode(torch.stack(pixels))):
-            err = engine.add_embedding(it.key, emb.cpu())
+        for it, emb in zip(todo.values(), core.encode(inputs)):
+            err = engine.add_embedding(it.key, emb)
             if err is not None:
                 raise RequestError(err, it.param)
 
