@@ -14,12 +14,14 @@ import time
 import uuid
 
 import msgspec
+import transformers
 import zmq
 
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.embedding_cache import EmbeddingCache
 from llm_worker.executor import make_executor
 from llm_worker.kv_blocks import KVBlockManager
+from llm_worker.models import get_model_class
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
 from protocol.addresses import tcp
@@ -47,6 +49,11 @@ class EngineCore:
         self.config = config
         self.step_seconds = 0.0  # in steps that ran work (stats)
         self.executor = make_executor(config)
+        # The model's position rule (M-RoPE models), to check a request's items before it is
+        # queued: a bad grid must fail that request, not a step of the runner.
+        hf_config = transformers.AutoConfig.from_pretrained(config.model, trust_remote_code=False)
+        scheme = getattr(get_model_class(hf_config), "position_scheme", None)
+        self.position_scheme = scheme(hf_config) if scheme is not None else None
         self.max_model_len = self.executor.max_model_len
         self.vocab_size = self.executor.vocab_size
         num_blocks = self.executor.num_available_blocks()
@@ -86,6 +93,11 @@ class EngineCore:
             end = item.offset + item.length
             if end > len(msg.prompt_token_ids):
                 return "an mm item reaches past the end of the prompt"
+        if msg.mm_items and self.position_scheme is not None:
+            try:  # M-RoPE places each item by its grid: one missing or not fitting is refused
+                self.position_scheme.prompt_positions(len(msg.prompt_token_ids), msg.mm_items)
+            except ValueError as e:
+                return str(e)
         return None
 
     def validate(self, msg: GenerateRequest) -> str | None:

@@ -283,6 +283,13 @@ def expand_items(placeholders: MediaPlaceholders | None, prompt_ids: list[int],
     if not items:
         return prompt_ids, []
     model = require_image_support(placeholders, param)
+    if model.fixed_image_geometry is None:
+        for it in items:
+            if not (it.meta or {}).get("geometry"):
+                # An M-RoPE model places an item's rows by its patch grid, which bare
+                # embeddings do not carry.
+                raise RequestError("this model needs the image itself: embeddings without "
+                                   "their image_grid_thw cannot be placed", it.param)
     ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param)
     return ids, [MMItem(it.key, it.modality, off, n, _item_meta(it.meta))
                  for it, (off, n) in zip(items, spans)]

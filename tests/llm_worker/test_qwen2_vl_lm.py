@@ -313,3 +313,21 @@ def test_interpreter_child():
 @pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_child")
 def test_interp_graph_forwards_equal_eager(checkpoint):
     _padded_steps_equal_eager(checkpoint[0], "triton")
+
+
+def test_engine_refuses_items_without_a_fitting_grid(tmp_path_factory):
+    """A request whose item has no grid, or a grid that is not its length, is refused when it
+    arrives (an error for that request), and the engine keeps serving."""
+    from frontend.random_model import build_random_qwen2_vl
+
+    ckpt = str(build_random_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl_engine")))
+    core = EngineCore(LLMWorkerConfig(model=ckpt, device="cpu", dtype="float32"))
+    greedy = Sampling(max_tokens=2, temperature=0.0)
+    prompt = list(range(5, 17))
+    for meta in ({}, {"grid_thw": [1, 4, 4]}):  # none; 4 tokens, not the item's 6
+        err = core.add_request(GenerateRequest("bad", prompt, greedy, [], "",
+                                               [MMItem("k", "image", 2, 6, meta)]))
+        assert err is not None and "grid" in err
+    assert core.add_request(GenerateRequest("ok", prompt, greedy, [], "")) is None
+    while core.has_work():
+        core.step()
