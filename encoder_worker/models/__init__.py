@@ -11,16 +11,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protocol.models import column
+
 if TYPE_CHECKING:
     import torch
 
     from encoder_worker.models.base import EncoderModel
 
-ENCODER_REGISTRY: dict[str, str] = {
-    "LlavaForConditionalGeneration": "encoder_worker.models.llava:LlavaEncoder",
-    "Qwen2VLForConditionalGeneration": "encoder_worker.models.qwen2_vl:Qwen2VLEncoder",
-    "Qwen2_5_VLForConditionalGeneration": "encoder_worker.models.qwen2_vl:Qwen2VLEncoder",
-}
+ENCODER_REGISTRY: dict[str, str] = column("encoder")  # the encoder column of protocol/models.py
 
 
 def encoder_class(arch: str) -> type[EncoderModel]:

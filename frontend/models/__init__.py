@@ -12,6 +12,7 @@ from typing import Any
 
 from frontend.errors import RequestError
 from protocol.geometry import ItemGeometry, MediaGeometry
+from protocol.models import MODELS
 
 
 class MediaPlaceholders(ABC):
@@ -86,16 +87,9 @@ class MediaPlaceholders(ABC):
         return out, ranges
 
 
-# HF architecture -> (module under frontend.models, class), or None for text-only models.
-# Modules are imported on use so the frontend loads only its model's slice.
-MEDIA_SLICES: dict[str, tuple[str, str] | None] = {
-    "LlavaForConditionalGeneration": ("llava", "LlavaPlaceholders"),
-    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLPlaceholders"),
-    "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLPlaceholders"),
-    "LlamaForCausalLM": None,
-    "MistralForCausalLM": None,
-    "Qwen2ForCausalLM": None,
-}
+# HF architecture -> "module:class" of its slice (protocol/models.py's placeholders column), or
+# None for a text-only model. Modules are imported on use so the frontend loads only its model's.
+MEDIA_SLICES: dict[str, str | None] = {arch: p.placeholders for arch, p in MODELS.items()}
 
 
 def load_placeholders(model_dir: str | Path) -> MediaPlaceholders | None:
@@ -108,8 +102,8 @@ def load_placeholders(model_dir: str | Path) -> MediaPlaceholders | None:
             entry = MEDIA_SLICES[arch]
             if entry is None:
                 return None
-            module = importlib.import_module(f"frontend.models.{entry[0]}")
-            return getattr(module, entry[1]).from_pretrained(model_dir)
+            module, name = entry.split(":")
+            return getattr(importlib.import_module(module), name).from_pretrained(model_dir)
     raise ValueError(f"{model_dir}: unsupported architecture {archs!r} "
                      f"(known: {', '.join(MEDIA_SLICES)})")
 

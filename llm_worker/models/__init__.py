@@ -1,4 +1,5 @@
-"""LM decoder registry: HF `architectures` name -> our model class.
+"""LM decoder registry: HF `architectures` name -> our model class (protocol/models.py's decoder
+column).
 
 Values are import paths, so validating a checkpoint's architecture (the launcher does it before
 any process starts) imports neither torch nor the model code.
@@ -9,26 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LLAMA = "llm_worker.models.llama"
-_QWEN2_VL = "llm_worker.models.qwen2_vl"
-MODEL_REGISTRY: dict[str, str] = {
-    "LlamaForCausalLM": f"{_LLAMA}:LlamaForCausalLM",
-    "MistralForCausalLM": f"{_LLAMA}:MistralForCausalLM",
-    "Qwen2ForCausalLM": f"{_LLAMA}:Qwen2ForCausalLM",
-    # Their LM is always Qwen2's, with M-RoPE (older config.json files are flat, no text_config).
-    "Qwen2VLForConditionalGeneration": f"{_QWEN2_VL}:Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": f"{_QWEN2_VL}:Qwen2_5_VLForConditionalGeneration",
-}
+from protocol.models import MODELS
 
-# Multimodal checkpoints whose decoder is a plain LM named by `text_config.model_type`
-# (the towers live in encoder_worker/; this role loads only the LM's weights).
-MULTIMODAL_LM_TYPES: dict[str, dict[str, str]] = {
-    "LlavaForConditionalGeneration": {
-        "llama": f"{_LLAMA}:LlamaForCausalLM",
-        "mistral": f"{_LLAMA}:MistralForCausalLM",
-        "qwen2": f"{_LLAMA}:Qwen2ForCausalLM",
-    },
-}
+# HF architecture -> "module:Class" of its LM, or {text_config.model_type: "module:Class"} for
+# multimodal checkpoints whose LM is a plain one (the towers live in encoder_worker/; this role
+# loads only the LM's weights). One table for every role: protocol/models.py.
+DECODERS: dict[str, str | dict[str, str]] = {arch: p.decoder for arch, p in MODELS.items()}
 
 
 def text_config(hf_config):
@@ -46,18 +33,17 @@ def model_class_path(hf_config: Any) -> str:
     nothing matches."""
     archs = _get(hf_config, "architectures") or []
     for arch in archs:
-        if arch in MODEL_REGISTRY:
-            return MODEL_REGISTRY[arch]
-        lm_types = MULTIMODAL_LM_TYPES.get(arch)
-        if lm_types is not None:
+        decoder = DECODERS.get(arch)
+        if isinstance(decoder, str):
+            return decoder
+        if decoder is not None:
             lm_type = _get(_get(hf_config, "text_config") or {}, "model_type")
-            if lm_type not in lm_types:
+            if lm_type not in decoder:
                 raise ValueError(f"{arch} with a {lm_type!r} language model is not supported "
-                                 f"(supported: {', '.join(lm_types)})")
-            return lm_types[lm_type]
-    known = ", ".join(sorted([*MODEL_REGISTRY, *MULTIMODAL_LM_TYPES]))
+                                 f"(supported: {', '.join(decoder)})")
+            return decoder[lm_type]
     raise ValueError(f"unsupported architecture {archs or '(none in config.json)'}; "
-                     f"supported: {known}")
+                     f"supported: {', '.join(sorted(DECODERS))}")
 
 
 def get_model_class(hf_config):

@@ -6,8 +6,9 @@ the preprocessing resizes to. The frontend computes it from the probed header (i
 prompt), sends it in the EncodeRequest and the MMItem's meta, and the encoder and the decoder read
 it from there (the encoder checks its own preprocessing against it); no role recomputes it.
 
-`GEOMETRY` maps the HF ``architectures`` name to "module:class" of a `MediaGeometry` subclass;
-values are import paths so that a role imports only its model's module.
+`GEOMETRY` maps the HF ``architectures`` name to "module:class" of a `MediaGeometry` subclass
+(protocol/models.py's geometry column); values are import paths so that a role imports only its
+model's module.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.checkpoint import image_processor_config
+from protocol.models import column
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,7 @@ class MediaGeometry:
         raise NotImplementedError
 
 
-GEOMETRY: dict[str, str] = {
-    "LlavaForConditionalGeneration": "protocol.geometry.llava:LlavaGeometry",
-    "Qwen2VLForConditionalGeneration": "protocol.geometry.qwen2_vl:Qwen2VLGeometry",
-    "Qwen2_5_VLForConditionalGeneration": "protocol.geometry.qwen2_vl:Qwen2VLGeometry",
-}
+GEOMETRY: dict[str, str] = column("geometry")  # the geometry column of protocol/models.py
 
 
 def load_geometry(model_dir: str | Path) -> MediaGeometry | None:
