@@ -15,7 +15,7 @@
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
 #   STAGES ["env ckpt pytest kernels decode_triton decode_eager parity profile encoder ttft
-#            decode_reference peer"]
+#            decode_reference peer qwen_tower"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
 #   T_PEER [400]: each stage's own timeout in seconds
@@ -26,6 +26,7 @@
 #   PROFILE_BATCHES ["1 8 64"] T_PROFILE [90]: bench/profile_step.py (CUDA only)
 #   ENCODER_BATCHES ["1 8 32 64 128"] ENCODER_CKPT [/dev/shm/...] T_ENCODER [80]: bench/encoder.py
 #   T_TTFT [150]: bench/ttft.py (LLaVA-1.5-7B shape served over HTTP, one image + 40 tokens)
+#   T_QWEN_TOWER [150]: bench/qwen_tower.py (Qwen2.5-VL-7B tower, mixed sizes, vs transformers)
 #   PEER_MODES ["eager static"] PEER_BATCHES/PEER_CONTEXTS [= DECODE_*] PEER_STEPS [32]
 #   STATIC_BATCHES ["1 8"] STATIC_CONTEXTS ["128"] COMPILE_BUDGET_S [240]
 #   PREFILL_BATCH [64] PREFILL_LEN [128]  KERNEL_OPS [all]
@@ -54,7 +55,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity profile encoder ttft decode_reference peer}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity profile encoder ttft decode_reference peer qwen_tower}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -173,6 +174,9 @@ run_stage peer "${T_PEER:-400}" 20 "python3 bench/peer_hf.py --model $CKPT $D --
     --batch $PEER_BATCHES --context $PEER_CONTEXTS --steps $PEER_STEPS --static-batch $STATIC_BATCHES \
     --static-context $STATIC_CONTEXTS --compile-budget-s $COMPILE_BUDGET_S --prefill-batch $PREFILL_BATCH \
     --prefill-len $PREFILL_LEN --budget-s @BUDGET@ --out '$WORK/peer_{mode}.json'"
+
+run_stage qwen_tower "${T_QWEN_TOWER:-150}" 0 "python3 bench/qwen_tower.py $D $TINY \
+    --ckpt-dir /dev/shm/mmserve_qwen25vl_tower --out $WORK/qwen_tower.json"
 
 # -- summary: printed last ---------------------------------------------------------------------
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv
