@@ -198,24 +198,30 @@ def time_ms(fn, device: torch.device, warmup: int = 3, reps: int = 10) -> list[f
 def measure_device(device: torch.device, copy_gib: float | None = None,
                    matmul_n: int | None = None) -> dict:
     """Device copy bandwidth (bytes read + written over the time of a large device-to-device
-    copy) and bf16 matmul TFLOP/s, medians, on random data."""
+    copy), read bandwidth (bytes read by a sum over the same buffer: the ceiling of a kernel that
+    only reads, like a decode GEMV over the weights) and bf16 matmul TFLOP/s, medians, on random
+    data."""
     cuda = device.type == "cuda"
     copy_gib = copy_gib or (2.0 if cuda else 0.0625)
     matmul_n = matmul_n or (8192 if cuda else 512)
     n = int(copy_gib * (1 << 30)) // 2
-    t = _copy_ms(n, device)
+    t, tr = _copy_ms(n, device)
     tm = _matmul_ms(matmul_n, device)
     if cuda:
         torch.cuda.empty_cache()
     return {"copy_bytes": 2 * n * 2, "copy_ms": t, "copy_GBps": 2 * n * 2 / (t * 1e-3) / 1e9,
+            "read_bytes": n * 2, "read_ms": tr, "read_GBps": n * 2 / (tr * 1e-3) / 1e9,
             "matmul_n": matmul_n, "matmul_ms": tm,
             "matmul_TFLOPs": 2 * matmul_n**3 / (tm * 1e-3) / 1e12}
 
 
-def _copy_ms(n: int, device: torch.device) -> float:
+def _copy_ms(n: int, device: torch.device) -> tuple[float, float]:
+    """(copy ms, read-only ms) of an n-element bf16 buffer."""
     src = torch.randn(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    return statistics.median(time_ms(lambda: dst.copy_(src), device))
+    copy = statistics.median(time_ms(lambda: dst.copy_(src), device))
+    read = statistics.median(time_ms(lambda: src.sum(dtype=torch.float32), device))
+    return copy, read
 
 
 def _matmul_ms(n: int, device: torch.device) -> float:

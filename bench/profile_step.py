@@ -202,6 +202,10 @@ def main() -> None:
     res = {"env": env_record(device), "ceilings": measure_device(device), "args": vars(args),
            "rows": []}
     bw = res["ceilings"]["copy_GBps"] * 1e9
+    read = res["ceilings"]["read_GBps"] * 1e9
+    print(f"copy {bw / 1e9:.0f} GB/s, read-only {read / 1e9:.0f} GB/s: the weights alone take "
+          f"{st['weight_bytes_per_step'] / bw * 1e3:.2f} ms at copy and "
+          f"{st['weight_bytes_per_step'] / read * 1e3:.2f} ms at read bandwidth")
     core = EngineCore(LLMWorkerConfig(
         model=args.model, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch),
         max_model_len=max(args.context + 4 * args.steps + 64, max(args.prefill, default=0) + 8),
