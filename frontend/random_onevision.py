@@ -1,0 +1,89 @@
+"""A tiny random LLaVA-OneVision checkpoint in the Hugging Face layout, for the parity tests.
+
+Kept apart from `frontend/random_model.py` (whose tokenizer and templates it reuses) so that file
+stays one builder per family it already had.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from frontend.random_model import CHATML_MM_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+
+VIDEO_TOKEN = "<video>"
+# Tower-size multiples up to 3 tiles a side, so tiles go 1x1 to 3x1 / 1x3 and 2x2.
+TINY_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+
+
+def build_random_llava_onevision(
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    num_layers: int = 2,
+    grid_pinpoints: list[list[int]] | None = None,
+    vision_aspect_ratio: str = "anyres_max_2",
+    std: float = 0.15,
+    seed: int = 0,
+) -> Path:
+    """A tiny random `LlavaOnevisionForConditionalGeneration` (SigLIP tower, MLP projector,
+    image newline, Qwen2 LM) with a tokenizer holding ``<image>`` and ``<video>``, a chat
+    template with image parts and the image processor config.
+
+    The defaults make a tile 4x4 = 16 features; ``anyres_max_2`` lets up to 2 tiles' worth of
+    unpadded features through, so a 2x2-tile image is downsampled and a 1x2 one is not (both
+    paths of the model's packing run in the tests).
+    """
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out, chat_template=CHATML_MM_TEMPLATE)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok.add_tokens([VIDEO_TOKEN], special_tokens=True)
+    tok.save_pretrained(out)
+    pinpoints = grid_pinpoints or TINY_PINPOINTS
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=2,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+        vision_use_head=False,
+    )
+    text = transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tok.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints, vision_aspect_ratio=vision_aspect_ratio,
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, std)  # layer norms near identity keep the tower's signal alive
+            else:
+                p.normal_(0.0, std)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    # The image processor alone, flat in preprocessor_config.json: the whole processor needs the
+    # video processor, which needs torchvision. OneVision normalizes with mean = std = 0.5.
+    image_processor = transformers.LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    image_processor.save_pretrained(out)
+    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
+        "This checkpoint has random weights: it produces arbitrary text.\n"
+    )
+    return out
