@@ -1,0 +1,147 @@
+"""LLaVA-OneVision, encoder slice: anyres tiling, the SigLIP vision tower, the MLP projector and
+the packing of each image's tiles into the LM's rows (unpad, anyres_max shrink, image newline).
+
+Tiles all have the tower's size, so the tiles of every image of a step run as one tower batch
+([sum tiles, 3, side, side]) and are split per image only for the packing, which follows the
+image's `AnyresLayout` (`protocol.geometry.llava_onevision`): the row count is the one the
+frontend put in the prompt.
+
+Only ``vision_tower.*``, ``multi_modal_projector.*`` and ``image_newline`` are read from the
+checkpoint (the LM is the decoder's). The tower reuses transformers' SigLIP embedding and
+encoder-layer modules and runs only up to the deepest ``vision_feature_layer``; the features are
+the layers' outputs before SigLIP's post-layernorm (as transformers selects them), so that norm
+never runs and is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
+
+from encoder_worker.models.base import EncoderModel, Patches
+from encoder_worker.models.llava import LlavaProjector, _absolute_layers
+from encoder_worker.models.llava_onevision_image import AnyresImageProcessor
+from encoder_worker.models.weights import copy_into, load_weights
+
+
+class SiglipTower(nn.Module):
+    """SigLIP ViT truncated after ``num_layers`` encoder layers; returns chosen hidden states."""
+
+    def __init__(self, config, num_layers: int):
+        super().__init__()
+        self.embeddings = SiglipVisionEmbeddings(config)
+        self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(num_layers))
+
+    def forward(self, pixel_values: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
+        """[B, 3, side, side] -> hidden states [B, patches, vision_hidden] at indices ``keep``
+        (0 = embeddings, i = output of layer i, as HF's hidden_states)."""
+        hidden = self.embeddings(pixel_values)
+        states = [hidden]
+        for layer in self.layers:
+            hidden = layer(hidden, None)  # no mask: every tile has the same patch count
+            states.append(hidden)
+        return [states[i] for i in keep]
+
+
+class LlavaOnevisionEncoder(EncoderModel):
+    modality = "image"
+    packs_variable_sizes = True
+
+    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
+        hf = AutoConfig.from_pretrained(model_dir)
+        vision = hf.vision_config
+        if vision.model_type != "siglip_vision_model":
+            raise ValueError(f"{model_dir}: vision tower {vision.model_type!r} is not supported "
+                             "(only SigLIP)")
+        vision._attn_implementation = "sdpa"  # fused attention; equal to eager up to rounding
+        model_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        self.processor = AnyresImageProcessor.from_pretrained(model_dir, model_config)
+        self.geometry = self.processor.geometry  # refuses strategies and sizes we can't pack
+        self.feature_layers = _absolute_layers(hf.vision_feature_layer, vision.num_hidden_layers)
+        self.num_tower_layers = max(self.feature_layers)
+        self.hidden_size = hf.text_config.hidden_size
+        self.device, self.dtype = torch.device(device), dtype
+        # Built on the meta device, then allocated once in the target dtype on the target device:
+        # no random init of a 400M-parameter tower that the checkpoint overwrites anyway.
+        with torch.device("meta"):
+            self.tower = SiglipTower(vision, self.num_tower_layers)
+            self.projector = LlavaProjector(vision.hidden_size * len(self.feature_layers),
+                                            self.hidden_size, hf.projector_hidden_act,
+                                            getattr(hf, "multimodal_projector_bias", True))
+        self.tower = self.tower.to(dtype).to_empty(device=self.device).eval()
+        self.projector = self.projector.to(dtype).to_empty(device=self.device).eval()
+        # A non-persistent buffer: not in the checkpoint, so to_empty left it uninitialized.
+        pos = self.tower.embeddings.position_ids
+        pos.copy_(torch.arange(pos.shape[-1], device=self.device).expand_as(pos))
+        weights = load_weights(model_dir, self._local_name)
+        if "newline" not in weights:
+            raise ValueError(f"{model_dir}: the checkpoint has no image_newline")
+        self.newline = weights.pop("newline").to(self.device, dtype)  # [hidden_size]
+        copy_into(self.tower, {k[6:]: v for k, v in weights.items() if k.startswith("tower.")},
+                  f"{model_dir} vision_tower")
+        copy_into(self.projector, {k[10:]: v for k, v in weights.items()
+                                   if k.startswith("projector.")}, f"{model_dir} projector")
+
+    def _local_name(self, name: str) -> str | None:
+        """Checkpoint name -> ``tower.*`` / ``projector.*`` / ``newline``, or None for weights
+        we don't use. Accepts transformers 4 names (``vision_tower.vision_model.*``),
+        transformers 5 names (``vision_tower.*``) and either behind a ``model.`` prefix."""
+        name = name.removeprefix("model.")
+        if name == "image_newline":
+            return "newline"
+        if name.startswith("multi_modal_projector."):
+            return "projector." + name.removeprefix("multi_modal_projector.")
+        if not name.startswith("vision_tower."):
+            return None
+        rest = name.removeprefix("vision_tower.").removeprefix("vision_model.")
+        if rest.startswith("encoder.layers."):
+            if int(rest.split(".")[2]) >= self.num_tower_layers:
+                return None  # past the deepest feature layer: never runs
+            rest = rest.removeprefix("encoder.")
+        elif not rest.startswith("embeddings."):
+            return None  # post_layernorm (and any head) only feed SigLIP's pooled output
+        return "tower." + rest
+
+    def preprocess(self, image: Image.Image) -> Patches:
+        return self.processor(image)
+
+    def num_tokens(self, width: int, height: int) -> int:
+        return self.geometry.image(width, height).num_tokens
+
+    @torch.inference_mode()
+    def encode_packed(self, items: list[Patches]) -> list[torch.Tensor]:
+        # Cast after the upload, on the device: moving fp32 bytes beats a CPU cast of the pack.
+        tiles = torch.cat([item.values for item in items]).to(self.device).to(self.dtype)
+        states = self.tower(tiles, self.feature_layers)  # each [sum tiles, side^2, vision_hidden]
+        features = self.projector(states[0] if len(states) == 1 else torch.cat(states, dim=-1))
+        per_image = features.split([item.values.shape[0] for item in items])
+        return [self._pack(f, item.grid_thw[2], item.grid_thw[1])
+                for f, item in zip(per_image, items)]
+
+    def _pack(self, features: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """One image's [1 + tiles, side^2, hidden] -> its LM rows [num_tokens, hidden]: the base
+        tile's features, then the tiles' map (padding cut, shrunk past the budget) row by row,
+        each row followed by the newline embedding."""
+        plan = self.geometry.layout(width, height)
+        side, (rows, cols) = self.geometry.side, plan.tiles_hw
+        if features.shape[0] != 1 + rows * cols:
+            raise ValueError(f"image of {width}x{height} came as {features.shape[0] - 1} tiles, "
+                             f"its layout has {rows}x{cols}")
+        # [rows, cols, side, side, hidden] -> one map [hidden, rows * side, cols * side]
+        grid = features[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
+        grid = grid.reshape(-1, rows * side, cols * side)
+        kept_h, kept_w = plan.kept_hw
+        top, left = (rows * side - kept_h) // 2, (cols * side - kept_w) // 2
+        grid = grid[:, top:top + kept_h, left:left + kept_w]
+        if plan.packed_hw != plan.kept_hw:
+            grid = F.interpolate(grid[None], list(plan.packed_hw), mode="bilinear")[0]
+        newline = self.newline[:, None, None].expand(-1, grid.shape[1], 1)
+        grid = torch.cat((grid, newline), dim=-1)  # [hidden, packed_h, packed_w + 1]
+        return torch.cat((features[0], grid.flatten(1).T))

@@ -1,0 +1,86 @@
+"""LLaVA-OneVision's anyres preprocessing in PIL + numpy, equal to transformers'
+LlavaOnevisionImageProcessorPil on its single-image (tiled) path.
+
+Steps, in transformers' order: resize the image (PIL, bicubic) to fit the chosen canvas, paste it
+centered on a black canvas, cut the canvas into tower-sized tiles row by row, and put first a
+copy of the whole image resized straight to one tile (aspect ratio not kept); then rescale and
+normalize every tile. The sizes come from `protocol.geometry.llava_onevision`, so they are the
+ones the frontend counted. Every intermediate is at most a canvas (the largest pinpoint), so a
+huge input never makes a huge buffer.
+
+Rescale + normalize are one [3, 256] lookup table built with transformers' arithmetic (float64
+rescale stored as float32, then float32 (x - mean) / std), as in `clip_image.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoder_worker.models.base import Patches
+from encoder_worker.models.clip_image import image_processor_config
+from protocol.geometry.llava_onevision import LlavaOnevisionGeometry
+
+# transformers' LlavaOnevisionImageProcessor defaults (OpenAI CLIP's), for configs saved without
+# them; the released checkpoints save 0.5 / 0.5.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_table(cfg: dict[str, Any]) -> np.ndarray:
+    """[3, 256] float32: channel c, uint8 value v -> the value transformers computes for it."""
+    values = np.arange(256, dtype=np.uint8)[None, :].repeat(3, 0)
+    table = values.astype(np.float32)
+    if cfg.get("do_rescale", True):
+        table = (values.astype(np.float64) * float(cfg.get("rescale_factor", 1 / 255))
+                 ).astype(np.float32)
+    if cfg.get("do_normalize", True):
+        mean = np.array(cfg.get("image_mean", CLIP_MEAN), dtype=np.float32)
+        std = np.array(cfg.get("image_std", CLIP_STD), dtype=np.float32)
+        table = (table - mean[:, None]) / std[:, None]
+    return np.ascontiguousarray(table, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class AnyresImageProcessor:
+    geometry: LlavaOnevisionGeometry
+    resample: int  # PIL resampling filter (3 = bicubic)
+    lut: np.ndarray  # [3, 256] float32, see normalize_table
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, model_config: dict[str, Any]
+                        ) -> AnyresImageProcessor:
+        cfg = image_processor_config(folder)
+        if not cfg.get("do_resize", True) or cfg.get("do_center_crop"):
+            raise ValueError(f"{folder}: anyres tiling needs do_resize and no center crop")
+        return cls(LlavaOnevisionGeometry(model_config, cfg),
+                   int(cfg.get("resample", Image.Resampling.BICUBIC)), normalize_table(cfg))
+
+    def __call__(self, image: Image.Image) -> Patches:
+        """RGB image -> its tiles, the whole-image tile first: values [1 + tiles, 3, side, side]
+        float32. ``grid_thw`` is (1, height, width) of the image itself in pixels: the packing
+        cuts the tiles' padding by the image's aspect ratio, and the tile grid follows from the
+        size by the geometry."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        plan = self.geometry.layout(image.width, image.height)
+        side = self.geometry.tile
+        (canvas_h, canvas_w), (fit_h, fit_w) = plan.canvas_hw, plan.resized_hw
+        canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
+        top, left = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
+        canvas[top:top + fit_h, left:left + fit_w] = np.asarray(
+            image.resize((fit_w, fit_h), resample=self.resample))
+        rows, cols = plan.tiles_hw
+        # [rows, side, cols, side, 3] -> tiles row by row, each [3, side, side]
+        tiles = canvas.reshape(rows, side, cols, side, 3).transpose(0, 2, 4, 1, 3)
+        base = np.asarray(image.resize((side, side), resample=self.resample)).transpose(2, 0, 1)
+        planes = np.concatenate((base[None], tiles.reshape(rows * cols, 3, side, side)))
+        out = np.empty(planes.shape, dtype=np.float32)  # [1 + tiles, 3, side, side]
+        for c in range(3):
+            np.take(self.lut[c], planes[:, c], out=out[:, c])
+        return Patches(torch.from_numpy(out), (1, image.height, image.width))
