@@ -51,8 +51,7 @@ class SiglipTower(nn.Module):
 
 
 class LlavaOnevisionEncoder(EncoderModel):
-    modality = "image"
-    packs_variable_sizes = True
+    packs_variable_sizes = True  # images only: the base class's default modality
 
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
         hf = AutoConfig.from_pretrained(model_dir)
