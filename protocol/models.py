@@ -43,6 +43,10 @@ MODELS: dict[str, ModelParts] = {
         "llm_worker.models.qwen2_vl:Qwen2VLForConditionalGeneration", *_QWEN2_VL),
     "Qwen2_5_VLForConditionalGeneration": ModelParts(
         "llm_worker.models.qwen2_vl:Qwen2_5_VLForConditionalGeneration", *_QWEN2_VL),
+    "LlavaOnevisionForConditionalGeneration": ModelParts(
+        _PLAIN_LMS, "protocol.geometry.llava_onevision:LlavaOnevisionGeometry",
+        "frontend.models.llava_onevision:LlavaOnevisionPlaceholders",
+        "encoder_worker.models.llava_onevision:LlavaOnevisionEncoder"),
 }
 
 
