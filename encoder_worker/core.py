@@ -16,6 +16,7 @@ from encoder_worker.decode import decode_image
 from encoder_worker.graphs import TowerGraphs
 from encoder_worker.models.base import EncoderModel, Patches
 from encoder_worker.transfer import HostCopier, PixelUploader
+from encoder_worker.video import decode_video
 from protocol.geometry import ItemGeometry
 
 Inputs = torch.Tensor | Patches  # one item's model input: [3, H, W] float32, or patches (CPU)
@@ -36,12 +37,19 @@ class EncoderCore:
             self.graphs.capture()
 
     def prepare(self, data: bytes, kwargs: dict[str, Any],
-                geometry: dict[str, Any] | None = None) -> Inputs:
-        """Bytes -> the model's input, checked against the frontend's ``geometry`` (any thread).
-        MediaError for what the user sent; ValueError when the roles disagree on geometry."""
-        image = decode_image(data, kwargs, max_pixels=self.max_image_pixels,
-                             min_side=self.min_image_side)
-        inputs = self.model.preprocess(image)
+                geometry: dict[str, Any] | None = None, modality: str = "image") -> Inputs:
+        """Bytes of an image or a video -> the model's input, checked against the frontend's
+        ``geometry`` (any thread). MediaError for what the user sent; ValueError when the roles
+        disagree on geometry."""
+        if modality == "video":
+            video = decode_video(
+                data, lambda total, fps: self.model.video_frames(total, fps, kwargs),
+                max_pixels=self.max_image_pixels)
+            inputs = self.model.preprocess_video(video)
+        else:
+            image = decode_image(data, kwargs, max_pixels=self.max_image_pixels,
+                                 min_side=self.min_image_side)
+            inputs = self.model.preprocess(image)
         if geometry is not None:
             check_geometry(inputs, ItemGeometry.from_meta(geometry))
         return inputs

@@ -126,9 +126,9 @@ class EncoderProc:
 
     def _on_encode(self, msg: EncodeRequest, user: UserEmbeds | None = None) -> None:
         self.stats.num_requests += 1
-        if msg.modality != self.model.modality:
+        if msg.modality not in self.model.modalities:
             self._done([msg], 400, f"modality {msg.modality!r} is not supported by this model's "
-                                   f"encoder ({self.model.modality!r})")
+                                   f"encoder ({', '.join(self.model.modalities)})")
             return
         tensor = self.store.get(msg.key)
         if tensor is not None:
@@ -145,15 +145,16 @@ class EncoderProc:
             self.waiters[msg.key] = [msg]
             self.arrived[msg.key] = time.monotonic()
             self.num_decoding += 1
-            fut = self.pool.submit(self._decode, msg.data, msg.kwargs, msg.geometry)
+            fut = self.pool.submit(self._decode, msg.data, msg.kwargs, msg.geometry,
+                                   msg.modality)
             fut.add_done_callback(lambda f, key=msg.key: self.inbox.put(_Decoded(key, f)))
 
-    def _decode(self, data: bytes, kwargs: dict[str, Any],
-                geometry: dict[str, Any] | None) -> tuple[Inputs, float]:
+    def _decode(self, data: bytes, kwargs: dict[str, Any], geometry: dict[str, Any] | None,
+                modality: str) -> tuple[Inputs, float]:
         """Decode-pool thread: `EncoderCore.prepare`, and the seconds it took (added to the
         stats by the loop thread, which owns them)."""
         t0 = time.perf_counter()
-        inputs = self.core.prepare(data, kwargs, geometry)
+        inputs = self.core.prepare(data, kwargs, geometry, modality)
         return inputs, time.perf_counter() - t0
 
     def _on_decoded(self, msg: _Decoded) -> None:

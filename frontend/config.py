@@ -12,12 +12,13 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_MEDIA_BYTES = 20 * 1024 * 1024
 # vLLM's default is "whatever the model supports"; a fixed small bound keeps one request's fetch,
 # probe and encoder work predictable. Raise it per deployment for many-image models.
-DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 8}
+DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 8, "video": 1}
 MODALITIES = ("image", "video", "audio")
 CONTENT_FORMATS = ("auto", "string", "openai")
 # media_io_kwargs keys understood per modality; anything else is a typo that would silently
 # change nothing but the cache key.
-_MEDIA_IO_KEYS = {"image": ("rgba_background_color",)}
+# video: frames sampled per video, either a count or a rate (transformers' num_frames / fps).
+_MEDIA_IO_KEYS = {"image": ("rgba_background_color",), "video": ("num_frames", "fps")}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class FrontendConfig:
     # Per modality kwargs for media decoding; they enter the content key of each item.
     media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width*height
+    # Bounds on what a video's header declares (frontend/media/video.py), checked before any
+    # frame is decoded; a video's bytes are bounded by max_media_bytes like an image's.
+    max_video_frames: int = 18_000  # 10 minutes at 30 fps
+    max_video_seconds: float = 600.0
+    max_video_side: int = 8192
     # -- chat templates (see frontend/chat.py) --
     # How message content reaches the template: "string" (parts joined into one string, media as
     # the model's placeholder text), "openai" (a list of typed parts), or "auto" (read from the
@@ -128,6 +134,8 @@ class FrontendConfig:
             raise ValueError("max_media_bytes must be >= 1")
         if self.max_image_pixels < 1:
             raise ValueError("max_image_pixels must be >= 1")
+        if self.max_video_frames < 1 or self.max_video_side < 1 or not self.max_video_seconds > 0:
+            raise ValueError("max_video_frames, max_video_side and max_video_seconds must be > 0")
         limits = self.limit_mm_per_prompt
         if not isinstance(limits, dict):
             raise ValueError("limit_mm_per_prompt must be a dict like {'image': 8}")
@@ -160,6 +168,7 @@ class FrontendConfig:
                                  "3 ints in 0..255")
             # A list, so that tuple and list spellings hash to the same content key.
             clean["image"]["rgba_background_color"] = list(color)
+        _check_video_kwargs(clean.get("video", {}))
         object.__setattr__(self, "media_io_kwargs", clean)
 
     @property
@@ -170,3 +179,15 @@ class FrontendConfig:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+
+def _check_video_kwargs(kw: dict[str, Any]) -> None:
+    """``num_frames`` an int >= 1 or ``fps`` a number > 0, not both (transformers refuses both
+    too: one sampling rule per video)."""
+    frames, fps = kw.get("num_frames"), kw.get("fps")
+    if frames is not None and fps is not None:
+        raise ValueError("media_io_kwargs['video']: num_frames and fps are mutually exclusive")
+    if frames is not None and (type(frames) is not int or frames < 1):
+        raise ValueError("media_io_kwargs['video']['num_frames'] must be an int >= 1")
+    if fps is not None and (type(fps) not in (int, float) or not 0 < fps <= 1000):
+        raise ValueError("media_io_kwargs['video']['fps'] must be a number in (0, 1000]")

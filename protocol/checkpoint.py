@@ -26,6 +26,22 @@ def image_processor_config(folder: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def video_processor_config(folder: str | Path) -> dict[str, Any] | None:
+    """Video processor settings, where transformers looks for them: nested in
+    processor_config.json under "video_processor", else video_preprocessor_config.json; None
+    when neither has them (transformers then reads the image processor's file)."""
+    folder = Path(folder)
+    new = folder / "processor_config.json"
+    if new.is_file():
+        nested = json.loads(new.read_text(encoding="utf-8")).get("video_processor")
+        if isinstance(nested, dict):
+            return nested
+    flat = folder / "video_preprocessor_config.json"
+    if flat.is_file():
+        return json.loads(flat.read_text(encoding="utf-8"))
+    return None
+
+
 def max_positions(folder: str | Path) -> int:
     """The language model's max_position_embeddings (multimodal configs nest it in text_config):
     the longest context the checkpoint was trained for."""

@@ -6,8 +6,13 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
     import torch
     from PIL import Image
+
+    from encoder_worker.video import Video
 
 
 class Patches(NamedTuple):
@@ -28,9 +33,12 @@ class EncoderModel(ABC):
     ``encode`` batch. Models that set ``packs_variable_sizes`` return `Patches` instead, and the
     server hands every ready item of a step to one ``encode_packed`` call: their tower attends
     within each item over the concatenated patches, so sizes need not match.
+
+    ``modalities`` are the item kinds the model encodes; one with "video" implements
+    ``video_frames`` and ``preprocess_video`` (its frames go through the same tower).
     """
 
-    modality: str = "image"
+    modalities: tuple[str, ...] = ("image",)
     packs_variable_sizes: bool = False
     hidden_size: int  # width of the LM input embeddings it produces
     dtype: torch.dtype  # of the embeddings it produces (user-supplied ones are cast to it)
@@ -40,6 +48,15 @@ class EncoderModel(ABC):
     def preprocess(self, image: Image.Image) -> torch.Tensor | Patches:
         """One decoded RGB image -> pixel values [3, H, W] float32 on the CPU, or its `Patches`
         (``packs_variable_sizes``)."""
+
+    def video_frames(self, total: int, fps: float, kwargs: Mapping[str, Any]) -> list[int]:
+        """Indices of the frames a video of ``total`` frames at ``fps`` is sampled to, under
+        the item's media_io_kwargs; ValueError (for the client) if it can't be sampled."""
+        raise NotImplementedError
+
+    def preprocess_video(self, video: Video) -> torch.Tensor | Patches:
+        """The decoded, sampled frames -> the model's input (as ``preprocess``)."""
+        raise NotImplementedError
 
     @abstractmethod
     def num_tokens(self, width: int, height: int) -> int:

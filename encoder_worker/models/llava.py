@@ -72,8 +72,6 @@ def _absolute_layers(feature_layer: int | list[int], num_layers: int) -> list[in
 
 
 class LlavaEncoder(EncoderModel):
-    modality = "image"
-
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
         hf = AutoConfig.from_pretrained(model_dir)
         vision = hf.vision_config

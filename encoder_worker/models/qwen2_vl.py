@@ -15,8 +15,9 @@ transformers' so the weights load as saved.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from transformers.activations import ACT2FN
 from encoder_worker.models.base import EncoderModel, Patches
 from encoder_worker.models.qwen2_vl_image import Qwen2VLImageProcessor
 from encoder_worker.models.weights import copy_into, load_weights
+from encoder_worker.video import Video
 from kernels.reference import rms_norm
 
 NORM_EPS = 1e-6  # the tower's norms (fixed in transformers, not in the config)
@@ -258,7 +260,7 @@ TOWERS: dict[str, type[VisionTower]] = {
 
 
 class Qwen2VLEncoder(EncoderModel):
-    modality = "image"
+    modalities = ("image", "video")
     packs_variable_sizes = True
 
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
@@ -287,6 +289,13 @@ class Qwen2VLEncoder(EncoderModel):
 
     def preprocess(self, image: Image.Image) -> Patches:
         return self.processor(image)
+
+    def video_frames(self, total: int, fps: float, kwargs: Mapping[str, Any]) -> list[int]:
+        return self.processor.geometry.sample_frames(total, fps, kwargs.get("num_frames"),
+                                                     kwargs.get("fps"))
+
+    def preprocess_video(self, video: Video) -> Patches:
+        return self.processor.video(video.frames, video.fps)
 
     def num_tokens(self, width: int, height: int) -> int:
         return self.processor.geometry.image(width, height).num_tokens

@@ -5,6 +5,11 @@ default), rescale + normalize (the CLIP processor's table lookup: same arithmeti
 then cut into patches. Patches are laid out window by window, as the tower's patch merger reads
 them: each 2x2 window of 14 px patches is 4 consecutive rows, and every row holds channel,
 frame (the image repeated ``temporal_patch_size`` times), patch row, patch column.
+
+A video's frames take the same steps one by one (video pixel bounds), and each
+``temporal_patch_size`` consecutive frames fill one temporal patch, as transformers' video
+processor lays them out. transformers resizes videos with torchvision, which we don't have;
+PIL's resize is the image processor's, so a video here is its frames as images.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from encoder_worker.models.clip_image import (
     ClipImageProcessor,
     image_processor_config,
 )
+from protocol.checkpoint import video_processor_config
 from protocol.geometry.qwen2_vl import Qwen2VLGeometry
 
 
@@ -36,7 +42,7 @@ class Qwen2VLImageProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | Path, model_config: dict) -> Qwen2VLImageProcessor:
         config = image_processor_config(folder)
-        return cls(Qwen2VLGeometry(model_config, config), config)
+        return cls(Qwen2VLGeometry(model_config, config, video_processor_config(folder)), config)
 
     def __call__(self, image: Image.Image) -> Patches:
         """RGB image -> its patches [h * w, 3 * temporal * patch^2] float32 and grid (1, h, w);
@@ -54,22 +60,52 @@ class Qwen2VLImageProcessor:
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=self.resample)
         pixels = self.normalize(image).numpy()  # [3, H, W] float32
-        patches = self.patchify(pixels)
-        if patches.grid_thw != geo.grid_thw:  # the geometry the frontend sized the prompt with
-            raise ValueError(f"preprocessing made a {patches.grid_thw} patch grid, the geometry "
-                             f"says {geo.grid_thw}")
-        return patches
+        # A still image is its one frame repeated over the temporal patch.
+        frames = np.broadcast_to(pixels, (self.geometry.temporal_patch_size, *pixels.shape))
+        return _checked(self.patchify(frames), geo.grid_thw)
 
-    def patchify(self, pixels: np.ndarray) -> Patches:
-        """[C, H, W] -> `Patches`, rows in merge-window order."""
+    def video(self, frames: np.ndarray, fps: float) -> Patches:
+        """Sampled RGB frames [T, H, W, 3] uint8 at ``fps`` -> their patches
+        [t * h * w, 3 * temporal * patch^2] float32 and grid (t, h, w), t = ceil(T / temporal);
+        MediaError for a size the model refuses."""
+        num, height, width = frames.shape[:3]
+        try:
+            geo = self.geometry.video(width, height, num, fps)
+        except ValueError as e:
+            raise MediaError(str(e)) from None
+        new_h, new_w = geo.resized_hw
+        if num * new_h * new_w > MAX_RESIZE_PIXELS:
+            raise MediaError(f"video of {num} frames would be resized to {new_w}x{new_h} each, "
+                             f"more than {MAX_RESIZE_PIXELS} pixels in all")
+        out = []
+        for frame in frames:
+            image = Image.fromarray(frame)
+            if (new_h, new_w) != (height, width):
+                image = image.resize((new_w, new_h), resample=self.resample)
+            out.append(self.normalize(image).numpy())  # [3, H, W] float32
+        # The last frame repeated to fill the final temporal patch, as transformers pads.
+        out += [out[-1]] * (-num % self.geometry.temporal_patch_size)
+        return _checked(self.patchify(np.stack(out)), geo.grid_thw)
+
+    def patchify(self, frames: np.ndarray) -> Patches:
+        """[T, C, H, W] (T a multiple of the temporal patch) -> `Patches`, rows in merge-window
+        order within each temporal step."""
         g = self.geometry
         p, m, t = g.patch_size, g.merge_size, g.temporal_patch_size
-        channels, height, width = pixels.shape
-        grid_h, grid_w = height // p, width // p
-        # [C, windows_h, m, p, windows_w, m, p] -> [windows_h, windows_w, m, m, C, p, p]
-        x = pixels.reshape(channels, grid_h // m, m, p, grid_w // m, m, p)
-        x = x.transpose(1, 4, 2, 5, 0, 3, 6)
-        # A still image is its one frame repeated over the temporal patch.
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
-        values = np.ascontiguousarray(x).reshape(grid_h * grid_w, channels * t * p * p)
-        return Patches(torch.from_numpy(values), (1, grid_h, grid_w))
+        num, channels, height, width = frames.shape
+        grid_t, grid_h, grid_w = num // t, height // p, width // p
+        # [T/t, t, C, windows_h, m, p, windows_w, m, p]
+        #   -> [T/t, windows_h, windows_w, m, m, C, t, p, p]
+        x = frames.reshape(grid_t, t, channels, grid_h // m, m, p, grid_w // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        values = np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, channels * t * p * p)
+        return Patches(torch.from_numpy(values), (grid_t, grid_h, grid_w))
+
+
+def _checked(patches: Patches, grid: tuple[int, int, int] | None) -> Patches:
+    """``patches``, if their grid is the geometry's (the one the frontend sized the prompt
+    with); a mismatch is the roles disagreeing, a ValueError."""
+    if patches.grid_thw != grid:
+        raise ValueError(f"preprocessing made a {patches.grid_thw} patch grid, the geometry "
+                         f"says {grid}")
+    return patches

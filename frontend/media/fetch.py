@@ -8,7 +8,7 @@ Every URL is untrusted input, so this is the frontend's SSRF boundary:
   connector's resolver, so the socket connects to exactly the addresses that were checked: a DNS
   answer that changes between check and connect (rebinding) cannot slip a private address in.
   Residual risk: a listed domain is trusted completely, whatever it resolves to.
-- data: only ``data:image/<subtype>;base64,<payload>``.
+- data: only ``data:<image or video>/<subtype>;base64,<payload>``, of the part's modality.
 - file: only under ``allowed_local_media_path``, after following every symlink.
 Bodies are capped at ``max_media_bytes`` while they stream, never after.
 """
@@ -109,21 +109,23 @@ class MediaFetcher:
         self.allowed_hosts: tuple[str, ...] = tuple(config.allowed_media_domains)
         local = config.allowed_local_media_path
         self.local_root = os.path.realpath(local) if local is not None else None
-        self.timeout_s = env.image_fetch_timeout_s()
+        # Per modality: a video is larger than an image and may take longer to arrive.
+        self.timeouts_s = {"image": env.image_fetch_timeout_s(),
+                           "video": env.video_fetch_timeout_s()}
         self._inner_resolver = resolver  # tests inject a fake DNS; None: the system resolver
         self._session: aiohttp.ClientSession | None = None
 
-    async def fetch(self, url: str, param: str) -> bytes:
+    async def fetch(self, url: str, param: str, modality: str = "image") -> bytes:
         """The bytes behind ``url``; RequestError(param=param) for anything refused or failed."""
         if not isinstance(url, str) or not url:
             raise RequestError("url must be a non-empty string", param)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme in ("http", "https"):
-            return await self._fetch_http(url, param)
+            return await self._fetch_http(url, param, modality)
         if scheme == "data":
-            return await self._fetch_data(url, param)
+            return await self._fetch_data(url, param, modality)
         if scheme == "file":
-            return await self._fetch_file(url, param)
+            return await self._fetch_file(url, param, modality)
         raise RequestError("url must be http(s)://, data: or file:// (when allowed)", param)
 
     async def close(self) -> None:
@@ -159,19 +161,20 @@ class MediaFetcher:
         if ip is not None and not is_public_address(ip):
             raise RequestError(f"refusing to fetch from {host}: not a public address", param)
 
-    async def _fetch_http(self, url: str, param: str) -> bytes:
+    async def _fetch_http(self, url: str, param: str, modality: str) -> bytes:
         try:
             target = URL(url)
         except (ValueError, TypeError):
             raise RequestError("url is not a valid URL", param) from None
+        timeout = self.timeouts_s.get(modality, self.timeouts_s["image"])
         try:
             # One deadline for the whole chain of redirects, not one per hop.
-            return await asyncio.wait_for(self._follow(target, param), self.timeout_s)
+            return await asyncio.wait_for(self._follow(target, param, modality), timeout)
         except asyncio.TimeoutError:
-            raise RequestError(f"timed out fetching {target.raw_host} after {self.timeout_s:g}s",
+            raise RequestError(f"timed out fetching {target.raw_host} after {timeout:g}s",
                                param) from None
 
-    async def _follow(self, target: URL, param: str) -> bytes:
+    async def _follow(self, target: URL, param: str, modality: str) -> bytes:
         session = self._session_for_loop()
         for _ in range(MAX_REDIRECTS + 1):
             self._check_host(target, param)
@@ -187,7 +190,7 @@ class MediaFetcher:
                     if not 200 <= resp.status < 300:
                         raise RequestError(f"fetching {target.raw_host} failed: http {resp.status}",
                                            param)
-                    return await self._read_capped(resp, param)
+                    return await self._read_capped(resp, param, modality)
             except RequestError:
                 raise
             except aiohttp.ClientConnectorError as e:
@@ -200,8 +203,9 @@ class MediaFetcher:
                 raise RequestError(f"fetching {target.raw_host} failed", param) from None
         raise RequestError(f"too many redirects (more than {MAX_REDIRECTS})", param)
 
-    async def _read_capped(self, resp: aiohttp.ClientResponse, param: str) -> bytes:
-        too_big = RequestError(f"image is larger than {self.max_bytes} bytes", param)
+    async def _read_capped(self, resp: aiohttp.ClientResponse, param: str,
+                           modality: str) -> bytes:
+        too_big = RequestError(f"{modality} is larger than {self.max_bytes} bytes", param)
         if resp.content_length is not None and resp.content_length > self.max_bytes:
             raise too_big  # refuse before reading a byte
         buf = bytearray()
@@ -213,31 +217,32 @@ class MediaFetcher:
 
     # -- data: ----------------------------------------------------------------------------------
 
-    async def _fetch_data(self, url: str, param: str) -> bytes:
+    async def _fetch_data(self, url: str, param: str, modality: str) -> bytes:
         header, sep, payload = url[len("data:"):].partition(",")
         if not sep:
             raise RequestError("data URL has no ',' before its payload", param)
         fields = [f.strip().lower() for f in header.split(";")]
         mime = fields[0]
-        if not mime.startswith("image/") or mime == "image/":
-            raise RequestError(f"data URL must have an image/* media type, got {mime!r}", param)
-        if "base64" not in fields[1:]:
-            raise RequestError("data URL must be base64 encoded (data:image/...;base64,...)",
+        if not mime.startswith(f"{modality}/") or mime == f"{modality}/":
+            raise RequestError(f"data URL must have a {modality}/* media type, got {mime!r}",
                                param)
+        if "base64" not in fields[1:]:
+            raise RequestError(f"data URL must be base64 encoded (data:{modality}/...;base64,"
+                               "...)", param)
         # base64 carries 3 bytes per 4 characters: refuse oversized payloads before decoding.
         if len(payload) // 4 * 3 > self.max_bytes + 3:
-            raise RequestError(f"image is larger than {self.max_bytes} bytes", param)
+            raise RequestError(f"{modality} is larger than {self.max_bytes} bytes", param)
         if len(payload) > _THREAD_DECODE_BYTES:
             data = await asyncio.to_thread(_b64decode, payload, param)
         else:
             data = _b64decode(payload, param)
         if len(data) > self.max_bytes:
-            raise RequestError(f"image is larger than {self.max_bytes} bytes", param)
+            raise RequestError(f"{modality} is larger than {self.max_bytes} bytes", param)
         return data
 
     # -- file:// --------------------------------------------------------------------------------
 
-    async def _fetch_file(self, url: str, param: str) -> bytes:
+    async def _fetch_file(self, url: str, param: str, modality: str) -> bytes:
         if self.local_root is None:
             raise RequestError("file:// URLs are not allowed (the server has no "
                                "--allowed-local-media-path)", param)
@@ -247,9 +252,9 @@ class MediaFetcher:
         path = unquote(parts.path)
         if not path.startswith("/") or "\x00" in path or not _encodable(path):
             raise RequestError("file URL must look like file:///absolute/path", param)
-        return await asyncio.to_thread(self._read_local, path, param)
+        return await asyncio.to_thread(self._read_local, path, param, modality)
 
-    def _read_local(self, path: str, param: str) -> bytes:
+    def _read_local(self, path: str, param: str, modality: str) -> bytes:
         root = self.local_root
         assert root is not None
         outside = RequestError("file is not under the allowed local media path", param)
@@ -273,13 +278,13 @@ class MediaFetcher:
             if not stat.S_ISREG(st.st_mode):
                 raise RequestError("file URL must name a regular file", param)
             if st.st_size > self.max_bytes:
-                raise RequestError(f"image is larger than {self.max_bytes} bytes", param)
+                raise RequestError(f"{modality} is larger than {self.max_bytes} bytes", param)
             with os.fdopen(fd, "rb", closefd=False) as f:
                 data = f.read(self.max_bytes + 1)
         finally:
             os.close(fd)
         if len(data) > self.max_bytes:
-            raise RequestError(f"image is larger than {self.max_bytes} bytes", param)
+            raise RequestError(f"{modality} is larger than {self.max_bytes} bytes", param)
         return data
 
 

@@ -15,7 +15,7 @@ from frontend.config import FrontendConfig
 from frontend.errors import EngineUnavailable
 from frontend.media.encoder_pool import EncoderPool
 from frontend.media.fetch import MediaFetcher
-from frontend.media.parse import ResolvedItem, expand_items, parse_media, resolve
+from frontend.media.parse import ResolvedItem, SeenItems, expand_items, parse_media, resolve
 from frontend.models import MediaPlaceholders, load_placeholders
 from protocol.codec import tensor_ref
 from protocol.messages import EncodeRequest, MMItem
@@ -26,6 +26,7 @@ class MediaInputs:
         self.config = config
         self.placeholders: MediaPlaceholders | None = load_placeholders(config.model)
         self.fetcher = MediaFetcher(config)
+        self.seen = SeenItems()  # items sent with a uuid, so a later part can name it alone
         self.pool = pool
 
     async def close(self) -> None:
@@ -34,7 +35,8 @@ class MediaInputs:
     async def parse(self, messages: Any) -> tuple[Any, list[ResolvedItem]]:
         """Messages for the chat template (media parts -> {"type": "image"}) and the items."""
         parsed = parse_media(messages, self.config.limit_mm_per_prompt)
-        items = await resolve(parsed.refs, self.fetcher, self.placeholders, self.config)
+        items = await resolve(parsed.refs, self.fetcher, self.placeholders, self.config,
+                              self.seen)
         return parsed.messages, items
 
     def expand(self, prompt_ids: list[int], items: list[ResolvedItem],

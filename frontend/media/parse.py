@@ -1,9 +1,10 @@
 """Media parts of chat messages (vLLM's request shapes) -> template parts + resolved items.
 
 Two steps, so nothing is fetched for a request that fails validation:
-1. ``parse_media`` (sync, cheap): each media part becomes ``{"type": "image"}`` in place (the
-   chat template prints the model's image token there, so text and images interleave in any
-   order) and a ``MediaRef`` in prompt order; per-prompt limits are enforced here.
+1. ``parse_media`` (sync, cheap): each media part becomes ``{"type": "image"}`` (or
+   ``"video"``) in place (the chat template prints the model's placeholder token there, so text
+   and media interleave in any order) and a ``MediaRef`` in prompt order; per-prompt limits are
+   enforced here.
 2. ``resolve`` (async): fetch + probe or load each ref concurrently -> ``ResolvedItem`` with its
    cache key and placeholder count (request life cycle step 3 in ARCHITECTURE.md).
 """
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from frontend.config import DEFAULT_LIMIT_MM_PER_PROMPT, FrontendConfig
 from frontend.errors import RequestError
 from frontend.media.probe import probe_image, to_pil_image
-from frontend.models import MediaPlaceholders, require_image_support
+from frontend.media.video import frames_to_video, limits_of, probe_video
+from frontend.models import MediaPlaceholders, require_image_support, require_modality
 from protocol.hashing import content_key, uuid_key
 from protocol.messages import MMItem
 
@@ -31,11 +34,11 @@ MAX_UUID_CHARS = 256
 # Past this many bytes, hashing/probing/decoding moves to a worker thread (event loop stays free).
 _THREAD_BYTES = 1 << 20
 TEXT_PARTS = ("text",)
-_OTHER_MEDIA = {"input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+_OTHER_MEDIA = {"input_audio": "audio", "audio_url": "audio"}
 
 
 class MediaRef(NamedTuple):
-    modality: str  # "image"
+    modality: str  # "image" | "video"
     kind: str  # "url" | "uuid" | "embeds" | "pil"
     value: Any  # URL string, base64 string, PIL image; None for "uuid"
     uuid: str | None
@@ -78,11 +81,11 @@ def _uuid(part: dict[str, Any], where: str) -> str | None:
     return None if uuid is None else check_uuid(uuid, f"{where}.uuid")
 
 
-def _image_url(part: dict[str, Any], where: str) -> MediaRef:
-    param = f"{where}.image_url"
-    if "image_url" not in part:
+def _media_url(part: dict[str, Any], where: str, field: str, modality: str) -> MediaRef:
+    param = f"{where}.{field}"
+    if field not in part:
         raise RequestError(f"{param} is required", param)
-    value, uuid = part["image_url"], _uuid(part, where)
+    value, uuid = part[field], _uuid(part, where)
     if isinstance(value, dict):
         url = value.get("url")
         if not isinstance(url, str) or not url:
@@ -90,11 +93,20 @@ def _image_url(part: dict[str, Any], where: str) -> MediaRef:
         value = url
     if value is None:
         if uuid is None:
-            raise RequestError(f"{param} is null: give a uuid to reuse a cached image", param)
-        return MediaRef("image", "uuid", None, uuid, param)
+            raise RequestError(f"{param} is null: give a uuid to reuse a cached {modality}",
+                               param)
+        return MediaRef(modality, "uuid", None, uuid, param)
     if not isinstance(value, str) or not value:
         raise RequestError(f"{param} must be an object with a url, or a url string", param)
-    return MediaRef("image", "url", value, uuid, param)
+    return MediaRef(modality, "url", value, uuid, param)
+
+
+def _image_url(part: dict[str, Any], where: str) -> MediaRef:
+    return _media_url(part, where, "image_url", "image")
+
+
+def _video_url(part: dict[str, Any], where: str) -> MediaRef:
+    return _media_url(part, where, "video_url", "video")
 
 
 def _image_embeds(part: dict[str, Any], where: str) -> MediaRef:
@@ -138,6 +150,7 @@ PART_PARSERS: dict[str, Callable[[dict[str, Any], str], MediaRef]] = {
     "input_image": _image_url,
     "image_embeds": _image_embeds,
     "image_pil": _image_pil,
+    "video_url": _video_url,
 }
 
 
@@ -187,14 +200,39 @@ def parse_media(messages: Any, limit_mm_per_prompt: dict[str, int]) -> ParsedMes
 
 # -- resolve ------------------------------------------------------------------------------------
 
+class SeenItems:
+    """The meta of the last items this frontend resolved with a uuid (LRU): a model whose
+    placeholder count depends on the item's size (Qwen2-VL) can place a later part that names
+    only the uuid. A uuid this replica has not seen is still a 400 asking for the media."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._meta: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def get(self, modality: str, key: str) -> dict[str, Any] | None:
+        meta = self._meta.get(f"{modality}:{key}")
+        if meta is not None:
+            self._meta.move_to_end(f"{modality}:{key}")
+        return meta
+
+    def put(self, modality: str, key: str, meta: dict[str, Any]) -> None:
+        self._meta[f"{modality}:{key}"] = meta
+        self._meta.move_to_end(f"{modality}:{key}")
+        if len(self._meta) > self.capacity:
+            self._meta.popitem(last=False)
+
+
 async def resolve(refs: list[MediaRef], fetcher: MediaFetcher,
                   placeholders: MediaPlaceholders | None,
-                  config: FrontendConfig) -> list[ResolvedItem]:
+                  config: FrontendConfig, seen: SeenItems | None = None) -> list[ResolvedItem]:
     """Fetch/load every ref concurrently; the first failure cancels the rest and is raised."""
     if not refs:
         return []
     model = require_image_support(placeholders, refs[0].param)
-    tasks = [asyncio.ensure_future(_resolve_one(r, fetcher, model, config)) for r in refs]
+    for r in refs:
+        require_modality(model, r.modality, r.param)
+    tasks = [asyncio.ensure_future(_resolve_one(r, fetcher, model, config, seen))
+             for r in refs]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -205,38 +243,58 @@ async def resolve(refs: list[MediaRef], fetcher: MediaFetcher,
 
 
 async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceholders,
-                       config: FrontendConfig) -> ResolvedItem:
+                       config: FrontendConfig, seen: SeenItems | None) -> ResolvedItem:
     kwargs = dict(config.media_io_kwargs.get(ref.modality, {}))
+    if ref.kind == "frames":  # offline in-memory video frames: all of them, as given
+        kwargs = {"num_frames": len(ref.value)}
     if ref.kind == "uuid":
-        fixed = model.fixed_image_geometry
-        if fixed is None:
-            raise RequestError("this model needs the image to size it: send the image (or its "
-                               "embeddings) along with the uuid", ref.param)
-        return ResolvedItem(ref.modality, uuid_key(ref.uuid or ""), None, None, fixed.num_tokens,
-                            kwargs, ref.param, {"geometry": fixed.to_meta()})
+        key = uuid_key(ref.uuid or "")
+        fixed = model.fixed_image_geometry if ref.modality == "image" else None
+        meta = {"geometry": fixed.to_meta()} if fixed is not None else (
+            seen.get(ref.modality, key) if seen is not None else None)
+        if meta is None:
+            raise RequestError(f"this model needs the {ref.modality} to size it, and no "
+                               f"{ref.modality} with this uuid was sent to this server yet: send "
+                               "it along with the uuid", ref.param)
+        return ResolvedItem(ref.modality, key, None, None, int(meta["geometry"]["num_tokens"]),
+                            kwargs, ref.param, meta)
     if ref.kind == "embeds":
         return await _from_embeds(ref, model, config)
     if ref.kind == "pil":
         data = await asyncio.to_thread(_encode_png, ref.value, ref.param, config.max_image_pixels)
+    elif ref.kind == "frames":
+        data = await asyncio.to_thread(frames_to_video, ref.value, ref.param, limits_of(config))
     else:
-        data = await fetcher.fetch(ref.value, ref.param)
-    if len(data) > _THREAD_BYTES:
-        info, key = await asyncio.to_thread(_probe_and_key, data, ref, kwargs, config)
+        data = await fetcher.fetch(ref.value, ref.param, ref.modality)
+    if len(data) > _THREAD_BYTES or ref.modality == "video":
+        meta, key = await asyncio.to_thread(_probe_and_key, data, ref, kwargs, config, model)
     else:
-        info, key = _probe_and_key(data, ref, kwargs, config)
-    geometry = model.image_geometry(info.width, info.height, ref.param)
-    meta = {"width": info.width, "height": info.height, "format": info.format,
-            "geometry": geometry.to_meta()}
-    return ResolvedItem(ref.modality, key, data, None, geometry.num_tokens, kwargs, ref.param,
-                        meta)
+        meta, key = _probe_and_key(data, ref, kwargs, config, model)
+    if ref.uuid and seen is not None:
+        seen.put(ref.modality, key, meta)
+    return ResolvedItem(ref.modality, key, data, None, int(meta["geometry"]["num_tokens"]),
+                        kwargs, ref.param, meta)
 
 
-def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any],
-                   config: FrontendConfig) -> tuple[Any, str]:
-    info = probe_image(data, ref.param, config.max_image_pixels)
-    # The kwargs enter the hash: another rgba_background_color is another embedding.
+def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any], config: FrontendConfig,
+                   model: MediaPlaceholders) -> tuple[dict[str, Any], str]:
+    """The item's meta (probed header + geometry) and its cache key."""
+    if ref.modality == "video":
+        video = probe_video(data, ref.param, limits_of(config))
+        geometry = model.video_geometry(video.width, video.height, video.num_frames, video.fps,
+                                        kwargs, ref.param)
+        meta = {"width": video.width, "height": video.height,
+                "format": video.format, "codec": video.codec, "num_frames": video.num_frames,
+                "fps": video.fps, "geometry": geometry.to_meta()}
+    else:
+        info = probe_image(data, ref.param, config.max_image_pixels)
+        geometry = model.image_geometry(info.width, info.height, ref.param)
+        meta = {"width": info.width, "height": info.height, "format": info.format,
+                "geometry": geometry.to_meta()}
+    # The kwargs enter the hash: another rgba_background_color (or frame sampling) is another
+    # embedding.
     key = uuid_key(ref.uuid) if ref.uuid else content_key(data, kwargs)
-    return info, key
+    return meta, key
 
 
 async def _from_embeds(ref: MediaRef, model: MediaPlaceholders,
@@ -283,6 +341,8 @@ def expand_items(placeholders: MediaPlaceholders | None, prompt_ids: list[int],
     if not items:
         return prompt_ids, []
     model = require_image_support(placeholders, param)
+    for it in items:
+        require_modality(model, it.modality, it.param)
     if model.fixed_image_geometry is None:
         for it in items:
             if not (it.meta or {}).get("geometry"):
@@ -290,9 +350,11 @@ def expand_items(placeholders: MediaPlaceholders | None, prompt_ids: list[int],
                 # embeddings do not carry.
                 raise RequestError("this model needs the image itself: embeddings without "
                                    "their image_grid_thw cannot be placed", it.param)
-    ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param)
-    return ids, [MMItem(it.key, it.modality, off, n, _item_meta(it.meta))
-                 for it, (off, n) in zip(items, spans)]
+    ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param,
+                              [it.modality for it in items])
+    mm = [MMItem(it.key, it.modality, off, n, _item_meta(it.meta))
+          for it, (off, n) in zip(items, spans)]
+    return ids, sorted(mm, key=lambda m: m.offset)  # images and videos in prompt order
 
 
 def _item_meta(meta: dict[str, Any] | None) -> dict[str, Any]:

@@ -18,12 +18,14 @@ from protocol.models import MODELS
 class MediaPlaceholders(ABC):
     """Placeholder arithmetic of one multimodal architecture (pure: no weights, no tokenizer).
 
-    Each image token in the rendered prompt stands for one image item, in order; ``expand``
-    widens it to that item's feature count. The counts come from the architecture's geometry
+    Each image token in the rendered prompt stands for one image item, in order, and each
+    video token (models with a ``video_token_id``) for one video item; ``expand`` widens it to
+    that item's feature count. The counts come from the architecture's geometry
     (`protocol.geometry`), which the encoder and the decoder read from the item's metadata.
     """
 
     image_token_id: int
+    video_token_id: int | None = None  # None: the model takes no video
     hidden_size: int  # of the embeddings that replace the placeholders (the LM's hidden size)
     geometry: MediaGeometry
 
@@ -40,6 +42,27 @@ class MediaPlaceholders(ABC):
         except ValueError as e:
             raise RequestError(str(e), param) from None
 
+    def video_geometry(self, width: int, height: int, total_frames: int, fps: float,
+                       kwargs: dict[str, Any], param: str) -> ItemGeometry:
+        """What a video of this size, frame count and rate (its header's) becomes once sampled
+        under its media_io_kwargs (``num_frames`` or ``fps``); 400 naming ``param`` for a video
+        the model refuses."""
+        try:
+            n = len(self.geometry.sample_frames(total_frames, fps, kwargs.get("num_frames"),
+                                                kwargs.get("fps")))
+            # The sampled frames' rate, as the encoder computes it (`encoder_worker/video.py`).
+            return self.geometry.video(width, height, n, n / total_frames * fps)
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The media kinds this model's prompts can hold."""
+        return ("image", "video") if self.video_token_id is not None else ("image",)
+
+    def token_id(self, modality: str) -> int:
+        return self.video_token_id if modality == "video" else self.image_token_id
+
     def num_image_tokens(self, width: int, height: int) -> int:
         """Placeholder tokens for one image of this size."""
         return self.geometry.image(width, height).num_tokens
@@ -55,33 +78,39 @@ class MediaPlaceholders(ABC):
         fixed = self.geometry.fixed_image
         return None if fixed is None else fixed.num_tokens
 
-    def placeholder_text(self, tokenizer: Any) -> str:
-        """What a string-content chat template gets where an image part was."""
-        return tokenizer.convert_ids_to_tokens(self.image_token_id)
+    def placeholder_text(self, tokenizer: Any, modality: str = "image") -> str:
+        """What a string-content chat template gets where a media part was."""
+        return tokenizer.convert_ids_to_tokens(self.token_id(modality))
 
-    def expand(self, prompt_ids: list[int], item_tokens: list[int],
-               param: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Replace the k-th image token by ``item_tokens[k]`` copies of it.
+    def expand(self, prompt_ids: list[int], item_tokens: list[int], param: str,
+               modalities: list[str] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """Replace the k-th placeholder token of each modality by the k-th item of that
+        modality's ``item_tokens`` copies of it (``modalities``: each item's, default all
+        images), so images and videos interleave in any order.
 
-        Returns the new ids and each item's (offset, length) in them. Every single image token
-        is one item: a prompt pre-expanded by the client is a count mismatch (400), as it
-        can't be told apart from many images.
+        Returns the new ids and each item's (offset, length) in them, in item order. Every
+        single placeholder token is one item: a prompt pre-expanded by the client is a count
+        mismatch (400), as it can't be told apart from many items.
         """
-        tok = self.image_token_id
-        found = sum(1 for t in prompt_ids if t == tok)
-        if found != len(item_tokens):
-            raise RequestError(
-                f"the prompt has {found} image placeholder(s) but {len(item_tokens)} image(s) "
-                "were given", param)
+        kinds = modalities or ["image"] * len(item_tokens)
+        queues: dict[int, list[int]] = {}  # placeholder token -> its items, in order
+        for i, kind in enumerate(kinds):
+            queues.setdefault(self.token_id(kind), []).append(i)
+        for kind in self.modalities:
+            tok = self.token_id(kind)
+            want, found = len(queues.get(tok, [])), prompt_ids.count(tok)
+            if found != want:
+                raise RequestError(f"the prompt has {found} {kind} placeholder(s) but {want} "
+                                   f"{kind}(s) were given", param)
         out: list[int] = []
-        ranges: list[tuple[int, int]] = []
-        k = 0
+        ranges: list[tuple[int, int]] = [(0, 0)] * len(kinds)
+        taken = dict.fromkeys(queues, 0)
         for t in prompt_ids:
-            if t == tok:
-                n = item_tokens[k]
-                ranges.append((len(out), n))
-                out.extend([tok] * n)
-                k += 1
+            if t in queues:
+                i = queues[t][taken[t]]
+                taken[t] += 1
+                ranges[i] = (len(out), item_tokens[i])
+                out.extend([t] * item_tokens[i])
             else:
                 out.append(t)
         return out, ranges
@@ -113,11 +142,22 @@ def placeholder_texts(placeholders: MediaPlaceholders | None, tokenizer: Any) ->
     where a media part was), e.g. {"image": "<image>"}; empty for a text-only model."""
     if placeholders is None:
         return {}
-    return {"image": placeholders.placeholder_text(tokenizer)}
+    texts = {"image": placeholders.placeholder_text(tokenizer)}
+    if "video" in placeholders.modalities:
+        texts["video"] = placeholders.placeholder_text(tokenizer, "video")
+    return texts
 
 
 def require_image_support(placeholders: MediaPlaceholders | None, param: str) -> MediaPlaceholders:
     """400 for a media part sent to a text-only model."""
     if placeholders is None:
         raise RequestError("this model does not accept image input", param)
+    return placeholders
+
+
+def require_modality(placeholders: MediaPlaceholders | None, modality: str,
+                     param: str) -> MediaPlaceholders:
+    """400 for a media part of a kind the model does not take."""
+    if placeholders is None or modality not in placeholders.modalities:
+        raise RequestError(f"this model does not accept {modality} input", param)
     return placeholders

@@ -3,6 +3,10 @@ encoder slice run in-process and embeddings handed straight to the in-process en
 
 The engine core's embedding cache doubles as the store here, so `multi_modal_uuids` and
 `"image_url": null` + uuid reuse an item across calls of the same `LLM`.
+
+In-memory video frames are encoded losslessly (`frontend.media.video.frames_to_video`) and then
+take the fetched-video path: one key, probe and decode path for both, and all the given frames
+are kept (they are taken as already sampled).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from frontend.media.fetch import MediaFetcher
 from frontend.media.parse import (
     MediaRef,
     ResolvedItem,
+    SeenItems,
     check_uuid,
     mm_limit,
     parse_media,
     resolve,
 )
-from frontend.models import load_placeholders, require_image_support
+from frontend.models import load_placeholders, require_image_support, require_modality
 from protocol.hashing import content_key, uuid_key
 
 
@@ -35,6 +40,7 @@ class OfflineMedia:
         self.config = config
         self.placeholders = load_placeholders(config.model)
         self.device, self.dtype = device, dtype
+        self.seen = SeenItems()
         self._encoder = None  # loaded on first use: text-only calls never pay for the tower
 
     def encoder(self):
@@ -54,14 +60,49 @@ class OfflineMedia:
     # -- items from the two offline request shapes -----------------------------------------------
 
     def from_multi_modal_data(self, data: Any, uuids: Any, param: str) -> list[ResolvedItem]:
-        """``{"image": ...}`` of one prompt -> items, checked like vLLM's. The image value is
-        a PIL image, a numpy array ([H, W] / [H, W, C] one image, [N, H, W, C] several), a
-        tensor ([feature, hidden] / [num_items, feature, hidden] embeddings, [N, C, H, W]
-        images), or a list of: PIL, numpy, 2-D tensor (embeddings), 3-D tensor ([C, H, W]
-        image) or None (reuse the item of its uuid)."""
+        """``{"image": ..., "video": ...}`` of one prompt -> items (images, then videos; the
+        prompt's placeholders say where each goes), checked like vLLM's. See `_image_data` and
+        `_video_data` for the values each takes."""
         where_data = f"{param}.multi_modal_data"
         _check_modalities(data, "multi_modal_data", "{'image': ...}", where_data)
-        images = data.get("image")
+        return (self._image_data(data.get("image"), uuids, param)
+                + self._video_data(data.get("video"), uuids, param))
+
+    def _video_data(self, videos: Any, uuids: Any, param: str) -> list[ResolvedItem]:
+        """A video is a uint8 array or tensor [T, H, W, 3] (a tensor may be [T, 3, H, W]), a
+        list of frames (PIL images or [H, W, 3] arrays), or None (reuse the item of its uuid);
+        several videos are a list of those."""
+        where_data = f"{param}.multi_modal_data"
+        if videos is None:
+            self._check_uuids(uuids, 0, param, "video")
+            return []
+        require_modality(self.placeholders, "video", where_data)
+        several = isinstance(videos, (list, tuple)) and bool(videos) and all(
+            v is None or _is_video(v) for v in videos)
+        items = list(videos) if several else [videos]
+        limit = mm_limit(self.config.limit_mm_per_prompt, "video")
+        if len(items) > limit:
+            raise RequestError(f"at most {limit} video(s) may be provided in one prompt, got "
+                               f"{len(items)}", where_data)
+        ids = self._check_uuids(uuids, len(items), param, "video")
+        refs = []
+        for i, (item, uid) in enumerate(zip(items, ids)):
+            where = f"{where_data}.video[{i}]" if several else f"{where_data}.video"
+            if item is None:
+                if not uid:
+                    raise RequestError("a None video needs its uuid (to reuse a cached item)",
+                                       where)
+                refs.append(MediaRef("video", "uuid", None, uid, where))
+            else:
+                refs.append(MediaRef("video", "frames", item, uid, where))
+        return self._resolve(refs)
+
+    def _image_data(self, images: Any, uuids: Any, param: str) -> list[ResolvedItem]:
+        """The image value is a PIL image, a numpy array ([H, W] / [H, W, C] one image,
+        [N, H, W, C] several), a tensor ([feature, hidden] / [num_items, feature, hidden]
+        embeddings, [N, C, H, W] images), or a list of: PIL, numpy, 2-D tensor (embeddings),
+        3-D tensor ([C, H, W] image) or None (reuse the item of its uuid)."""
+        where_data = f"{param}.multi_modal_data"
         if images is None:
             self._check_uuids(uuids, 0, param)
             return []
@@ -127,23 +168,26 @@ class OfflineMedia:
         raise RequestError(_not_an_image(images), param)
 
     @staticmethod
-    def _check_uuids(uuids: Any, n: int, param: str) -> list[str | None]:
-        """``multi_modal_uuids`` -> one uuid (or None) per image, vLLM's accepted shapes."""
+    def _check_uuids(uuids: Any, n: int, param: str,
+                     modality: str = "image") -> list[str | None]:
+        """``multi_modal_uuids`` -> one uuid (or None) per item of ``modality``, vLLM's
+        accepted shapes."""
         where = f"{param}.multi_modal_uuids"
         if uuids is None:
             return [None] * n
         _check_modalities(uuids, "multi_modal_uuids", "{'image': [...]}", where)
-        ids = uuids.get("image")
+        ids = uuids.get(modality)
         if ids is None:
             return [None] * n
         if isinstance(ids, str):
             ids = [ids]  # vLLM allows one string for one item
         if not isinstance(ids, (list, tuple)):
-            raise RequestError("multi_modal_uuids.image must be a list of str or None", where)
-        if len(ids) != n:
-            raise RequestError(f"multi_modal_uuids has {len(ids)} image uuids for {n} images",
+            raise RequestError(f"multi_modal_uuids.{modality} must be a list of str or None",
                                where)
-        return [None if u is None else check_uuid(u, f"{where}.image[{i}]")
+        if len(ids) != n:
+            raise RequestError(f"multi_modal_uuids has {len(ids)} {modality} uuids for {n} "
+                               f"{modality}s", where)
+        return [None if u is None else check_uuid(u, f"{where}.{modality}[{i}]")
                 for i, u in enumerate(ids)]
 
     def from_chat(self, messages: Any) -> tuple[Any, list[ResolvedItem]]:
@@ -157,7 +201,7 @@ class OfflineMedia:
         async def run() -> list[ResolvedItem]:
             fetcher = MediaFetcher(self.config)
             try:
-                return await resolve(refs, fetcher, self.placeholders, self.config)
+                return await resolve(refs, fetcher, self.placeholders, self.config, self.seen)
             finally:
                 await fetcher.close()
 
@@ -179,7 +223,7 @@ class OfflineMedia:
                     raise RequestError(err, it.param)
             elif it.data is None:
                 raise RequestError(f"no cached item has uuid {it.key.removeprefix('uuid:')!r}: "
-                                   "send the image itself", it.param)
+                                   f"send the {it.modality} itself", it.param)
             else:
                 todo[it.key] = it
         if not todo:
@@ -188,7 +232,8 @@ class OfflineMedia:
         inputs = []
         for it in todo.values():
             try:  # preprocessing bounds its intermediates: MediaError
-                inputs.append(core.prepare(it.data, it.kwargs, (it.meta or {}).get("geometry")))
+                inputs.append(core.prepare(it.data, it.kwargs, (it.meta or {}).get("geometry"),
+                                           it.modality))
             except MediaError as e:
                 raise RequestError(e.message, it.param) from None
         for it, emb in zip(todo.values(), core.encode(inputs)):
@@ -213,6 +258,12 @@ def _is_image(item: Any) -> bool:
             or isinstance(item, torch.Tensor) and item.ndim == 3)
 
 
+def _is_video(item: Any) -> bool:
+    """One video in a list of videos: a 4-D array or tensor, or a list of frames."""
+    return (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4
+            or isinstance(item, (list, tuple)))
+
+
 def _is_embeds(item: Any) -> bool:
     return isinstance(item, torch.Tensor) and item.ndim == 2  # [feature, hidden]
 
@@ -224,10 +275,10 @@ def _not_an_image(item: Any) -> str:
 
 
 def _check_modalities(value: Any, name: str, example: str, where: str) -> None:
-    """A dict keyed by modalities this build serves (images today)."""
+    """A dict keyed by modalities this build serves (images and videos)."""
     if not isinstance(value, dict):
         raise RequestError(f"{name} must be a dict like {example}", where)
-    unknown = set(value) - {"image"}
+    unknown = set(value) - {"image", "video"}
     if unknown:
         raise RequestError(f"unsupported modalities {sorted(map(str, unknown))} "
-                           "(supported: image)", where)
+                           "(supported: image, video)", where)

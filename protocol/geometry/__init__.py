@@ -28,18 +28,26 @@ class ItemGeometry:
     num_tokens: int  # placeholder tokens (= embedding rows) of the item in the prompt
     grid_thw: tuple[int, int, int] | None = None  # patches (t, h, w) before any merge; None: fixed
     resized_hw: tuple[int, int] | None = None  # (height, width) the preprocessing resizes to
+    # A video's seconds per temporal grid step (Qwen2.5-VL's M-RoPE places its frames in time).
+    seconds_per_grid_t: float | None = None
 
     def to_meta(self) -> dict[str, Any]:
-        """The form that travels in message metadata (msgspec-encodable)."""
-        return {"num_tokens": self.num_tokens,
-                "grid_thw": list(self.grid_thw) if self.grid_thw else None,
-                "resized_hw": list(self.resized_hw) if self.resized_hw else None}
+        """The form that travels in message metadata (msgspec-encodable); an image's meta has
+        no ``seconds_per_grid_t`` key (the decoder reads a missing one as one second)."""
+        meta: dict[str, Any] = {
+            "num_tokens": self.num_tokens,
+            "grid_thw": list(self.grid_thw) if self.grid_thw else None,
+            "resized_hw": list(self.resized_hw) if self.resized_hw else None}
+        if self.seconds_per_grid_t is not None:
+            meta["seconds_per_grid_t"] = self.seconds_per_grid_t
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ItemGeometry:
         grid, hw = meta.get("grid_thw"), meta.get("resized_hw")
+        seconds = meta.get("seconds_per_grid_t")
         return cls(int(meta["num_tokens"]), tuple(grid) if grid else None,
-                   tuple(hw) if hw else None)
+                   tuple(hw) if hw else None, None if seconds is None else float(seconds))
 
 
 class MediaGeometry:
@@ -47,10 +55,12 @@ class MediaGeometry:
 
     ``image(width, height)`` raises ValueError (a message for the client, naming no field) for
     a size the model cannot take. ``fixed_image`` is the geometry when it does not depend on the
-    size (then an item sent by uuid alone can be placed), else None.
+    size (then an item sent by uuid alone can be placed), else None. Models that take videos
+    set ``takes_video`` and implement ``video``.
     """
 
     fixed_image: ItemGeometry | None = None
+    takes_video: bool = False
 
     def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
         self.config = config
@@ -58,6 +68,17 @@ class MediaGeometry:
 
     def image(self, width: int, height: int) -> ItemGeometry:
         raise NotImplementedError
+
+    def sample_frames(self, total: int, fps: float, num_frames: int | None = None,
+                      sample_fps: float | None = None) -> list[int]:
+        """Indices of the frames a video of ``total`` frames at ``fps`` is sampled to (to
+        ``num_frames`` frames, or ``sample_fps`` per second); ValueError as ``image``."""
+        raise ValueError("this model does not accept video input")
+
+    def video(self, width: int, height: int, num_frames: int, fps: float) -> ItemGeometry:
+        """What ``num_frames`` frames of ``width`` x ``height`` pixels, sampled at ``fps``
+        frames per second (after frame sampling), become; ValueError as ``image``."""
+        raise ValueError("this model does not accept video input")
 
 
 GEOMETRY: dict[str, str] = column("geometry")  # the geometry column of protocol/models.py

@@ -6,6 +6,10 @@ LM token. So a 448x448 image becomes a (1, 32, 32) grid and 256 placeholder toke
 
 The arithmetic follows transformers' ``smart_resize`` exactly, Python's round-half-to-even
 included: a size the frontend computes must be the size the encoder's resize produces.
+
+A video is sampled to some of its frames (``sample_frames``, transformers' Qwen2-VL video
+processor's rule), each resized within the video pixel bounds; every ``temporal_patch_size``
+consecutive frames make one temporal grid step (the last frame repeated to fill the final one).
 """
 
 from __future__ import annotations
@@ -22,9 +26,17 @@ DEFAULT_PATCH_SIZE = 14
 DEFAULT_MERGE_SIZE = 2
 DEFAULT_TEMPORAL_PATCH_SIZE = 2
 MAX_ASPECT_RATIO = 200
+# transformers' Qwen2VLVideoProcessor defaults (a video config saved without them).
+DEFAULT_VIDEO_MIN_PIXELS = 128 * 28 * 28
+DEFAULT_VIDEO_MAX_PIXELS = 28 * 28 * 768
+DEFAULT_MIN_FRAMES, DEFAULT_MAX_FRAMES = 4, 768  # bounds of fps sampling
+# Frames taken when neither num_frames nor fps is configured: vLLM's video loader default.
+DEFAULT_NUM_FRAMES = 32
 
 
-def pixel_bounds(processor: dict[str, Any]) -> tuple[int, int]:
+def pixel_bounds(processor: dict[str, Any],
+                 defaults: tuple[int, int] = (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+                 ) -> tuple[int, int]:
     """(min_pixels, max_pixels) as transformers reads them: ``size`` {shortest_edge,
     longest_edge} (both areas, despite the names), overridden by flat ``min_pixels`` /
     ``max_pixels`` (how the Qwen checkpoints on the Hub spell them). ``size`` {min_pixels,
@@ -69,9 +81,14 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int,
 
 class Qwen2VLGeometry(MediaGeometry):
     """Patch settings come from the image processor config (what the preprocessing uses); the
-    encoder checks that its tower agrees with them."""
+    encoder checks that its tower agrees with them. Video settings come from the video
+    processor config, else from the image one, as transformers falls back to
+    preprocessor_config.json (`protocol.checkpoint.video_processor_config`)."""
 
-    def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
+    takes_video = True
+
+    def __init__(self, config: dict[str, Any], processor: dict[str, Any],
+                 video_processor: dict[str, Any] | None = None):
         super().__init__(config, processor)
         self.patch_size = int(processor.get("patch_size", DEFAULT_PATCH_SIZE))
         self.merge_size = int(processor.get("merge_size", DEFAULT_MERGE_SIZE))
@@ -81,12 +98,28 @@ class Qwen2VLGeometry(MediaGeometry):
             raise ValueError("patch_size, merge_size and temporal_patch_size must be >= 1")
         self.do_resize = bool(processor.get("do_resize", True))
         self.min_pixels, self.max_pixels = pixel_bounds(processor)
+        video = processor if video_processor is None else video_processor
+        settings = tuple(int(video.get(k, d)) for k, d in (
+            ("patch_size", DEFAULT_PATCH_SIZE), ("merge_size", DEFAULT_MERGE_SIZE),
+            ("temporal_patch_size", DEFAULT_TEMPORAL_PATCH_SIZE)))
+        if settings != (self.patch_size, self.merge_size, self.temporal_patch_size):
+            raise ValueError(f"the video processor cuts (patch, merge, temporal) = {settings}, "
+                             "the image processor "
+                             f"{(self.patch_size, self.merge_size, self.temporal_patch_size)}")
+        self.video_do_resize = bool(video.get("do_resize", True))
+        self.video_min_pixels, self.video_max_pixels = pixel_bounds(
+            video, (DEFAULT_VIDEO_MIN_PIXELS, DEFAULT_VIDEO_MAX_PIXELS))
+        self.min_frames = int(video.get("min_frames", DEFAULT_MIN_FRAMES))
+        self.max_frames = int(video.get("max_frames", DEFAULT_MAX_FRAMES))
 
-    def resized_hw(self, width: int, height: int) -> tuple[int, int]:
-        """(height, width) the preprocessing resizes a ``width`` x ``height`` image to."""
+    def resized_hw(self, width: int, height: int, video: bool = False) -> tuple[int, int]:
+        """(height, width) the preprocessing resizes a ``width`` x ``height`` image (or video
+        frame) to."""
         factor = self.patch_size * self.merge_size
-        if self.do_resize:
-            return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        if self.video_do_resize if video else self.do_resize:
+            low, high = ((self.video_min_pixels, self.video_max_pixels) if video
+                         else (self.min_pixels, self.max_pixels))
+            return smart_resize(height, width, factor, low, high)
         if height % factor or width % factor:
             raise ValueError(f"image of {width}x{height} pixels: without a resize, each side "
                              f"must be a multiple of {factor}")
@@ -96,3 +129,41 @@ class Qwen2VLGeometry(MediaGeometry):
         new_h, new_w = self.resized_hw(width, height)
         grid = (1, new_h // self.patch_size, new_w // self.patch_size)  # one temporal patch
         return ItemGeometry(math.prod(grid) // self.merge_size ** 2, grid, (new_h, new_w))
+
+    def sample_frames(self, total: int, fps: float, num_frames: int | None = None,
+                      sample_fps: float | None = None) -> list[int]:
+        """Indices of the frames a video of ``total`` frames at ``fps`` is sampled to, as
+        transformers' Qwen2-VL video processor picks them: ``num_frames`` (rounded to a multiple
+        of the temporal patch) spread evenly, or ``sample_fps`` frames per second of video
+        (within [min_frames, max_frames]); neither: `DEFAULT_NUM_FRAMES`. A count of at least
+        the video's frames takes them all (transformers rounds and may raise instead: in-memory
+        frames, sent with their own count, are kept as given); a video shorter than one temporal
+        patch keeps all its frames (the last one is repeated to fill the patch)."""
+        tps = self.temporal_patch_size
+        if num_frames is not None and sample_fps is not None:
+            raise ValueError("num_frames and fps are mutually exclusive")
+        if total < 1 or not fps > 0:
+            raise ValueError(f"a video needs frames and a frame rate, got {total} frames at "
+                             f"{fps:g} fps")
+        if sample_fps is not None:
+            cap = math.floor(min(self.max_frames, total) / tps) * tps
+            n = min(max(total / fps * sample_fps, self.min_frames), cap, total)
+            n = math.floor(n / tps) * tps
+        elif (num_frames or DEFAULT_NUM_FRAMES) >= total:
+            n = total
+        else:
+            n = max(round((num_frames or DEFAULT_NUM_FRAMES) / tps) * tps, tps)
+        n = int(n) if n >= 1 else total
+        # Exact integer arithmetic for transformers' arange(0, total, total / n).int().
+        return [i * total // n for i in range(n)]
+
+    def video(self, width: int, height: int, num_frames: int, fps: float) -> ItemGeometry:
+        if num_frames < 1 or not fps > 0:
+            raise ValueError(f"a video needs frames and a frame rate, got {num_frames} frames "
+                             f"at {fps:g} fps")
+        new_h, new_w = self.resized_hw(width, height, video=True)
+        grid = (-(-num_frames // self.temporal_patch_size), new_h // self.patch_size,
+                new_w // self.patch_size)
+        # Qwen2.5-VL's processor: temporal_patch_size / the sampled frames' rate.
+        return ItemGeometry(math.prod(grid) // self.merge_size ** 2, grid, (new_h, new_w),
+                            self.temporal_patch_size / fps)

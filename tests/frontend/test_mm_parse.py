@@ -281,7 +281,7 @@ class _SlowFetcher:
         self.delay = delay
         self.cancelled = 0
 
-    async def fetch(self, url: str, param: str) -> bytes:
+    async def fetch(self, url: str, param: str, modality: str = "image") -> bytes:
         if url == "fail":
             raise RequestError("boom", param)
         try:
