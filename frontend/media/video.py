@@ -33,6 +33,9 @@ class VideoLimits(NamedTuple):
 
 def check_video(info: VideoInfo, limits: VideoLimits) -> None:
     """ValueError (a message for the client) for a header past ``limits`` or without frames."""
+    if max(info.width, info.height) > limits.max_side:
+        raise ValueError(f"video frames are too large: {info.width}x{info.height}; each side "
+                         f"must be at most {limits.max_side} pixels")
     if info.num_frames < 1:
         raise ValueError("video has no frames (its header declares none)")
     if not info.fps > 0:
@@ -44,9 +47,6 @@ def check_video(info: VideoInfo, limits: VideoLimits) -> None:
     if seconds > limits.max_seconds:
         raise ValueError(f"video is too long: {seconds:.1f} s is more than the limit of "
                          f"{limits.max_seconds:g} s")
-    if max(info.width, info.height) > limits.max_side:
-        raise ValueError(f"video frames are too large: {info.width}x{info.height}; each side "
-                         f"must be at most {limits.max_side} pixels")
 
 
 def probe_video(data: bytes, param: str, limits: VideoLimits) -> VideoInfo:
