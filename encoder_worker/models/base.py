@@ -16,11 +16,14 @@ if TYPE_CHECKING:
 
 
 class Patches(NamedTuple):
-    """One variable-size input (dynamic-resolution towers such as Qwen2-VL's): its patches,
-    flattened in the order the tower reads them, and their grid."""
+    """One variable-size input (dynamic-resolution towers such as Qwen2-VL's): its patches (or
+    tiles), in the order the tower reads them, and their grid."""
 
-    values: torch.Tensor  # [t * h * w, patch_dim] float32, CPU
-    grid_thw: tuple[int, int, int]  # patches along time, height, width
+    values: torch.Tensor  # [t * h * w, patch_dim] (or [tiles, 3, side, side]) float32, CPU
+    grid_thw: tuple[int, int, int]  # patches (tiles) along time, height, width
+    # (height, width) of the source image, for a packing that depends on it (LLaVA-OneVision
+    # cuts its tiles' padding by the image's aspect ratio)
+    image_hw: tuple[int, int] | None = None
 
 
 class EncoderModel(ABC):

@@ -121,7 +121,7 @@ class LlavaOnevisionEncoder(EncoderModel):
         states = self.tower(tiles, self.feature_layers)  # each [sum tiles, side^2, vision_hidden]
         features = self.projector(states[0] if len(states) == 1 else torch.cat(states, dim=-1))
         per_image = features.split([item.values.shape[0] for item in items])
-        return [self._pack(f, item.grid_thw[2], item.grid_thw[1])
+        return [self._pack(f, item.image_hw[1], item.image_hw[0])
                 for f, item in zip(per_image, items)]
 
     def _pack(self, features: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -63,9 +63,8 @@ class AnyresImageProcessor:
 
     def __call__(self, image: Image.Image) -> Patches:
         """RGB image -> its tiles, the whole-image tile first: values [1 + tiles, 3, side, side]
-        float32. ``grid_thw`` is (1, height, width) of the image itself in pixels: the packing
-        cuts the tiles' padding by the image's aspect ratio, and the tile grid follows from the
-        size by the geometry."""
+        float32, ``grid_thw`` (1, tile rows, tile columns), and the image's own size, by whose
+        aspect ratio the packing cuts the tiles' padding."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         plan = self.geometry.layout(image.width, image.height)
@@ -83,4 +82,4 @@ class AnyresImageProcessor:
         out = np.empty(planes.shape, dtype=np.float32)  # [1 + tiles, 3, side, side]
         for c in range(3):
             np.take(self.lut[c], planes[:, c], out=out[:, c])
-        return Patches(torch.from_numpy(out), (1, image.height, image.width))
+        return Patches(torch.from_numpy(out), (1, rows, cols), (image.height, image.width))

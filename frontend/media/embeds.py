@@ -36,27 +36,33 @@ def load_image_embeds(b64: str, hidden_size: int, param: str, max_bytes: int, *,
                       max_images: int = DEFAULT_MAX_IMAGES) -> list[torch.Tensor]:
     """Decode and validate ``image_embeds``: one float32 ``[feature_size, hidden]`` tensor per
     image. The payload may hold ``[feature, hidden]`` (one image) or ``[n, feature, hidden]``."""
+    return validate_image_embeds(load_tensor(b64, param, max_bytes), hidden_size, param,
+                                 max_feature_size=max_feature_size, max_images=max_images)
+
+
+def load_tensor(b64: str, param: str, max_bytes: int) -> object:
+    """The object in the base64 of ``torch.save(...)``, through the narrow path above (the
+    caller validates what it is); ``param``'s last part names the field in messages."""
+    what = param.rsplit(".", 1)[-1]
     if not isinstance(b64, str) or not b64:
-        raise RequestError("image_embeds must be a base64 string of torch.save(tensor)", param)
+        raise RequestError(f"{what} must be a base64 string of torch.save(tensor)", param)
     if len(b64) // 4 * 3 > max_bytes + 3:
-        raise RequestError(f"image_embeds is larger than {max_bytes} bytes", param)
+        raise RequestError(f"{what} is larger than {max_bytes} bytes", param)
     try:
         raw = base64.b64decode("".join(b64.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("image_embeds is not valid base64", param) from None
+        raise RequestError(f"{what} is not valid base64", param) from None
     if len(raw) > max_bytes:
-        raise RequestError(f"image_embeds is larger than {max_bytes} bytes", param)
+        raise RequestError(f"{what} is larger than {max_bytes} bytes", param)
     _check_archive(raw, param)
     try:
         with torch.sparse.check_sparse_tensor_invariants():
-            obj = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+            return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception:
         # Refused globals (UnpicklingError), truncated archives, bad storages: all the payload's
         # fault, and the loader's text is not for clients.
-        raise RequestError("image_embeds is not a tensor saved with torch.save "
+        raise RequestError(f"{what} is not a tensor saved with torch.save "
                            "(only plain tensors are accepted)", param) from None
-    return validate_image_embeds(obj, hidden_size, param, max_feature_size=max_feature_size,
-                                 max_images=max_images)
 
 
 def validate_image_embeds(obj: object, hidden_size: int, param: str, *,
@@ -129,7 +135,8 @@ def _check_storage(t: torch.Tensor, param: str) -> None:
 
 def _check_archive(raw: bytes, param: str) -> None:
     """torch.save's zip layout with only stored (uncompressed) entries no larger than ``raw``."""
-    bad = RequestError("image_embeds must be the base64 of torch.save(tensor) (zip format)", param)
+    what = param.rsplit(".", 1)[-1]
+    bad = RequestError(f"{what} must be the base64 of torch.save(tensor) (zip format)", param)
     if not zipfile.is_zipfile(io.BytesIO(raw)):
         raise bad
     try:

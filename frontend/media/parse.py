@@ -117,9 +117,10 @@ def _image_embeds(part: dict[str, Any], where: str) -> MediaRef:
             raise RequestError(f"{param} is null: give a uuid to reuse cached embeddings", param)
         return MediaRef("image", "uuid", None, uuid, param)
     # A tensor only comes from the offline API (JSON has none); validate_image_embeds checks it.
-    if not isinstance(value, str) and not _is_tensor(value):
-        raise RequestError(f"{param} must be the base64 of torch.save(tensor) (or, offline, a "
-                           "tensor)", param)
+    # A dict carries the embeddings with their grid ({"image_embeds", "image_grid_thw"}).
+    if not isinstance(value, (str, dict)) and not _is_tensor(value):
+        raise RequestError(f"{param} must be the base64 of torch.save(tensor), or an object "
+                           "with image_embeds and image_grid_thw (or, offline, tensors)", param)
     return MediaRef("image", "embeds", value, uuid, param)
 
 
@@ -299,21 +300,65 @@ def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any], config: F
 
 async def _from_embeds(ref: MediaRef, model: MediaPlaceholders,
                        config: FrontendConfig) -> ResolvedItem:
-    from frontend.media.embeds import load_image_embeds, validate_image_embeds
+    value = ref.value.get("image_embeds") if isinstance(ref.value, dict) else ref.value
+    if isinstance(value, str) and len(value) > _THREAD_BYTES:
+        return await asyncio.to_thread(embeds_item, ref, model, config.max_media_bytes)
+    return embeds_item(ref, model, config.max_media_bytes)
 
+
+def embeds_item(ref: MediaRef, model: MediaPlaceholders, max_bytes: int) -> ResolvedItem:
+    """User embeddings -> an item: a tensor, the base64 of torch.save(tensor), or a dict of
+    ``image_embeds`` and its ``image_grid_thw`` (a list of 3 ints, a tensor, or the base64 of
+    torch.save(tensor)), which a grid model (M-RoPE) needs. Checked against the geometry."""
+    from frontend.media.embeds import load_image_embeds, load_tensor, validate_image_embeds
+
+    value, grid = ref.value, None
+    grid_param = f"{ref.param}.image_grid_thw" if isinstance(value, dict) else ref.param
+    if isinstance(value, dict):
+        unknown = set(value) - {"image_embeds", "image_grid_thw"}
+        if unknown or "image_embeds" not in value:
+            raise RequestError(f"{ref.param} must hold image_embeds (and image_grid_thw), got "
+                               f"keys {sorted(value)}", ref.param)
+        grid = _grid(value.get("image_grid_thw"), grid_param, max_bytes, load_tensor)
+        value = value["image_embeds"]
+    where = f"{ref.param}.image_embeds" if isinstance(ref.value, dict) else ref.param
     # max_images=1: one part renders one placeholder; a batch would not line up with the prompt.
-    if not isinstance(ref.value, str):
-        tensors = validate_image_embeds(ref.value, model.hidden_size, ref.param, max_images=1)
-    elif len(ref.value) > _THREAD_BYTES:
-        tensors = await asyncio.to_thread(load_image_embeds, ref.value, model.hidden_size,
-                                          ref.param, config.max_media_bytes, max_images=1)
+    if isinstance(value, str):
+        tensors = load_image_embeds(value, model.hidden_size, where, max_bytes, max_images=1)
+    elif _is_tensor(value):
+        tensors = validate_image_embeds(value, model.hidden_size, where, max_images=1)
     else:
-        tensors = load_image_embeds(ref.value, model.hidden_size, ref.param,
-                                    config.max_media_bytes, max_images=1)
+        raise RequestError(f"{where} must be the base64 of torch.save(tensor) (or, offline, a "
+                           "tensor)", where)
     t = tensors[0]  # [feature_size, hidden] float32, contiguous
-    key = uuid_key(ref.uuid) if ref.uuid else content_key(
-        memoryview(t.numpy()).cast("B"), {"embeds": True})
-    return ResolvedItem(ref.modality, key, None, t, int(t.shape[0]), {}, ref.param)
+    try:
+        geometry = model.geometry.embeds(int(t.shape[0]), grid)
+    except ValueError as e:
+        raise RequestError(str(e), grid_param) from None
+    kwargs = {"embeds": True} if grid is None else {"embeds": True, "grid_thw": list(grid)}
+    key = uuid_key(ref.uuid) if ref.uuid else content_key(memoryview(t.numpy()).cast("B"), kwargs)
+    return ResolvedItem(ref.modality, key, None, t, geometry.num_tokens, {}, ref.param,
+                        {"geometry": geometry.to_meta()})
+
+
+def _grid(value: Any, param: str, max_bytes: int, load_tensor) -> tuple[int, ...] | None:
+    """image_grid_thw as ints: a list (JSON), a tensor (offline) or base64 of torch.save (vLLM's
+    wire form); [3] or [1, 3]."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = load_tensor(value, param, max_bytes)
+    if _is_tensor(value):
+        if value.is_floating_point() or value.is_complex() or value.numel() != 3:
+            raise RequestError(f"{param} must be 3 integers (t, h, w), got a {value.dtype} "
+                               f"tensor of shape {list(value.shape)}", param)
+        return tuple(int(v) for v in value.flatten().tolist())
+    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], list)):
+        value = value[0]  # [[t, h, w]], as transformers returns image_grid_thw
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise RequestError(f"{param} must be 3 integers (t, h, w)", param)
+    return tuple(value)
 
 
 def _encode_png(value: Any, param: str, max_pixels: int) -> bytes:
@@ -343,13 +388,6 @@ def expand_items(placeholders: MediaPlaceholders | None, prompt_ids: list[int],
     model = require_image_support(placeholders, param)
     for it in items:
         require_modality(model, it.modality, it.param)
-    if model.fixed_image_geometry is None:
-        for it in items:
-            if not (it.meta or {}).get("geometry"):
-                # An M-RoPE model places an item's rows by its patch grid, which bare
-                # embeddings do not carry.
-                raise RequestError("this model needs the image itself: embeddings without "
-                                   "their image_grid_thw cannot be placed", it.param)
     ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param,
                               [it.modality for it in items])
     mm = [MMItem(it.key, it.modality, off, n, _item_meta(it.meta))

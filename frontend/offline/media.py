@@ -27,12 +27,12 @@ from frontend.media.parse import (
     ResolvedItem,
     SeenItems,
     check_uuid,
+    embeds_item,
     mm_limit,
     parse_media,
     resolve,
 )
 from frontend.models import load_placeholders, require_image_support, require_modality
-from protocol.hashing import content_key, uuid_key
 
 
 class OfflineMedia:
@@ -100,8 +100,10 @@ class OfflineMedia:
     def _image_data(self, images: Any, uuids: Any, param: str) -> list[ResolvedItem]:
         """The image value is a PIL image, a numpy array ([H, W] / [H, W, C] one image,
         [N, H, W, C] several), a tensor ([feature, hidden] / [num_items, feature, hidden]
-        embeddings, [N, C, H, W] images), or a list of: PIL, numpy, 2-D tensor (embeddings),
-        3-D tensor ([C, H, W] image) or None (reuse the item of its uuid)."""
+        embeddings, [N, C, H, W] images), a dict of ``image_embeds`` and ``image_grid_thw``
+        (embeddings with the grid a Qwen2-VL model places them by), or a list of: PIL, numpy,
+        2-D tensor (embeddings), 3-D tensor ([C, H, W] image), such a dict, or None (reuse the
+        item of its uuid)."""
         where_data = f"{param}.multi_modal_data"
         if images is None:
             self._check_uuids(uuids, 0, param)
@@ -124,12 +126,9 @@ class OfflineMedia:
                     raise RequestError("a None image needs its uuid (to reuse a cached item)",
                                        where)
                 refs.append(MediaRef("image", "uuid", None, uid, where))
-            elif _is_embeds(item):
-                emb = validate_image_embeds(item, model.hidden_size, where, max_images=1)[0]
-                embeds_at[i] = ResolvedItem(
-                    "image", uuid_key(uid) if uid else content_key(
-                        memoryview(emb.numpy()).cast("B"), {"embeds": True}),
-                    None, emb, int(emb.shape[0]), {}, where)
+            elif _is_embeds(item) or isinstance(item, dict):  # the server's rules
+                embeds_at[i] = embeds_item(MediaRef("image", "embeds", item, uid, where), model,
+                                           self.config.max_media_bytes)
                 refs.append(None)
             else:
                 refs.append(MediaRef("image", "pil", item, uid, where))
@@ -160,10 +159,11 @@ class OfflineMedia:
         if isinstance(images, (list, tuple)):
             items = list(images)
             for i, item in enumerate(items):
-                if item is not None and not _is_image(item) and not _is_embeds(item):
+                if (item is not None and not _is_image(item) and not _is_embeds(item)
+                        and not isinstance(item, dict)):
                     raise RequestError(_not_an_image(item), f"{param}[{i}]")
             return items, True
-        if isinstance(images, Image.Image):
+        if isinstance(images, (Image.Image, dict)):  # a dict: embeddings with their grid
             return [images], False
         raise RequestError(_not_an_image(images), param)
 

@@ -61,6 +61,8 @@ class MediaGeometry:
 
     fixed_image: ItemGeometry | None = None
     takes_video: bool = False
+    # The decoder places an item's rows by its grid (M-RoPE): embeddings need theirs.
+    positions_need_grid: bool = False
 
     def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
         self.config = config
@@ -68,6 +70,12 @@ class MediaGeometry:
 
     def image(self, width: int, height: int) -> ItemGeometry:
         raise NotImplementedError
+
+    def embeds(self, num_rows: int, grid_thw: tuple[int, int, int] | None) -> ItemGeometry:
+        """User-supplied embeddings of ``num_rows`` rows (and their grid, where the model's
+        positions need one); ValueError as ``image`` when the grid is missing or does not
+        make that many rows."""
+        return ItemGeometry(num_rows)
 
     def sample_frames(self, total: int, fps: float, num_frames: int | None = None,
                       sample_fps: float | None = None) -> list[int]:

@@ -86,6 +86,7 @@ class Qwen2VLGeometry(MediaGeometry):
     preprocessor_config.json (`protocol.checkpoint.video_processor_config`)."""
 
     takes_video = True
+    positions_need_grid = True
 
     def __init__(self, config: dict[str, Any], processor: dict[str, Any],
                  video_processor: dict[str, Any] | None = None):
@@ -124,6 +125,21 @@ class Qwen2VLGeometry(MediaGeometry):
             raise ValueError(f"image of {width}x{height} pixels: without a resize, each side "
                              f"must be a multiple of {factor}")
         return height, width
+
+    def embeds(self, num_rows: int, grid_thw: tuple[int, int, int] | None) -> ItemGeometry:
+        if grid_thw is None:
+            raise ValueError("this model places embeddings by their patch grid: send "
+                             "image_grid_thw with image_embeds")
+        merge = self.merge_size
+        if (len(grid_thw) != 3 or any(not isinstance(v, int) or v < 1 for v in grid_thw)
+                or grid_thw[1] % merge or grid_thw[2] % merge):
+            raise ValueError(f"image_grid_thw must be 3 positive ints (t, h, w) with h and w "
+                             f"multiples of {merge}, got {list(grid_thw)}")
+        count = math.prod(grid_thw) // merge ** 2
+        if count != num_rows:
+            raise ValueError(f"image_grid_thw {list(grid_thw)} makes {count} tokens but "
+                             f"image_embeds has {num_rows} rows")
+        return ItemGeometry(count, tuple(grid_thw))
 
     def image(self, width: int, height: int) -> ItemGeometry:
         new_h, new_w = self.resized_hw(width, height)

@@ -89,7 +89,8 @@ def test_chat_accepts_numpy_tensor_embeds_and_pil_none_uuid(llm, tiny_llava):
 
 
 @pytest.mark.parametrize("bad,match", [
-    ("/tmp/cat.png", "got str"), (b"\x89PNG", "got bytes"), ({"url": "x"}, "got dict"),
+    ("/tmp/cat.png", "got str"), (b"\x89PNG", "got bytes"),
+    ({"url": "x"}, r"must hold image_embeds \(and image_grid_thw\), got keys \[.url.\]"),
     (3, "got int"), ([[image(0)]], "got list"),
 ])
 def test_wrong_image_values_name_the_field(llm, bad, match):

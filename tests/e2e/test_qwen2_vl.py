@@ -64,6 +64,26 @@ def test_bare_embeddings_are_a_clear_400(llm):
     assert not llm.engine.has_work()
 
 
+def test_image_embeds_with_their_grid_equal_the_image(llm, hf):
+    import torch
+
+    from frontend.errors import RequestError
+
+    feats, thw = _features(hf, ODD)
+    grid = torch.tensor([thw])  # [1, 3], as transformers' processor returns it
+    prompt = f"{VISION}What is this?"
+    by_image = llm.generate({"prompt": prompt, "multi_modal_data": {"image": ODD}}, GREEDY)
+    by_embeds = llm.generate({"prompt": prompt, "multi_modal_data": {
+        "image": {"image_embeds": feats, "image_grid_thw": grid}}}, GREEDY)
+    assert by_embeds[0].outputs[0].token_ids == by_image[0].outputs[0].token_ids
+    t, h, w = thw
+    with pytest.raises(RequestError, match="makes .* tokens but image_embeds has") as e:
+        llm.generate({"prompt": prompt, "multi_modal_data": {
+            "image": {"image_embeds": feats, "image_grid_thw": [t, h + 2, w]}}}, GREEDY)
+    assert e.value.param.endswith("image.image_grid_thw")
+    assert not llm.engine.has_work()
+
+
 def test_chat_parity(llm, hf):
     url = "data:image/png;base64," + base64.b64encode(png(WIDE)).decode()
     content = [{"type": "text", "text": "Look:"}, {"type": "image_pil", "image_pil": ODD},
@@ -81,11 +101,48 @@ def test_http_parity(ckpt, hf):
                                                        + base64.b64encode(png(img)).decode()}}
                    for img in (TALL, ODD)]
         content.insert(1, {"type": "text", "text": "versus"})
-        resp = client.chat.completions.create(
-            model=client.models.list().data[0].id, max_tokens=N, temperature=0,
-            messages=[{"role": "user", "content": content}], extra_body={"ignore_eos": True})
+        resp = _ask(client, content)
         want = hf.greedy(hf.chat_prompt(content), [TALL, ODD], N)
-        assert resp.choices[0].message.content == hf.tok.decode(want, skip_special_tokens=True) != ""
+        text = hf.tok.decode(want, skip_special_tokens=True)
+        assert resp.choices[0].message.content == text != ""
         assert resp.usage.completion_tokens == N
+        # The second image as its embeddings + grid (vLLM's wire form: base64 of torch.save).
+        feats, grid = _features(hf, ODD)
+        content[2] = {"type": "image_embeds", "image_embeds": {
+            "image_embeds": _b64_tensor(feats), "image_grid_thw": grid}}
+        assert _ask(client, content).choices[0].message.content == text
+        content[2]["image_embeds"]["image_grid_thw"] = [grid[0], grid[1], grid[2] + 2]
+        with pytest.raises(openai.BadRequestError, match="image_grid_thw"):
+            _ask(client, content)
+        assert _ask(client, content[:1]).usage.completion_tokens == N  # still serving
     finally:
         srv.stop()
+
+
+def _ask(client, content):
+    return client.chat.completions.create(
+        model=client.models.list().data[0].id, max_tokens=N, temperature=0,
+        messages=[{"role": "user", "content": content}], extra_body={"ignore_eos": True})
+
+
+def _features(hf, img):
+    """transformers' embeddings of one image [n, hidden] and its grid [t, h, w]."""
+    import torch
+
+    inputs = hf.images(images=[img], return_tensors="pt")
+    with torch.no_grad():
+        feats = hf.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                            image_grid_thw=inputs["image_grid_thw"])
+    feats = getattr(feats, "pooler_output", feats)
+    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return feats, inputs["image_grid_thw"][0].tolist()
+
+
+def _b64_tensor(t) -> str:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(t.contiguous(), buf)
+    return base64.b64encode(buf.getvalue()).decode()

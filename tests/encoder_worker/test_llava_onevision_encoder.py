@@ -59,7 +59,9 @@ def test_preprocess_equals_hf(encoder, hf_onevision, make_image):
         img = make_image(seed, h, w)
         ours = encoder.preprocess(img)
         ref = processor(img, return_tensors="np")
-        assert ours.grid_thw == (1, h, w)
+        rows, cols = encoder.geometry.layout(w, h).tiles_hw
+        assert ours.image_hw == (h, w) and ours.grid_thw == (1, rows, cols)
+        assert ours.values.shape[0] == 1 + rows * cols  # the whole-image tile first
         assert ours.values.dtype == torch.float32
         # the processor pads its batch to the most tiles; one image has no padding
         np.testing.assert_array_equal(ours.values.numpy(), ref["pixel_values"][0])

@@ -122,7 +122,7 @@ def test_limit_per_prompt():
     (_img("https://a/b", uuid=7), "messages[0].content[0].uuid", "non-empty string"),
     ({"type": "image_embeds", "image_embeds": None}, "messages[0].content[0].image_embeds",
      "uuid"),
-    ({"type": "image_embeds", "image_embeds": {"a": "b"}}, "messages[0].content[0].image_embeds",
+    ({"type": "image_embeds", "image_embeds": ["a"]}, "messages[0].content[0].image_embeds",
      "base64"),
     ({"type": "image_pil", "image_pil": "x.png"}, "messages[0].content[0].image_pil", "PIL"),
     ({"type": "image_pil", "image_pil": None}, "messages[0].content[0].image_pil", "uuid"),
@@ -302,3 +302,27 @@ def test_items_resolve_concurrently(config):
     with pytest.raises(RequestError, match="boom"):
         run_resolve(_user(_img("slow1"), _img("fail"), _img("slow2")), config, fetcher=fetcher)
     assert time.perf_counter() - t0 < 2 and fetcher.cancelled == 2  # the rest stop at once
+
+
+def test_embeds_dict_keys_and_grid_are_checked(config):
+    """The dict form ({"image_embeds", "image_grid_thw"}) refuses other keys and malformed
+    grids, each naming its own field; LLaVA (no grid in its positions) ignores a grid."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    torch.save(torch.randn(16, HIDDEN), buf)
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    where = "messages[0].content[0].image_embeds"
+    cases = [({"a": b64}, where, "must hold image_embeds"),
+             ({"image_embeds": b64, "image_grid_thw": [1, 2]}, f"{where}.image_grid_thw",
+              "3 integers"),
+             ({"image_embeds": b64, "image_grid_thw": "bm90IGEgemlw"}, f"{where}.image_grid_thw",
+              "image_grid_thw must be the base64")]
+    for value, param, match in cases:
+        with pytest.raises(RequestError, match=match) as e:
+            run_resolve(_user({"type": "image_embeds", "image_embeds": value}), config)
+        assert e.value.param == param
+    item = run_resolve(_user({"type": "image_embeds", "image_embeds": {
+        "image_embeds": b64, "image_grid_thw": [1, 4, 4]}}), config)[0]
+    assert item.num_tokens == 16 and item.meta["geometry"]["grid_thw"] is None
