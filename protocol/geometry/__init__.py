@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.checkpoint import image_processor_config
+from protocol.checkpoint import image_processor_config, video_processor_config
 from protocol.models import column
 
 
@@ -101,5 +101,8 @@ def load_geometry(model_dir: str | Path) -> MediaGeometry | None:
         if arch in GEOMETRY:
             module, name = GEOMETRY[arch].split(":")
             cls = getattr(importlib.import_module(module), name)
+            if cls.takes_video:  # its own video settings, where the checkpoint has them
+                return cls(config, image_processor_config(folder) or {},
+                           video_processor_config(folder))
             return cls(config, image_processor_config(folder) or {})
     return None
