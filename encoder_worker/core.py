@@ -49,7 +49,9 @@ class EncoderCore:
         else:
             image = decode_image(data, kwargs, max_pixels=self.max_image_pixels,
                                  min_side=self.min_image_side)
-            inputs = self.model.preprocess(image)
+            variant = (geometry or {}).get("variant")
+            inputs = (self.model.preprocess(image) if variant is None
+                      else self.model.preprocess_variant(image, variant))
         if geometry is not None:
             check_geometry(inputs, ItemGeometry.from_meta(geometry))
         return inputs

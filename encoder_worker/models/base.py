@@ -52,6 +52,10 @@ class EncoderModel(ABC):
         """One decoded RGB image -> pixel values [3, H, W] float32 on the CPU, or its `Patches`
         (``packs_variable_sizes``)."""
 
+    def preprocess_variant(self, image: Image.Image, variant: str) -> torch.Tensor | Patches:
+        """``preprocess`` in a variant the item's geometry chose (`ItemGeometry.variant`)."""
+        raise ValueError(f"{type(self).__name__} has no preprocessing variant {variant!r}")
+
     def video_frames(self, total: int, fps: float, kwargs: Mapping[str, Any]) -> list[int]:
         """Indices of the frames a video of ``total`` frames at ``fps`` is sampled to, under
         the item's media_io_kwargs; ValueError (for the client) if it can't be sampled."""

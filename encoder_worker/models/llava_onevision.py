@@ -111,6 +111,12 @@ class LlavaOnevisionEncoder(EncoderModel):
     def preprocess(self, image: Image.Image) -> Patches:
         return self.processor(image)
 
+    def preprocess_variant(self, image: Image.Image, variant: str) -> Patches:
+        """"base": an image of a multi-image prompt, its base tile only (grid (1, 0, 0))."""
+        if variant != "base":
+            return super().preprocess_variant(image, variant)
+        return self.processor.base_tile(image)
+
     def num_tokens(self, width: int, height: int) -> int:
         return self.geometry.image(width, height).num_tokens
 
@@ -128,6 +134,8 @@ class LlavaOnevisionEncoder(EncoderModel):
         """One image's [1 + tiles, side^2, hidden] -> its LM rows [num_tokens, hidden]: the base
         tile's features, then the tiles' map (padding cut, shrunk past the budget) row by row,
         each row followed by the newline embedding."""
+        if features.shape[0] == 1:  # base tile only (a multi-image prompt's image)
+            return torch.cat((features[0], self.newline[None]))
         plan = self.geometry.layout(width, height)
         side, (rows, cols) = self.geometry.side, plan.tiles_hw
         if features.shape[0] != 1 + rows * cols:

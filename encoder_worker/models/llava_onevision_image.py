@@ -51,6 +51,7 @@ class AnyresImageProcessor:
     geometry: LlavaOnevisionGeometry
     resample: int  # PIL resampling filter (3 = bicubic)
     lut: np.ndarray  # [3, 256] float32, see normalize_table
+    pad_color: tuple[int, int, int]  # a multi-image prompt's images pad to square with the mean
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, model_config: dict[str, Any]
@@ -58,8 +59,15 @@ class AnyresImageProcessor:
         cfg = image_processor_config(folder)
         if not cfg.get("do_resize", True) or cfg.get("do_center_crop"):
             raise ValueError(f"{folder}: anyres tiling needs do_resize and no center crop")
+        return cls.from_config(model_config, cfg)
+
+    @classmethod
+    def from_config(cls, model_config: dict[str, Any], cfg: dict[str, Any]
+                    ) -> AnyresImageProcessor:
+        mean = cfg.get("image_mean", CLIP_MEAN)
         return cls(LlavaOnevisionGeometry(model_config, cfg),
-                   int(cfg.get("resample", Image.Resampling.BICUBIC)), normalize_table(cfg))
+                   int(cfg.get("resample", Image.Resampling.BICUBIC)), normalize_table(cfg),
+                   tuple(int(m * 255) for m in mean))
 
     def __call__(self, image: Image.Image) -> Patches:
         """RGB image -> its tiles, the whole-image tile first: values [1 + tiles, 3, side, side]
@@ -77,9 +85,28 @@ class AnyresImageProcessor:
         rows, cols = plan.tiles_hw
         # [rows, side, cols, side, 3] -> tiles row by row, each [3, side, side]
         tiles = canvas.reshape(rows, side, cols, side, 3).transpose(0, 2, 4, 1, 3)
-        base = np.asarray(image.resize((side, side), resample=self.resample)).transpose(2, 0, 1)
-        planes = np.concatenate((base[None], tiles.reshape(rows * cols, 3, side, side)))
-        out = np.empty(planes.shape, dtype=np.float32)  # [1 + tiles, 3, side, side]
+        tiles = tiles.reshape(rows * cols, 3, side, side)
+        planes = np.concatenate((self._base(image)[None], tiles))
+        return Patches(self._normalized(planes), (1, rows, cols), (image.height, image.width))
+
+    def base_tile(self, image: Image.Image) -> Patches:
+        """An image of a multi-image prompt: padded to a square (centred, in the mean colour)
+        and resized to one tile, as transformers does: values [1, 3, side, side], grid
+        (1, 0, 0) (no tiles)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        square = max(image.width, image.height)
+        canvas = Image.new("RGB", (square, square), self.pad_color)
+        canvas.paste(image, ((square - image.width) // 2, (square - image.height) // 2))
+        return Patches(self._normalized(self._base(canvas)[None]), (1, 0, 0),
+                       (image.height, image.width))
+
+    def _base(self, image: Image.Image) -> np.ndarray:  # [3, side, side] uint8
+        side = self.geometry.tile
+        return np.asarray(image.resize((side, side), resample=self.resample)).transpose(2, 0, 1)
+
+    def _normalized(self, planes: np.ndarray) -> torch.Tensor:  # uint8 -> rescaled, normalized
+        out = np.empty(planes.shape, dtype=np.float32)  # [n, 3, side, side]
         for c in range(3):
             np.take(self.lut[c], planes[:, c], out=out[:, c])
-        return Patches(torch.from_numpy(out), (1, rows, cols), (image.height, image.width))
+        return torch.from_numpy(out)

@@ -232,7 +232,8 @@ async def resolve(refs: list[MediaRef], fetcher: MediaFetcher,
     model = require_image_support(placeholders, refs[0].param)
     for r in refs:
         require_modality(model, r.modality, r.param)
-    tasks = [asyncio.ensure_future(_resolve_one(r, fetcher, model, config, seen))
+    images = sum(r.modality == "image" for r in refs)  # some models size by the prompt's count
+    tasks = [asyncio.ensure_future(_resolve_one(r, fetcher, model, config, seen, images))
              for r in refs]
     try:
         return list(await asyncio.gather(*tasks))
@@ -244,7 +245,8 @@ async def resolve(refs: list[MediaRef], fetcher: MediaFetcher,
 
 
 async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceholders,
-                       config: FrontendConfig, seen: SeenItems | None) -> ResolvedItem:
+                       config: FrontendConfig, seen: SeenItems | None,
+                       images_in_prompt: int = 1) -> ResolvedItem:
     kwargs = dict(config.media_io_kwargs.get(ref.modality, {}))
     if ref.kind == "frames":  # offline in-memory video frames: all of them, as given
         kwargs = {"num_frames": len(ref.value)}
@@ -268,9 +270,10 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
     else:
         data = await fetcher.fetch(ref.value, ref.param, ref.modality)
     if len(data) > _THREAD_BYTES or ref.modality == "video":
-        meta, key = await asyncio.to_thread(_probe_and_key, data, ref, kwargs, config, model)
+        meta, key = await asyncio.to_thread(_probe_and_key, data, ref, kwargs, config, model,
+                                            images_in_prompt)
     else:
-        meta, key = _probe_and_key(data, ref, kwargs, config, model)
+        meta, key = _probe_and_key(data, ref, kwargs, config, model, images_in_prompt)
     if ref.uuid and seen is not None:
         seen.put(ref.modality, key, meta)
     return ResolvedItem(ref.modality, key, data, None, int(meta["geometry"]["num_tokens"]),
@@ -278,7 +281,8 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
 
 
 def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any], config: FrontendConfig,
-                   model: MediaPlaceholders) -> tuple[dict[str, Any], str]:
+                   model: MediaPlaceholders, images_in_prompt: int = 1
+                   ) -> tuple[dict[str, Any], str]:
     """The item's meta (probed header + geometry) and its cache key."""
     if ref.modality == "video":
         video = probe_video(data, ref.param, limits_of(config))
@@ -289,12 +293,14 @@ def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any], config: F
                 "fps": video.fps, "geometry": geometry.to_meta()}
     else:
         info = probe_image(data, ref.param, config.max_image_pixels)
-        geometry = model.image_geometry(info.width, info.height, ref.param)
+        geometry = model.image_geometry(info.width, info.height, ref.param, images_in_prompt)
         meta = {"width": info.width, "height": info.height, "format": info.format,
                 "geometry": geometry.to_meta()}
     # The kwargs enter the hash: another rgba_background_color (or frame sampling) is another
     # embedding.
     key = uuid_key(ref.uuid) if ref.uuid else content_key(data, kwargs)
+    if geometry.variant is not None:  # another preprocessing of the same bytes
+        key = f"{key}#{geometry.variant}"
     return meta, key
 
 

@@ -34,11 +34,13 @@ class MediaPlaceholders(ABC):
     def from_pretrained(cls, model_dir: str | Path) -> MediaPlaceholders:
         """Read what the arithmetic needs from the checkpoint's config files."""
 
-    def image_geometry(self, width: int, height: int, param: str) -> ItemGeometry:
-        """What one image of this size (pixels, before preprocessing) becomes; 400 naming
-        ``param`` for a size the model refuses."""
+    def image_geometry(self, width: int, height: int, param: str,
+                       images_in_prompt: int = 1) -> ItemGeometry:
+        """What one image of this size (pixels, before preprocessing), in a prompt of
+        ``images_in_prompt`` images, becomes; 400 naming ``param`` for a size the model
+        refuses."""
         try:
-            return self.geometry.image(width, height)
+            return self.geometry.image(width, height, images_in_prompt)
         except ValueError as e:
             raise RequestError(str(e), param) from None
 

@@ -30,6 +30,9 @@ class ItemGeometry:
     resized_hw: tuple[int, int] | None = None  # (height, width) the preprocessing resizes to
     # A video's seconds per temporal grid step (Qwen2.5-VL's M-RoPE places its frames in time).
     seconds_per_grid_t: float | None = None
+    # A preprocessing variant the geometry chose, which the encoder follows and the cache key
+    # includes (LLaVA-OneVision: "base", an image of a multi-image prompt gets its base tile).
+    variant: str | None = None
 
     def to_meta(self) -> dict[str, Any]:
         """The form that travels in message metadata (msgspec-encodable); an image's meta has
@@ -40,6 +43,8 @@ class ItemGeometry:
             "resized_hw": list(self.resized_hw) if self.resized_hw else None}
         if self.seconds_per_grid_t is not None:
             meta["seconds_per_grid_t"] = self.seconds_per_grid_t
+        if self.variant is not None:
+            meta["variant"] = self.variant
         return meta
 
     @classmethod
@@ -47,7 +52,8 @@ class ItemGeometry:
         grid, hw = meta.get("grid_thw"), meta.get("resized_hw")
         seconds = meta.get("seconds_per_grid_t")
         return cls(int(meta["num_tokens"]), tuple(grid) if grid else None,
-                   tuple(hw) if hw else None, None if seconds is None else float(seconds))
+                   tuple(hw) if hw else None, None if seconds is None else float(seconds),
+                   meta.get("variant"))
 
 
 class MediaGeometry:
@@ -68,7 +74,9 @@ class MediaGeometry:
         self.config = config
         self.processor = processor
 
-    def image(self, width: int, height: int) -> ItemGeometry:
+    def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
+        """``images_in_prompt``: how many images the item's prompt holds (LLaVA-OneVision
+        processes the images of a multi-image prompt differently)."""
         raise NotImplementedError
 
     def embeds(self, num_rows: int, grid_thw: tuple[int, int, int] | None) -> ItemGeometry:

@@ -29,7 +29,7 @@ class LlavaGeometry(MediaGeometry):
         patches = (height // patch) * (width // patch)
         self.fixed_image = ItemGeometry(patches + (strategy == "full"), None, (height, width))
 
-    def image(self, width: int, height: int) -> ItemGeometry:
+    def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
         return self.fixed_image  # resize + center crop: independent of the input size
 
 

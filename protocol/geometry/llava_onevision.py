@@ -129,6 +129,11 @@ class LlavaOnevisionGeometry(MediaGeometry):
         return AnyresLayout(canvas, fit_inside(height, width, canvas), tiles, kept,
                             (rows, cols), self.side ** 2 + rows * cols + rows)
 
-    def image(self, width: int, height: int) -> ItemGeometry:
+    def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
+        if images_in_prompt > 1:
+            # transformers' processor tiles only a prompt's single image; each image of a
+            # multi-image prompt is its base tile (resized whole) and one newline row.
+            self.layout(width, height)  # the same refusals
+            return ItemGeometry(self.side ** 2 + 1, None, (self.tile, self.tile), variant="base")
         plan = self.layout(width, height)
         return ItemGeometry(plan.num_tokens, None, plan.canvas_hw)

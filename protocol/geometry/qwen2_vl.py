@@ -141,7 +141,7 @@ class Qwen2VLGeometry(MediaGeometry):
                              f"image_embeds has {num_rows} rows")
         return ItemGeometry(count, tuple(grid_thw))
 
-    def image(self, width: int, height: int) -> ItemGeometry:
+    def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
         new_h, new_w = self.resized_hw(width, height)
         grid = (1, new_h // self.patch_size, new_w // self.patch_size)  # one temporal patch
         return ItemGeometry(math.prod(grid) // self.merge_size ** 2, grid, (new_h, new_w))

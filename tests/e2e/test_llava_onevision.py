@@ -2,9 +2,9 @@
 image, several sizes in one prompt, interleaved text) and LLM.chat; swapping the images changes
 the answer.
 
-Every image is tiled (anyres), one or many per prompt (`protocol.geometry.llava_onevision`
-says why), so the reference runs transformers' model on its single-image path for each image:
-the image processor's tiles and sizes without ``batch_num_images``."""
+As in transformers' processor, a prompt's single image is tiled (anyres) and each image of a
+multi-image prompt is its base tile alone (`ItemGeometry.variant` "base"), so the reference
+passes the prompt's images as one sample (``batch_num_images``)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ class HFOnevision:
 
     def greedy(self, prompt: str, images: list[Image.Image], n: int) -> list[int]:
         ids = self.tok.encode(prompt, add_special_tokens=False)
-        inputs = self.images(images=images, return_tensors="pt")
-        kw = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]}
+        inputs = self.images(images=[images], return_tensors="pt")  # one sample of n images
+        kw = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"],
+              "batch_num_images": inputs["batch_num_images"]}
         with torch.no_grad():
             rows = self.model.model.get_image_features(**kw).pooler_output
         counts = [r.shape[0] for r in rows]

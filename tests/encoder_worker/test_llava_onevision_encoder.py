@@ -15,7 +15,7 @@ import transformers
 
 from encoder_worker.core import EncoderCore
 from encoder_worker.models.llava_onevision import LlavaOnevisionEncoder
-from encoder_worker.models.llava_onevision_image import AnyresImageProcessor, normalize_table
+from encoder_worker.models.llava_onevision_image import AnyresImageProcessor
 
 # (height, width): odd, thin both ways, tiny, square, one past the anyres_max budget (2x2 tiles
 # shrunk) and one under it (1x2 tiles), one that loses every tile row to the cut.
@@ -75,8 +75,7 @@ def test_preprocess_variants_equal_hf(tiny_onevision, cfg, make_image):
     config = json.loads(Path(tiny_onevision, "config.json").read_text())
     base = json.loads(Path(tiny_onevision, "preprocessor_config.json").read_text())
     base.pop("image_processor_type")
-    geometry = AnyresImageProcessor.from_pretrained(tiny_onevision, config).geometry
-    ours = AnyresImageProcessor(geometry, cfg.get("resample", 3), normalize_table(base | cfg))
+    ours = AnyresImageProcessor.from_config(config, base | cfg)
     ref = transformers.LlavaOnevisionImageProcessorPil(**(base | cfg))
     for seed, (h, w) in enumerate(SIZES):
         img = make_image(seed, h, w)
@@ -111,6 +110,28 @@ def test_packed_sizes_equal_hf(encoder, hf_onevision, make_image):
     torch.testing.assert_close(a, a2)
     torch.testing.assert_close(b, b2)
     assert (a - b).abs().max() > 1e-2
+
+
+def test_multi_image_prompt_variant_equals_hf(encoder, hf_onevision, make_image):
+    """The images of a multi-image prompt: each padded to a square and resized to its base tile
+    alone (geometry variant "base"), as transformers' processor does for a sample of several
+    images; pixels and rows equal its own, and a mixed pack keeps each image's rows."""
+    processor, model = hf_onevision
+    images = [make_image(i, h, w) for i, (h, w) in enumerate(PACK)]
+    geo = encoder.geometry.image(images[0].width, images[0].height, images_in_prompt=3)
+    assert geo.variant == "base" and geo.num_tokens == encoder.geometry.side ** 2 + 1
+    items = [encoder.preprocess_variant(img, "base") for img in images]
+    ref = processor([images], return_tensors="pt")  # one sample of three images
+    for i, item in enumerate(items):
+        assert item.grid_thw == (1, 0, 0)
+        np.testing.assert_array_equal(item.values[0].numpy(), ref["pixel_values"][i][0].numpy())
+    with torch.no_grad():
+        rows = model.model.get_image_features(ref["pixel_values"], ref["image_sizes"],
+                                              batch_num_images=ref["batch_num_images"])
+    mixed = encoder.encode_packed([items[0], encoder.preprocess(images[1]), items[2]])
+    for o, r in zip([mixed[0], mixed[2]], [rows.pooler_output[0], rows.pooler_output[2]]):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+    assert mixed[1].shape[0] == encoder.geometry.image(images[1].width, images[1].height).num_tokens
 
 
 def test_thin_image_keeps_only_its_base_tile(encoder, hf_onevision, make_image):

@@ -246,7 +246,7 @@ def test_text_only_model_refuses_media(config):
 
 
 class _QuarterGrid(MediaGeometry):
-    def image(self, width: int, height: int) -> ItemGeometry:
+    def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
         return ItemGeometry((width // 4) * (height // 4), (1, height // 4, width // 4))
 
 
