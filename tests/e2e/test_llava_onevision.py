@@ -107,3 +107,30 @@ def test_chat_parity(llm, hf):
                {"type": "text", "text": "and"}, {"type": "image_url", "image_url": {"url": url}}]
     out = llm.chat([{"role": "user", "content": content}], GREEDY)[0]
     assert out.outputs[0].token_ids == hf.greedy(hf.chat_prompt(content), [ODD, PLAIN], N)
+
+
+@pytest.mark.slow
+def test_http_parity(ckpt, hf):
+    """Over HTTP with the official openai client: one tiled image, then two (base tiles)."""
+    import openai
+    from server_utils import Server
+
+    srv = Server(ckpt, "--max-num-batched-tokens", "32")
+    try:
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+
+        def part(img):
+            return {"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + base64.b64encode(png(img)).decode()}}
+
+        for images in ([ODD], [TALL, PLAIN]):
+            content = [part(img) for img in images] + [{"type": "text", "text": "Describe."}]
+            resp = client.chat.completions.create(
+                model=model, max_tokens=N, temperature=0, extra_body={"ignore_eos": True},
+                messages=[{"role": "user", "content": content}])
+            want = hf.greedy(hf.chat_prompt(content), images, N)
+            assert resp.choices[0].message.content == hf.tok.decode(
+                want, skip_special_tokens=True) != ""
+    finally:
+        srv.stop()
