@@ -324,7 +324,7 @@ def embeds_item(ref: MediaRef, model: MediaPlaceholders, max_bytes: int) -> Reso
         unknown = set(value) - {"image_embeds", "image_grid_thw"}
         if unknown or "image_embeds" not in value:
             raise RequestError(f"{ref.param} must hold image_embeds (and image_grid_thw), got "
-                               f"keys {sorted(value)}", ref.param)
+                               f"keys {sorted(map(str, value))}", ref.param)
         grid = _grid(value.get("image_grid_thw"), grid_param, max_bytes, load_tensor)
         value = value["image_embeds"]
     where = f"{ref.param}.image_embeds" if isinstance(ref.value, dict) else ref.param
