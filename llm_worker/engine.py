@@ -21,7 +21,7 @@ from llm_worker.config import LLMWorkerConfig
 from llm_worker.embedding_cache import EmbeddingCache
 from llm_worker.executor import make_executor
 from llm_worker.kv_blocks import KVBlockManager
-from llm_worker.models import get_model_class
+from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
 from protocol.addresses import tcp
@@ -56,6 +56,8 @@ class EngineCore:
         self.position_scheme = scheme(hf_config) if scheme is not None else None
         self.max_model_len = self.executor.max_model_len
         self.vocab_size = self.executor.vocab_size
+        self.max_position = max(self.max_model_len,  # the rotary table's length (llama.py)
+                                text_config(hf_config).max_position_embeddings)
         num_blocks = self.executor.num_available_blocks()
         self.executor.init_kv_cache(num_blocks)
         self.kv = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -94,10 +96,17 @@ class EngineCore:
             if end > len(msg.prompt_token_ids):
                 return "an mm item reaches past the end of the prompt"
         if msg.mm_items and self.position_scheme is not None:
+            n = len(msg.prompt_token_ids)
             try:  # M-RoPE places each item by its grid: one missing or not fitting is refused
-                self.position_scheme.prompt_positions(len(msg.prompt_token_ids), msg.mm_items)
+                positions, delta = self.position_scheme.prompt_positions(n, msg.mm_items)
             except ValueError as e:
                 return str(e)
+            # A time-scaled video (Qwen2.5-VL) can place tokens far past their index; the
+            # rotary table ends at max_position.
+            last = max(int(positions.max(initial=0)), n + msg.sampling.max_tokens - 1 + delta)
+            if last >= self.max_position:
+                return (f"the prompt's media place tokens at position {last}, past the "
+                        f"model's {self.max_position} positions")
         return None
 
     def validate(self, msg: GenerateRequest) -> str | None:

@@ -331,3 +331,22 @@ def test_engine_refuses_items_without_a_fitting_grid(tmp_path_factory):
     assert core.add_request(GenerateRequest("ok", prompt, greedy, [], "")) is None
     while core.has_work():
         core.step()
+
+
+def test_engine_refuses_media_placed_past_the_rotary_table(tmp_path_factory):
+    """A Qwen2.5-VL video whose timing puts its frames (and so the text after it) past the
+    rotary table's last position is refused when it arrives, not an index error in a step."""
+    from frontend.random_model import build_random_qwen2_vl
+
+    ckpt = str(build_random_qwen2_vl(tmp_path_factory.mktemp("qwen25_positions"),
+                                     arch="qwen2_5_vl"))
+    core = EngineCore(LLMWorkerConfig(model=ckpt, device="cpu", dtype="float32"))
+    prompt = list(range(5, 17))
+    video = MMItem("v", "video", 2, 8, {"grid_thw": [2, 4, 4], "seconds_per_grid_t": 1e7})
+    err = core.add_request(GenerateRequest("far", prompt, Sampling(max_tokens=2), [], "",
+                                           [video]))
+    assert err is not None and "past the model's" in err
+    ok = MMItem("v", "video", 2, 8, {"grid_thw": [2, 4, 4], "seconds_per_grid_t": 1.0})
+    assert core.add_request(GenerateRequest("near", prompt, Sampling(max_tokens=2), [], "",
+                                            [ok])) is None
+    core.abort(["near"])
