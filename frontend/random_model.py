@@ -76,6 +76,32 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384,
     fast.save_pretrained(out_dir)
 
 
+RANDOM_MARKER = "This checkpoint has random weights: it produces arbitrary text.\n"
+
+
+def save_random_model(model_cls, config, out: Path, *, std: float, seed: int,
+                      norm_gain=lambda name: False, eos_token_id: int | None = None,
+                      **save_kwargs) -> None:
+    """Build ``model_cls(config)`` with every weight drawn from N(0, ``std``) (and the ones
+    ``norm_gain(name)`` picks from N(1, ``std``): norms near identity keep the signal alive),
+    save it to ``out`` and mark the folder as random weights."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if norm_gain(name) else 0.0, std)
+    if eos_token_id is not None:
+        model.generation_config.eos_token_id = eos_token_id
+    model.save_pretrained(out, **save_kwargs)
+    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(RANDOM_MARKER)
+
+
+def is_norm_gain(name: str) -> bool:
+    return "norm" in name and name.endswith("weight")
+
+
 def build_random_checkpoint(
     out_dir: str | os.PathLike,
     arch: str = "llama",
@@ -96,7 +122,6 @@ def build_random_checkpoint(
     Weights are drawn with ``std`` (0.1-0.2): the HF default init gives near-tied logits, which
     makes greedy parity flaky, while 0.3+ collapses generation into one repeated token.
     """
-    import torch
     import transformers
 
     out = Path(out_dir)
@@ -122,16 +147,8 @@ def build_random_checkpoint(
         tie_word_embeddings=False,
         **config_overrides,
     )
-    torch.manual_seed(seed)
-    model = model_cls(config).to(torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
-    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
-        "This checkpoint has random weights: it produces arbitrary text.\n"
-    )
+    save_random_model(model_cls, config, out, std=std, seed=seed, **kwargs)
     return out
 
 
@@ -150,7 +167,6 @@ def build_random_llava(
 ) -> Path:
     """A tiny random `LlavaForConditionalGeneration` (CLIP tower + MLP projector + Llama) saved
     with an HF `LlavaProcessor` (CLIP image processor) and a chat template with image parts."""
-    import torch
     import transformers
 
     out = Path(out_dir)
@@ -174,16 +190,8 @@ def build_random_llava(
         vision_feature_select_strategy=select_strategy, vision_feature_layer=feature_layer,
         projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, std)  # layer norms near identity keep the tower's signal alive
-            else:
-                p.normal_(0.0, std)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
+    save_random_model(transformers.LlavaForConditionalGeneration, config, out, std=std, seed=seed,
+                      norm_gain=is_norm_gain, eos_token_id=tok.eos_token_id)
     mean, std_ = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
@@ -195,9 +203,6 @@ def build_random_llava(
         chat_template=CHATML_MM_TEMPLATE, num_additional_image_tokens=1,
     )
     processor.save_pretrained(out)
-    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
-        "This checkpoint has random weights: it produces arbitrary text.\n"
-    )
     return out
 
 
@@ -243,7 +248,6 @@ def build_random_qwen2_vl(
     8). The default pixel bounds make a 30-120 px image 2-16 placeholder tokens (grids 2x4 to
     8x8). Qwen2.5-VL's windows are 56 px (2x2 merged tokens), so such images have several, and
     its last vision block attends over the whole image."""
-    import torch
     import transformers
 
     out = Path(out_dir)
@@ -278,25 +282,16 @@ def build_random_qwen2_vl(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(seed)
-    model = model_cls(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
-                p.normal_(1.0, std)  # norms near identity keep the signal alive
-            else:
-                p.normal_(0.0, std)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
+    save_random_model(
+        model_cls, config, out, std=std, seed=seed, eos_token_id=tok.eos_token_id,
+        norm_gain=lambda name: name.endswith(("norm.weight", "norm1.weight", "norm2.weight",
+                                              "ln_q.weight")))
     # The image processor alone, flat in preprocessor_config.json: a whole Qwen2VLProcessor
     # needs the video processor, which needs torchvision. The PIL backend saves the same config
     # as the default (torchvision) one.
     image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=min_pixels,
                                                             max_pixels=max_pixels)
     image_processor.save_pretrained(out)
-    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
-        "This checkpoint has random weights: it produces arbitrary text.\n"
-    )
     return out
 
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from frontend.random_model import CHATML_MM_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+from frontend.random_model import (
+    CHATML_MM_TEMPLATE,
+    IMAGE_TOKEN,
+    build_tokenizer,
+    is_norm_gain,
+    save_random_model,
+)
 
 VIDEO_TOKEN = "<video>"
 # Tower-size multiples up to 3 tiles a side, so tiles go 1x1 to 3x1 / 1x3 and 2x2.
@@ -39,7 +45,6 @@ def build_random_llava_onevision(
     ~50 image rows per image often drown the prompt and greedy answers collapse to one token
     whatever the image (a swap test could not tell images apart).
     """
-    import torch
     import transformers
 
     out = Path(out_dir)
@@ -68,16 +73,9 @@ def build_random_llava_onevision(
         image_grid_pinpoints=pinpoints, vision_aspect_ratio=vision_aspect_ratio,
         projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlavaOnevisionForConditionalGeneration(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, std)  # layer norms near identity keep the tower's signal alive
-            else:
-                p.normal_(0.0, std)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
+    save_random_model(transformers.LlavaOnevisionForConditionalGeneration, config, out, std=std,
+                      seed=seed, norm_gain=is_norm_gain,
+                      eos_token_id=tok.eos_token_id)
     # The image processor alone, flat in preprocessor_config.json: the whole processor needs the
     # video processor, which needs torchvision. OneVision normalizes with mean = std = 0.5.
     image_processor = transformers.LlavaOnevisionImageProcessorPil(
@@ -85,7 +83,4 @@ def build_random_llava_onevision(
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
     image_processor.save_pretrained(out)
-    (out / "MMSERVE_RANDOM_WEIGHTS").write_text(
-        "This checkpoint has random weights: it produces arbitrary text.\n"
-    )
     return out
