@@ -58,7 +58,7 @@ class LlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-def _absolute_layers(feature_layer: int | list[int], num_layers: int) -> list[int]:
+def absolute_layers(feature_layer: int | list[int], num_layers: int) -> list[int]:
     """Indices into the L + 1 hidden states (negative ones count from the end, as in Python)."""
     layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
     if not layers:
@@ -69,6 +69,58 @@ def _absolute_layers(feature_layer: int | list[int], num_layers: int) -> list[in
             raise ValueError(f"vision_feature_layer {i} is outside a {num_layers}-layer tower")
         out.append(i if i >= 0 else num_layers + 1 + i)
     return out
+
+
+def build_tower_and_projector(tower_cls, vision, hf, num_layers: int, num_feature_layers: int,
+                              dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """A LLaVA-family tower truncated after ``num_layers`` layers and its projector, built on the
+    meta device and allocated once in ``dtype`` on ``device``: no random init of a tower of
+    hundreds of millions of parameters that the checkpoint overwrites anyway."""
+    with torch.device("meta"):
+        tower = tower_cls(vision, num_layers)
+        projector = LlavaProjector(vision.hidden_size * num_feature_layers,
+                                   hf.text_config.hidden_size, hf.projector_hidden_act,
+                                   getattr(hf, "multimodal_projector_bias", True))
+    tower = tower.to(dtype).to_empty(device=device).eval()
+    projector = projector.to(dtype).to_empty(device=device).eval()
+    # A non-persistent buffer: not in the checkpoint, so to_empty left it uninitialized.
+    pos = tower.embeddings.position_ids
+    pos.copy_(torch.arange(pos.shape[-1], device=device).expand_as(pos))
+    return tower, projector
+
+
+def load_tower_and_projector(model_dir: str, local_name, tower: nn.Module,
+                             projector: nn.Module) -> dict[str, torch.Tensor]:
+    """Copy the checkpoint's ``tower.*`` / ``projector.*`` weights (``local_name`` maps
+    checkpoint names to those) into the modules; returns the other weights it kept."""
+    weights = load_weights(model_dir, local_name)
+    copy_into(tower, {k[6:]: v for k, v in weights.items() if k.startswith("tower.")},
+              f"{model_dir} vision_tower")
+    copy_into(projector, {k[10:]: v for k, v in weights.items() if k.startswith("projector.")},
+              f"{model_dir} projector")
+    return {k: v for k, v in weights.items() if not k.startswith(("tower.", "projector."))}
+
+
+def tower_local_name(name: str, num_layers: int, kept: tuple[str, ...]) -> str | None:
+    """Checkpoint name -> ``tower.*`` / ``projector.*``, or None for weights the truncated
+    tower never uses (layers past ``num_layers``, and any top-level part not in ``kept``).
+
+    Accepts transformers 4 names (``vision_tower.vision_model.*``), transformers 5 names
+    (``vision_tower.*``) and either behind a ``model.`` prefix.
+    """
+    name = name.removeprefix("model.")
+    if name.startswith("multi_modal_projector."):
+        return "projector." + name.removeprefix("multi_modal_projector.")
+    if not name.startswith("vision_tower."):
+        return None
+    rest = name.removeprefix("vision_tower.").removeprefix("vision_model.")
+    if rest.startswith("encoder.layers."):
+        if int(rest.split(".")[2]) >= num_layers:
+            return None  # past the deepest feature layer: never runs
+        rest = rest.removeprefix("encoder.")
+    elif not rest.startswith(kept):
+        return None  # post-layernorm (and any head) only feed the pooled output
+    return "tower." + rest
 
 
 class LlavaEncoder(EncoderModel):
@@ -83,7 +135,7 @@ class LlavaEncoder(EncoderModel):
         if self.select_strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {self.select_strategy!r} is not "
                              "'default' or 'full'")
-        self.feature_layers = _absolute_layers(hf.vision_feature_layer, vision.num_hidden_layers)
+        self.feature_layers = absolute_layers(hf.vision_feature_layer, vision.num_hidden_layers)
         self.processor = ClipImageProcessor.from_pretrained(model_dir)
         side = vision.image_size
         if self.processor.output_hw() != (side, side):
@@ -95,43 +147,14 @@ class LlavaEncoder(EncoderModel):
         self.hidden_size = hf.text_config.hidden_size
         self.device, self.dtype = torch.device(device), dtype
         self.num_tower_layers = max(self.feature_layers)
-        # Built on the meta device, then allocated once in the target dtype on the target device:
-        # no random init of a 300M-parameter tower that the checkpoint overwrites anyway.
-        with torch.device("meta"):
-            self.tower = ClipTower(vision, self.num_tower_layers)
-            self.projector = LlavaProjector(vision.hidden_size * len(self.feature_layers),
-                                            self.hidden_size, hf.projector_hidden_act,
-                                            getattr(hf, "multimodal_projector_bias", True))
-        self.tower = self.tower.to(dtype).to_empty(device=self.device).eval()
-        self.projector = self.projector.to(dtype).to_empty(device=self.device).eval()
-        # A non-persistent buffer: not in the checkpoint, so to_empty left it uninitialized.
-        pos = self.tower.embeddings.position_ids
-        pos.copy_(torch.arange(pos.shape[-1], device=self.device).expand_as(pos))
-        weights = load_weights(model_dir, self._local_name)
-        copy_into(self.tower, {k[6:]: v for k, v in weights.items() if k.startswith("tower.")},
-                  f"{model_dir} vision_tower")
-        copy_into(self.projector, {k[10:]: v for k, v in weights.items()
-                                   if k.startswith("projector.")}, f"{model_dir} projector")
+        self.tower, self.projector = build_tower_and_projector(
+            ClipTower, vision, hf, self.num_tower_layers, len(self.feature_layers), dtype,
+            self.device)
+        load_tower_and_projector(model_dir, self._local_name, self.tower, self.projector)
 
     def _local_name(self, name: str) -> str | None:
-        """Checkpoint name -> ``tower.*`` / ``projector.*``, or None for weights we don't use.
-
-        Accepts transformers 4 names (``vision_tower.vision_model.*``), transformers 5 names
-        (``vision_tower.*``) and either behind a ``model.`` prefix.
-        """
-        name = name.removeprefix("model.")
-        if name.startswith("multi_modal_projector."):
-            return "projector." + name.removeprefix("multi_modal_projector.")
-        if not name.startswith("vision_tower."):
-            return None
-        rest = name.removeprefix("vision_tower.").removeprefix("vision_model.")
-        if rest.startswith("encoder.layers."):
-            if int(rest.split(".")[2]) >= self.num_tower_layers:
-                return None  # past the deepest feature layer: never runs
-            rest = rest.removeprefix("encoder.")
-        elif not rest.startswith(("embeddings.", "pre_layrnorm.")):
-            return None  # post_layernorm (and any head) only feed CLIP's pooled output
-        return "tower." + rest
+        # CLIP's pre-layernorm runs before the layers; its post-layernorm never does.
+        return tower_local_name(name, self.num_tower_layers, ("embeddings.", "pre_layrnorm."))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.processor(image)  # [3, side, side] float32

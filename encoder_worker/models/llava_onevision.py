@@ -26,9 +26,13 @@ from transformers import AutoConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
 
 from encoder_worker.models.base import EncoderModel, Patches
-from encoder_worker.models.llava import LlavaProjector, _absolute_layers
+from encoder_worker.models.llava import (
+    absolute_layers,
+    build_tower_and_projector,
+    load_tower_and_projector,
+    tower_local_name,
+)
 from encoder_worker.models.llava_onevision_image import AnyresImageProcessor
-from encoder_worker.models.weights import copy_into, load_weights
 
 
 class SiglipTower(nn.Module):
@@ -63,50 +67,23 @@ class LlavaOnevisionEncoder(EncoderModel):
         model_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
         self.processor = AnyresImageProcessor.from_pretrained(model_dir, model_config)
         self.geometry = self.processor.geometry  # refuses strategies and sizes we can't pack
-        self.feature_layers = _absolute_layers(hf.vision_feature_layer, vision.num_hidden_layers)
+        self.feature_layers = absolute_layers(hf.vision_feature_layer, vision.num_hidden_layers)
         self.num_tower_layers = max(self.feature_layers)
         self.hidden_size = hf.text_config.hidden_size
         self.device, self.dtype = torch.device(device), dtype
-        # Built on the meta device, then allocated once in the target dtype on the target device:
-        # no random init of a 400M-parameter tower that the checkpoint overwrites anyway.
-        with torch.device("meta"):
-            self.tower = SiglipTower(vision, self.num_tower_layers)
-            self.projector = LlavaProjector(vision.hidden_size * len(self.feature_layers),
-                                            self.hidden_size, hf.projector_hidden_act,
-                                            getattr(hf, "multimodal_projector_bias", True))
-        self.tower = self.tower.to(dtype).to_empty(device=self.device).eval()
-        self.projector = self.projector.to(dtype).to_empty(device=self.device).eval()
-        # A non-persistent buffer: not in the checkpoint, so to_empty left it uninitialized.
-        pos = self.tower.embeddings.position_ids
-        pos.copy_(torch.arange(pos.shape[-1], device=self.device).expand_as(pos))
-        weights = load_weights(model_dir, self._local_name)
-        if "newline" not in weights:
+        self.tower, self.projector = build_tower_and_projector(
+            SiglipTower, vision, hf, self.num_tower_layers, len(self.feature_layers), dtype,
+            self.device)
+        rest = load_tower_and_projector(model_dir, self._local_name, self.tower, self.projector)
+        if "newline" not in rest:
             raise ValueError(f"{model_dir}: the checkpoint has no image_newline")
-        self.newline = weights.pop("newline").to(self.device, dtype)  # [hidden_size]
-        copy_into(self.tower, {k[6:]: v for k, v in weights.items() if k.startswith("tower.")},
-                  f"{model_dir} vision_tower")
-        copy_into(self.projector, {k[10:]: v for k, v in weights.items()
-                                   if k.startswith("projector.")}, f"{model_dir} projector")
+        self.newline = rest["newline"].to(self.device, dtype)  # [hidden_size]
 
     def _local_name(self, name: str) -> str | None:
-        """Checkpoint name -> ``tower.*`` / ``projector.*`` / ``newline``, or None for weights
-        we don't use. Accepts transformers 4 names (``vision_tower.vision_model.*``),
-        transformers 5 names (``vision_tower.*``) and either behind a ``model.`` prefix."""
-        name = name.removeprefix("model.")
-        if name == "image_newline":
+        if name.removeprefix("model.") == "image_newline":
             return "newline"
-        if name.startswith("multi_modal_projector."):
-            return "projector." + name.removeprefix("multi_modal_projector.")
-        if not name.startswith("vision_tower."):
-            return None
-        rest = name.removeprefix("vision_tower.").removeprefix("vision_model.")
-        if rest.startswith("encoder.layers."):
-            if int(rest.split(".")[2]) >= self.num_tower_layers:
-                return None  # past the deepest feature layer: never runs
-            rest = rest.removeprefix("encoder.")
-        elif not rest.startswith("embeddings."):
-            return None  # post_layernorm (and any head) only feed SigLIP's pooled output
-        return "tower." + rest
+        # SigLIP has no pre-layernorm; its post-layernorm feeds only the pooled output.
+        return tower_local_name(name, self.num_tower_layers, ("embeddings.",))
 
     def preprocess(self, image: Image.Image) -> Patches:
         return self.processor(image)
