@@ -32,3 +32,14 @@ def run_interpreter_cases(test_file: str, selector: str, kernels: str | None) ->
     )
     assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and " skipped" not in child.stdout, child.stdout[-2000:]
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interp_or_gpu_cases(cpu: list[tuple], gpu: list[tuple]) -> list:
+    """A kernel test's parameters: its interpreter cases (device "cpu") in the child process,
+    its compiled GPU cases (device "cuda", marked gpu) everywhere else."""
+    if INTERPRETED:
+        return [("cpu", *c) for c in cpu]
+    return [pytest.param("cuda", *c, marks=pytest.mark.gpu) for c in gpu]

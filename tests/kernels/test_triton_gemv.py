@@ -7,23 +7,16 @@ NaN-poisoned allocation, so an element the kernel never writes fails."""
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from interp_child import run_interpreter_cases
+from interp_child import INTERPRETED, run_interpreter_cases
+from interp_child import interp_or_gpu_cases as cases
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 SMALL = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}  # interpreter tiles
-
-
-def cases(cpu: list[tuple], gpu: list[tuple]) -> list:
-    if INTERPRETED:
-        return [("cpu", *c) for c in cpu]
-    return [pytest.param("cuda", *c, marks=pytest.mark.gpu) for c in gpu]
 
 
 def test_interpreter_cases():

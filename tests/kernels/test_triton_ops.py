@@ -11,13 +11,13 @@ allocations poisoned with NaN, so an element a kernel never writes fails the com
 
 from __future__ import annotations
 
-import os
 import zlib
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from interp_child import run_interpreter_cases
+from interp_child import INTERPRETED, run_interpreter_cases
+from interp_child import interp_or_gpu_cases as cases
 
 import kernels
 from kernels import reference
@@ -25,7 +25,6 @@ from llm_worker.layers.activation import SiluAndMul
 from llm_worker.layers.norm import RMSNorm
 from llm_worker.layers.rope import RotaryEmbedding
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_cases' child")
 
 # (rtol, atol) per dtype. fp32 differs from the reference only in summation order. bf16/fp16 allow
@@ -37,13 +36,6 @@ TOL = {
     torch.bfloat16: (2e-2, 2e-2),
 }
 DTYPES = list(TOL)
-
-
-def cases(cpu: list[tuple], gpu: list[tuple]) -> list:
-    """Interpreter cases in the child process, compiled GPU cases (marked gpu) everywhere else."""
-    if INTERPRETED:
-        return [("cpu", *c) for c in cpu]
-    return [pytest.param("cuda", *c, marks=pytest.mark.gpu) for c in gpu]
 
 
 def test_interpreter_cases():
