@@ -175,13 +175,23 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [T, Hq, D]
         k: torch.Tensor,  # [T, Hkv, D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.device != self._device:
-            self._device, self._apply_rope = q.device, kernels.get("apply_rope", q.device)
+        return self.apply(self.step(positions), q, k)
+
+    def step(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, cos | sin table) the kernel reads for this step's tokens: the 1-D cache
+        as it is, or for M-RoPE the step's own table. A model builds it once per forward and
+        every layer applies it (`apply`)."""
         if self.mrope_rows is None:
-            return self._apply_rope(q, k, positions, self.cos_sin_cache)
+            return positions, self.cos_sin_cache
         # M-RoPE: column c of token t's cos | sin row is the 1-D cache's column c at the token's
         # position in c's section. One gather builds the step's own table; token t then reads
         # row t of it, so the 1-D kernel (and a captured graph) runs M-RoPE unchanged.
         table = self.cos_sin_cache.gather(0, positions[:, self.mrope_rows])  # [T, D]
-        rows = torch.arange(positions.shape[0], device=positions.device)
-        return self._apply_rope(q, k, rows, table)
+        return torch.arange(positions.shape[0], device=positions.device), table
+
+    def apply(self, step: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
+              k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.device != self._device:
+            self._device, self._apply_rope = q.device, kernels.get("apply_rope", q.device)
+        positions, table = step
+        return self._apply_rope(q, k, positions, table)

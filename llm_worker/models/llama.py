@@ -60,9 +60,10 @@ class LlamaAttention(nn.Module):
         self.attn_backend = attn_backend
         self.scale = head_dim**-0.5
 
-    def forward(self, positions, hidden, kv_cache, meta) -> torch.Tensor:
+    def forward(self, rope, hidden, kv_cache, meta) -> torch.Tensor:
+        """``rope``: this step's `RotaryEmbedding.step`, built once for all layers."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # [T, Hq, D], [T, Hkv, D] x2
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb.apply(rope, q, k)
         out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.flatten(1))  # [T, hidden]
 
@@ -92,13 +93,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta):
+    def forward(self, rope, hidden, residual, kv_cache, meta):
         # The residual stream rides along the fused add+norm (vLLM style): one pass, not two.
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(rope, hidden, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -119,8 +120,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, positions, hidden, kv_caches, meta) -> torch.Tensor:
         residual = None
+        rope = self.rotary_emb.step(positions)  # once per step (M-RoPE gathers its table here)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
