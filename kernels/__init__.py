@@ -32,15 +32,18 @@ TRITON: dict[str, str] = {
     "apply_rope": "kernels.triton_ops:apply_rope",
     "write_kv_cache": "kernels.triton_ops:write_kv_cache",
     "paged_attention": "kernels.triton_attention:paged_attention",
-    # A GEMV for decode's few rows; the layers still call F.linear (cuBLAS) until
-    # bench/gemv_sweep.py shows it faster on the GPU.
+    # A GEMV for decode's few rows (<= 16; more go to cuBLAS): 3-8% faster than cuBLAS's M=1
+    # path at every 7B projection on the H200 (bench/gemv_sweep.py).
     "linear": "kernels.triton_gemv:linear",
 }
 
 
-def use_triton(device: Any) -> bool:
+def use_triton(device: Any, name: str | None = None) -> bool:
     """Triton on CUDA devices; on CPU only when forced (tests run kernels under the interpreter
-    with MMSERVE_KERNELS=triton TRITON_INTERPRET=1)."""
+    with MMSERVE_KERNELS=triton TRITON_INTERPRET=1). MMSERVE_REFERENCE_OPS="linear,..." keeps
+    the named ops on the reference everywhere (the benchmarks' A/B of one kernel)."""
+    if name is not None and name in os.environ.get("MMSERVE_REFERENCE_OPS", "").split(","):
+        return False
     forced = os.environ.get("MMSERVE_KERNELS", "auto")
     if forced == "reference":
         return False
@@ -55,11 +58,24 @@ def get(name: str, device: Any) -> Callable[..., Any]:
     if name not in OPS:
         raise KeyError(f"unknown kernel {name!r} (known: {', '.join(OPS)})")
     path = TRITON.get(name)
-    if path is None or not use_triton(device):
+    if path is None or not use_triton(device, name):
         return globals()[name]
     module, fn = path.split(":")
     return getattr(importlib.import_module(module), fn)
 
 
-__all__ = ["OPS", "TRITON", "apply_rope", "get", "linear", "paged_attention", "rms_norm",
+class DeviceOp:
+    """Op ``name`` for the device of its first argument, resolved when that device changes (a
+    module's first forward), not per call: `get` reads the environment."""
+
+    def __init__(self, name: str):
+        self.name, self.device, self.fn = name, None, globals()[name]
+
+    def __call__(self, x: Any, *args: Any) -> Any:
+        if x.device != self.device:
+            self.device, self.fn = x.device, get(self.name, x.device)
+        return self.fn(x, *args)
+
+
+__all__ = ["OPS", "TRITON", "DeviceOp", "apply_rope", "get", "linear", "paged_attention", "rms_norm",
            "silu_and_mul", "use_triton", "write_kv_cache"]

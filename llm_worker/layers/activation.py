@@ -13,13 +13,9 @@ class SiluAndMul(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # The kernel for the device of the last input: resolved at first forward, not per call.
-        self._device: torch.device | None = None
-        self._silu_and_mul = kernels.silu_and_mul
+        self._silu_and_mul = kernels.DeviceOp("silu_and_mul")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device != self._device:
-            self._device, self._silu_and_mul = x.device, kernels.get("silu_and_mul", x.device)
         return self._silu_and_mul(x)
 
 

@@ -14,9 +14,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         # Replicated on every rank; uninitialised because the checkpoint overwrites it.
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)  # [hidden]
-        # The kernel for the device of the last input: resolved at first forward, not per call.
-        self._device: torch.device | None = None
-        self._rms_norm = kernels.rms_norm
+        self._rms_norm = kernels.DeviceOp("rms_norm")
 
     def forward(
         self,
@@ -24,6 +22,4 @@ class RMSNorm(nn.Module):
         residual: torch.Tensor | None = None,  # [T, hidden]
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or (norm(x + residual), x + residual) when a residual is given."""
-        if x.device != self._device:
-            self._device, self._rms_norm = x.device, kernels.get("rms_norm", x.device)
         return self._rms_norm(x, self.weight, self.eps, residual)

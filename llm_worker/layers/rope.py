@@ -166,8 +166,7 @@ class RotaryEmbedding(nn.Module):
         # [head_dim] int64 for M-RoPE, else None.
         self.register_buffer("mrope_rows", rows, persistent=False)
         # The kernel for the device of the last input: resolved at first forward, not per call.
-        self._device: torch.device | None = None
-        self._apply_rope = kernels.apply_rope
+        self._apply_rope = kernels.DeviceOp("apply_rope")
 
     def forward(
         self,
@@ -191,7 +190,5 @@ class RotaryEmbedding(nn.Module):
 
     def apply(self, step: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
               k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.device != self._device:
-            self._device, self._apply_rope = q.device, kernels.get("apply_rope", q.device)
         positions, table = step
         return self._apply_rope(q, k, positions, table)

@@ -89,3 +89,26 @@ def test_many_rows_go_to_f_linear(gemv_mod, request, device, monkeypatch):
         gemv_mod.gemv(x, w)
     monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: pytest.fail("gemv took 17 rows"))
     torch.testing.assert_close(gemv_mod.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize(("device",), cases(cpu=[()], gpu=[()]))
+def test_parallel_linears_run_the_gemv(gemv_mod, request, device, monkeypatch):
+    """The decoder's linears dispatch to the GEMV for few rows (Triton is forced on CPU; it is
+    the default on CUDA) and give F.linear's answer."""
+    from llm_worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    monkeypatch.setenv("MMSERVE_KERNELS", "triton")
+    monkeypatch.delenv("MMSERVE_REFERENCE_OPS", raising=False)
+    if INTERPRETED:
+        monkeypatch.setattr(gemv_mod, "default_config", lambda *shape: SMALL)
+    calls, real = [], gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a))
+    with torch.device(device):
+        column, row = ColumnParallelLinear(72, 24, bias=True), RowParallelLinear(24, 40)
+    x, w, b = _inputs(request, device, 3, 24, 72, torch.float32, True)
+    column.weight.data, column.bias.data = w, b
+    row.weight.data = _inputs(request, device, 1, 40, 24, torch.float32, False)[1]
+    hidden = column(x)
+    torch.testing.assert_close(hidden, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row(hidden), F.linear(hidden, row.weight), rtol=1e-5, atol=1e-5)
+    assert calls == [(3, 72), (3, 24)]

@@ -275,13 +275,22 @@ def test_dispatch_and_layers_resolve_once(triton_ops, gen, monkeypatch):
         rope(positions, q, k), reference.apply_rope(q, k, positions, rope.cos_sin_cache)
     ):
         _close(got, want)
-    resolved = (norm._rms_norm, act._silu_and_mul, rope._apply_rope)
+    resolved = (norm._rms_norm.fn, act._silu_and_mul.fn, rope._apply_rope.fn)
     assert resolved == (triton_ops.rms_norm, triton_ops.silu_and_mul, triton_ops.apply_rope)
     monkeypatch.setenv("MMSERVE_KERNELS", "reference")
     norm(x)
     act(x)
     rope(positions, q, k)
-    assert (norm._rms_norm, act._silu_and_mul, rope._apply_rope) == resolved
+    assert (norm._rms_norm.fn, act._silu_and_mul.fn, rope._apply_rope.fn) == resolved
+
+
+def test_reference_ops_override_one_op(monkeypatch):
+    """MMSERVE_REFERENCE_OPS keeps the named ops on the reference where Triton would run."""
+    monkeypatch.setenv("MMSERVE_KERNELS", "triton")
+    monkeypatch.setenv("MMSERVE_REFERENCE_OPS", "linear,rms_norm")
+    assert kernels.get("linear", "cpu") is reference.linear
+    assert kernels.get("rms_norm", "cpu") is reference.rms_norm
+    assert kernels.get("silu_and_mul", "cpu") is not reference.silu_and_mul
 
 
 def test_layers_on_cpu_use_the_reference(gen, monkeypatch):
@@ -298,5 +307,5 @@ def test_layers_on_cpu_use_the_reference(gen, monkeypatch):
         (rope(positions, q, k), reference.apply_rope(q, k, positions, rope.cos_sin_cache)),
     ]:
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    resolved = (norm._rms_norm, act._silu_and_mul, rope._apply_rope)
+    resolved = (norm._rms_norm.fn, act._silu_and_mul.fn, rope._apply_rope.fn)
     assert resolved == (reference.rms_norm, reference.silu_and_mul, reference.apply_rope)
