@@ -91,8 +91,9 @@ class FakeRunner:
 
 
 def make(num_blocks=64, bs=16, max_num_seqs=8, budget=64, max_model_len=256, prefix=True,
-         script=None, ready=None):  # fmt: skip
-    cfg = SchedulerConfig(max_num_seqs, budget, max_model_len, block_size=bs)
+         script=None, ready=None, min_partial_prefill=0):  # fmt: skip
+    cfg = SchedulerConfig(max_num_seqs, budget, max_model_len, block_size=bs,
+                          min_partial_prefill=min_partial_prefill)
     sched = Scheduler(cfg, KVBlockManager(num_blocks, bs, prefix), embeddings_ready=ready)
     return sched, FakeRunner(num_blocks, bs, script)
 
@@ -301,11 +302,32 @@ def test_waiting_for_embeddings_prefills_text_before_the_item():
     assert sched.request_ready(sched.requests["c"]) == 0
 
 
+def test_short_text_before_a_missing_item_waits_for_it():
+    """Under min_partial_prefill, the text before an item being encoded is not prefilled on
+    its own (a step of its own would cost a whole weight read); at or past it, it is. Once the
+    embedding arrives, the whole prompt goes in one chunk."""
+    ready: set[str] = set()
+    sched, runner = make(ready=ready.__contains__, min_partial_prefill=16, budget=128)
+    sched.add_request(req("short", list(range(40)), mm=[MMItem("uuid:s", "image", 15, 10)]))
+    sched.add_request(req("long", list(range(40)), mm=[MMItem("uuid:l", "image", 16, 10)]))
+    out, _ = step(sched, runner)
+    assert out.num_scheduled_tokens == {"long": 16}
+    assert sched.requests["short"].status == RequestStatus.WAITING_FOR_EMBEDDINGS
+    out, _ = step(sched, runner)
+    assert out.num_scheduled_tokens == {}  # both stalled: no step at all
+    ready.update({"uuid:s", "uuid:l"})
+    out, _ = step(sched, runner)
+    assert out.num_scheduled_tokens == {"long": 24, "short": 40}
+    assert SchedulerConfig(4, 64, 128).min_partial_prefill == 64  # the default defers
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         SchedulerConfig(0, 64, 128)
     with pytest.raises(ValueError):
         SchedulerConfig(4, 64, 128, enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="min_partial_prefill"):
+        SchedulerConfig(4, 64, 128, min_partial_prefill=-1)
     with pytest.raises(ValueError, match="max_model_len"):
         Scheduler(SchedulerConfig(4, 64, 128), KVBlockManager(8, 16))  # 7 * 16 < 128
     sched = Scheduler(SchedulerConfig(4, 64, 128), KVBlockManager(9, 16))
