@@ -30,9 +30,10 @@ class TowerGraphs:
         self.model = model
         self.input_shape = tuple(input_shape)
         self.batches = sorted(batches)
-        # The graphs read their pixels here, in the model's dtype on its device.
-        self.pixels = torch.zeros(self.batches[-1], *self.input_shape, dtype=model.dtype,
-                                  device=model.device)
+        # The graphs read their inputs here, on the model's device, in the dtype preprocessing
+        # makes (uint8 planes for LLaVA: the graph normalizes them).
+        self.pixels = torch.zeros(self.batches[-1], *self.input_shape,
+                                  dtype=model.graph_input_dtype(), device=model.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # [batch, num_tokens, hidden] each
         self.num_replays = 0
@@ -55,10 +56,11 @@ class TowerGraphs:
         replay (the server copies them to the host before its next batch)."""
         n = pixel_values.shape[0]
         size = next((b for b in self.batches if b >= n), None)
-        if size is None or tuple(pixel_values.shape[1:]) != self.input_shape:
+        if (size is None or tuple(pixel_values.shape[1:]) != self.input_shape
+                or pixel_values.dtype != self.pixels.dtype):
             return self.model.encode(pixel_values)
         with torch.inference_mode():
-            self.pixels[:n].copy_(pixel_values)  # casts on the device
+            self.pixels[:n].copy_(pixel_values)
             self.graphs[size].replay()
         self.num_replays += 1
         return list(self.outputs[size][:n].unbind(0))

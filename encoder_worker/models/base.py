@@ -84,6 +84,10 @@ class EncoderModel(ABC):
         CUDA graphs (`encoder_worker/graphs.py`) through ``encode_batch``. None: shapes vary."""
         return None
 
+    def graph_input_dtype(self) -> torch.dtype:
+        """The dtype of what ``preprocess`` makes, held by the graphs' input buffer."""
+        return self.dtype
+
     def encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``encode`` as one [B, num_tokens, hidden_size] tensor (models with a fixed input)."""
         raise NotImplementedError

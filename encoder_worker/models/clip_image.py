@@ -114,6 +114,11 @@ class ClipImageProcessor:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> pixel values [3, H, W] float32; MediaError if an intermediate would be
         too large."""
+        return normalize(self.planes(image), torch.from_numpy(self.lut))
+
+    def planes(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> resized, cropped [3, H, W] uint8: what `normalize` turns into pixel
+        values, a quarter of their bytes to move (the encoder normalizes on its device)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         h, w = self._resized_hw(image.height, image.width)
@@ -124,11 +129,7 @@ class ClipImageProcessor:
         pixels = np.asarray(image)  # [H, W, 3] uint8
         if self.crop_hw is not None:
             pixels = _center_crop(pixels, *self.crop_hw)
-        planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # [3, H, W] uint8: cheap to move
-        out = np.empty(planes.shape, dtype=np.float32)  # [3, H, W]
-        for c in range(3):
-            np.take(self.lut[c], planes[c], out=out[c])
-        return torch.from_numpy(out)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W]
 
     def _resize(self, image: Image.Image, h: int, w: int) -> Image.Image:
         """Resize to (h, w); past EXACT_RESIZE_PIXELS, only the part the center crop keeps."""
@@ -147,6 +148,14 @@ class ClipImageProcessor:
         sy, sx = image.height / h, image.width / w  # source pixels per output pixel
         box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
         return image.resize((out_w, out_h), resample=self.resample, box=box)
+
+
+def normalize(planes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] uint8 -> float32 pixel values through ``lut`` ([3, 256] float32, on the
+    planes' device): a table lookup, so the result is bit-identical on every device and inside
+    a CUDA graph."""
+    offsets = torch.arange(0, 3 * 256, 256, device=planes.device).view(3, 1, 1)
+    return lut.reshape(-1)[planes.long() + offsets]
 
 
 def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

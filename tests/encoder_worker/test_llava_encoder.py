@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from encoder_worker.models import ENCODER_REGISTRY, load_encoder
-from encoder_worker.models.clip_image import ClipImageProcessor
+from encoder_worker.models.clip_image import ClipImageProcessor, normalize
 from encoder_worker.models.llava import LlavaEncoder
 
 SIZES = [(40, 50), (97, 31), (32, 32), (5, 200), (20, 20), (333, 1)]
@@ -33,10 +33,13 @@ def test_preprocess_equals_hf(encoder, hf_llava, make_image):
     processor, _ = hf_llava
     for seed, (h, w) in enumerate(SIZES):
         img = make_image(seed, h, w)
-        ours = encoder.preprocess(img)
+        planes = encoder.preprocess(img)  # uint8: the tower normalizes on its device
+        assert planes.dtype == torch.uint8 and planes.shape == (3, 32, 32)
+        ours = encoder.processor(img)
         ref = processor(img, return_tensors="np")["pixel_values"][0]
         assert ours.dtype == torch.float32 and ours.shape == (3, 32, 32)
         np.testing.assert_allclose(ours.numpy(), ref, atol=1e-6, rtol=0)
+        assert torch.equal(normalize(planes, torch.from_numpy(encoder.processor.lut)), ours)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -67,6 +70,8 @@ def test_encode_equals_hf(encoder, hf_features, make_image):
     images = [make_image(seed, h, w) for seed, (h, w) in enumerate(SIZES[:4])]
     ours = encoder.encode(torch.stack([encoder.preprocess(i) for i in images]))
     ref = hf_features(images)
+    floats = encoder.encode(torch.stack([encoder.processor(i) for i in images]))
+    assert all(torch.equal(a, b) for a, b in zip(ours, floats))  # planes or pixel values
     assert len(ours) == len(images)
     for o, r in zip(ours, ref):
         assert o.shape == (encoder.num_tokens(50, 40), encoder.hidden_size) == (16, 64)
