@@ -313,7 +313,8 @@ def _load(path: Path) -> dict | None:
 def summarize(results: Path) -> dict:
     """One row per (batch, context): ms/step of each system found in `results`, and the
     roofline of the triton (else reference) run, with ratios computed from the same run."""
-    systems = {"mmserve-triton": "decode_triton.json", "mmserve-eager": "decode_eager.json",
+    systems = {"mmserve-triton": "decode_triton.json", "mmserve-cublas": "decode_cublas.json",
+               "mmserve-eager": "decode_eager.json",
                "mmserve-reference": "decode_reference.json", "hf-eager": "peer_eager.json",
                "hf-static-compile": "peer_static.json"}
     data = {k: _load(results / f) for k, f in systems.items()}
@@ -352,7 +353,7 @@ def summarize(results: Path) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    cols = ["mmserve-triton", "mmserve-eager", "mmserve-reference", "hf-eager",
+    cols = ["mmserve-triton", "mmserve-cublas", "mmserve-eager", "mmserve-reference", "hf-eager",
             "hf-static-compile"]
     env = s.get("env", {})
     rec = env.get("env", {})
@@ -411,7 +412,8 @@ def print_summary(s: dict) -> None:
                   + (f" ({st['note']})" if st.get("note") else ""))
 
 
-COLORS = {"mmserve-triton": "tab:blue", "mmserve-eager": "tab:purple",
+COLORS = {"mmserve-triton": "tab:blue", "mmserve-cublas": "tab:green",
+          "mmserve-eager": "tab:purple",
           "mmserve-reference": "tab:cyan", "hf-eager": "tab:red",
           "hf-static-compile": "tab:orange", "roofline_ms": "black"}
 

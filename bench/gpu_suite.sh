@@ -14,13 +14,15 @@
 #
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
-#   STAGES ["env ckpt pytest kernels decode_triton decode_eager parity profile encoder ttft
-#            decode_reference peer qwen_tower"]
+#   STAGES ["env ckpt pytest kernels decode_triton decode_cublas decode_eager parity profile
+#            encoder ttft decode_reference peer qwen_tower"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
 #   T_PEER [400]: each stage's own timeout in seconds
 #   DECODE_BATCHES ["1 8 32 64"] DECODE_CONTEXTS ["128 700 2048"] DECODE_STEPS [32]
 #   REF_BATCHES ["1 8 32 64"] REF_CONTEXTS ["128 700"] REF_STEPS [8]
+#   CUBLAS_BATCHES ["1 8"] CUBLAS_CONTEXTS ["128 700"] T_DECODE_CUBLAS [80]: graphs + Triton
+#   kernels with the projections on cuBLAS (MMSERVE_REFERENCE_OPS=linear), the GEMV's A/B
 #   EAGER_BATCHES ["1 8 64"] EAGER_CONTEXTS ["128"] (Triton kernels, --enforce-eager) T_DECODE_EAGER [80]
 #   PARITY_BATCH [8] PARITY_STEPS [32] T_PARITY [120]: bench/parity.py, fast path vs reference
 #   PROFILE_BATCHES ["1 8 64"] T_PROFILE [90]: bench/profile_step.py (CUDA only)
@@ -55,7 +57,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_eager parity profile encoder ttft decode_reference peer qwen_tower}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_eager parity profile encoder ttft decode_reference peer qwen_tower}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -68,6 +70,8 @@ DECODE_CONTEXTS=${DECODE_CONTEXTS:-128 700 2048}
 DECODE_STEPS=${DECODE_STEPS:-32}
 REF_BATCHES=${REF_BATCHES:-1 8 32 64}
 REF_CONTEXTS=${REF_CONTEXTS:-128 700}
+CUBLAS_BATCHES=${CUBLAS_BATCHES:-1 8}
+CUBLAS_CONTEXTS=${CUBLAS_CONTEXTS:-128 700}
 EAGER_BATCHES=${EAGER_BATCHES:-1 8 64}
 EAGER_CONTEXTS=${EAGER_CONTEXTS:-128}
 PARITY_BATCH=${PARITY_BATCH:-8}
@@ -157,6 +161,9 @@ run_stage kernels "${T_KERNELS:-90}" 20 \
 DEC="python3 bench/decode.py --model $CKPT $D --prefill-batch $PREFILL_BATCH --prefill-len $PREFILL_LEN"
 run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --batch $DECODE_BATCHES \
     --context $DECODE_CONTEXTS --steps $DECODE_STEPS --budget-s @BUDGET@ --out $WORK/decode_triton.json"
+run_stage decode_cublas "${T_DECODE_CUBLAS:-80}" 30 "MMSERVE_KERNELS=triton \
+    MMSERVE_REFERENCE_OPS=linear $DEC --batch $CUBLAS_BATCHES --context $CUBLAS_CONTEXTS \
+    --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ --out $WORK/decode_cublas.json"
 run_stage decode_eager "${T_DECODE_EAGER:-80}" 30 "MMSERVE_KERNELS=triton $DEC --enforce-eager \
     --batch $EAGER_BATCHES --context $EAGER_CONTEXTS --steps $REF_STEPS --prefill-reps 1 \
     --budget-s @BUDGET@ --out $WORK/decode_eager.json"
