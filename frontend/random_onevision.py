@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 from frontend.random_model import (
-    CHATML_MM_TEMPLATE,
     IMAGE_TOKEN,
     build_tokenizer,
     is_norm_gain,
@@ -18,6 +17,20 @@ from frontend.random_model import (
 )
 
 VIDEO_TOKEN = "<video>"
+# ChatML rendering image parts as <image> and video parts as <video>, as OneVision's own
+# template does (`random_model.CHATML_MM_TEMPLATE` knows only images).
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}{% endif %}"
+    "{% if not (loop.last and continue_final_message) %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Tower-size multiples up to 3 tiles a side, so tiles go 1x1 to 3x1 / 1x3 and 2x2.
 TINY_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 
@@ -36,8 +49,9 @@ def build_random_llava_onevision(
     seed: int = 0,
 ) -> Path:
     """A tiny random `LlavaOnevisionForConditionalGeneration` (SigLIP tower, MLP projector,
-    image newline, Qwen2 LM) with a tokenizer holding ``<image>`` and ``<video>``, a chat
-    template with image parts and the image processor config.
+    image newline, Qwen2 LM) with a tokenizer holding ``<image>`` and ``<video>``
+    (``video_token_index``), a chat template with image and video parts and the image
+    processor config (whose settings the video half reads too, as transformers does).
 
     The defaults make a tile 4x4 = 16 features; ``anyres_max_2`` lets up to 2 tiles' worth of
     unpadded features through, so a 2x2-tile image is downsampled and a 1x2 one is not (both
@@ -49,7 +63,7 @@ def build_random_llava_onevision(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out, chat_template=CHATML_MM_TEMPLATE)
+    build_tokenizer(out, chat_template=ONEVISION_TEMPLATE)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     tok.add_tokens([VIDEO_TOKEN], special_tokens=True)
     tok.save_pretrained(out)

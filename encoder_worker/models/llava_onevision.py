@@ -1,10 +1,11 @@
 """LLaVA-OneVision, encoder slice: anyres tiling, the SigLIP vision tower, the MLP projector and
-the packing of each image's tiles into the LM's rows (unpad, anyres_max shrink, image newline).
+the packing of each image's tiles into the LM's rows (unpad, anyres_max shrink, image newline);
+a video's frames, one tile each, pooled 2x2 and followed by one newline row.
 
-Tiles all have the tower's size, so the tiles of every image of a step run as one tower batch
-([sum tiles, 3, side, side]) and are split per image only for the packing, which follows the
-image's `AnyresLayout` (`protocol.geometry.llava_onevision`): the row count is the one the
-frontend put in the prompt.
+Tiles all have the tower's size, so the tiles of every image and the frames of every video of a
+step run as one tower batch ([sum tiles, 3, side, side]) and are split per item only for the
+packing, which follows the image's `AnyresLayout` (`protocol.geometry.llava_onevision`): the
+row count is the one the frontend put in the prompt.
 
 Only ``vision_tower.*``, ``multi_modal_projector.*`` and ``image_newline`` are read from the
 checkpoint (the LM is the decoder's). The tower reuses transformers' SigLIP embedding and
@@ -16,7 +17,9 @@ never runs and is never loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,7 @@ from encoder_worker.models.llava import (
     tower_local_name,
 )
 from encoder_worker.models.llava_onevision_image import AnyresImageProcessor
+from encoder_worker.video import Video
 
 
 class SiglipTower(nn.Module):
@@ -55,7 +59,8 @@ class SiglipTower(nn.Module):
 
 
 class LlavaOnevisionEncoder(EncoderModel):
-    packs_variable_sizes = True  # images only: the base class's default modality
+    modalities = ("image", "video")
+    packs_variable_sizes = True
 
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
         hf = AutoConfig.from_pretrained(model_dir)
@@ -94,6 +99,13 @@ class LlavaOnevisionEncoder(EncoderModel):
             return super().preprocess_variant(image, variant)
         return self.processor.base_tile(image)
 
+    def video_frames(self, total: int, fps: float, kwargs: Mapping[str, Any]) -> list[int]:
+        return self.geometry.sample_frames(total, fps, kwargs.get("num_frames"),
+                                           kwargs.get("fps"))
+
+    def preprocess_video(self, video: Video) -> Patches:
+        return self.processor.video(video.frames)
+
     def num_tokens(self, width: int, height: int) -> int:
         return self.geometry.image(width, height).num_tokens
 
@@ -103,9 +115,22 @@ class LlavaOnevisionEncoder(EncoderModel):
         tiles = torch.cat([item.values for item in items]).to(self.device).to(self.dtype)
         states = self.tower(tiles, self.feature_layers)  # each [sum tiles, side^2, vision_hidden]
         features = self.projector(states[0] if len(states) == 1 else torch.cat(states, dim=-1))
-        per_image = features.split([item.values.shape[0] for item in items])
-        return [self._pack(f, item.image_hw[1], item.image_hw[0])
-                for f, item in zip(per_image, items)]
+        per_item = features.split([item.values.shape[0] for item in items])
+        return [self._pool_video(f) if item.image_hw is None  # a video has no image size
+                else self._pack(f, item.image_hw[1], item.image_hw[0])
+                for f, item in zip(per_item, items)]
+
+    def _pool_video(self, features: torch.Tensor) -> torch.Tensor:
+        """A video's [frames, side^2, hidden] -> [frames * pooled^2 + 1, hidden]: each frame's
+        map shrunk bilinearly to ceil(side / 2) a side (transformers' apply_pooling), frames in
+        order, then one newline row for the whole video."""
+        side, pooled = self.geometry.side, self.geometry.pooled
+        # [frames, hidden, side, side], contiguous as transformers has it (a channels-last
+        # input would take another interpolation kernel)
+        grid = features.view(-1, side, side, features.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        grid = F.interpolate(grid, size=[pooled, pooled], mode="bilinear")
+        rows = grid.permute(0, 2, 3, 1).reshape(-1, features.shape[-1])
+        return torch.cat((rows, self.newline[None]))
 
     def _pack(self, features: torch.Tensor, width: int, height: int) -> torch.Tensor:
         """One image's [1 + tiles, side^2, hidden] -> its LM rows [num_tokens, hidden]: the base

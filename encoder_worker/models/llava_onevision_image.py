@@ -10,6 +10,11 @@ huge input never makes a huge buffer.
 
 Rescale + normalize are one [3, 256] lookup table built with transformers' arithmetic (float64
 rescale stored as float32, then float32 (x - mean) / std), as in `clip_image.py`.
+
+A video's frames are each resized whole to one tile (PIL, the video processor's filter) and
+normalized with the video processor's mean and std, frame by frame as the image processor
+would (transformers' video processor does the same steps on torchvision tensors, which needs
+torchvision and rounds its bicubic differently).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from PIL import Image
 
 from encoder_worker.models.base import Patches
 from encoder_worker.models.clip_image import image_processor_config
+from protocol.checkpoint import video_processor_config
 from protocol.geometry.llava_onevision import LlavaOnevisionGeometry
 
 # transformers' LlavaOnevisionImageProcessor defaults (OpenAI CLIP's), for configs saved without
@@ -52,22 +58,29 @@ class AnyresImageProcessor:
     resample: int  # PIL resampling filter (3 = bicubic)
     lut: np.ndarray  # [3, 256] float32, see normalize_table
     pad_color: tuple[int, int, int]  # a multi-image prompt's images pad to square with the mean
+    video_resample: int  # the video processor's filter
+    video_lut: np.ndarray  # [3, 256] float32, from the video processor's mean and std
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, model_config: dict[str, Any]
                         ) -> AnyresImageProcessor:
         cfg = image_processor_config(folder)
-        if not cfg.get("do_resize", True) or cfg.get("do_center_crop"):
-            raise ValueError(f"{folder}: anyres tiling needs do_resize and no center crop")
-        return cls.from_config(model_config, cfg)
+        video = video_processor_config(folder)
+        for name, c in (("image", cfg), ("video", video or {})):
+            if not c.get("do_resize", True) or c.get("do_center_crop"):
+                raise ValueError(f"{folder}: the {name} processor must resize and not crop")
+        return cls.from_config(model_config, cfg, video)
 
     @classmethod
-    def from_config(cls, model_config: dict[str, Any], cfg: dict[str, Any]
-                    ) -> AnyresImageProcessor:
+    def from_config(cls, model_config: dict[str, Any], cfg: dict[str, Any],
+                    video: dict[str, Any] | None = None) -> AnyresImageProcessor:
+        """``video``: the video processor's settings; None: the image processor's."""
         mean = cfg.get("image_mean", CLIP_MEAN)
-        return cls(LlavaOnevisionGeometry(model_config, cfg),
-                   int(cfg.get("resample", Image.Resampling.BICUBIC)), normalize_table(cfg),
-                   tuple(int(m * 255) for m in mean))
+        bicubic = Image.Resampling.BICUBIC
+        return cls(LlavaOnevisionGeometry(model_config, cfg, video),
+                   int(cfg.get("resample", bicubic)), normalize_table(cfg),
+                   tuple(int(m * 255) for m in mean),
+                   int((video or cfg).get("resample", bicubic)), normalize_table(video or cfg))
 
     def __call__(self, image: Image.Image) -> Patches:
         """RGB image -> its tiles, the whole-image tile first: values [1 + tiles, 3, side, side]
@@ -101,12 +114,23 @@ class AnyresImageProcessor:
         return Patches(self._normalized(self._base(canvas)[None]), (1, 0, 0),
                        (image.height, image.width))
 
-    def _base(self, image: Image.Image) -> np.ndarray:  # [3, side, side] uint8
-        side = self.geometry.tile
-        return np.asarray(image.resize((side, side), resample=self.resample)).transpose(2, 0, 1)
+    def video(self, frames: np.ndarray) -> Patches:
+        """[T, H, W, 3] uint8 sampled frames -> values [T, 3, side, side] float32, each frame
+        resized whole to one tile; grid (T, 1, 1) (one tile per frame), no image size (the
+        packing pools every frame alike)."""
+        planes = np.stack([self._base(Image.fromarray(f), self.video_resample) for f in frames])
+        return Patches(self._normalized(planes, self.video_lut), (len(frames), 1, 1))
 
-    def _normalized(self, planes: np.ndarray) -> torch.Tensor:  # uint8 -> rescaled, normalized
-        out = np.empty(planes.shape, dtype=np.float32)  # [n, 3, side, side]
+    def _base(self, image: Image.Image, resample: int | None = None
+              ) -> np.ndarray:  # [3, side, side] uint8
+        side, resample = self.geometry.tile, self.resample if resample is None else resample
+        return np.asarray(image.resize((side, side), resample=resample)).transpose(2, 0, 1)
+
+    def _normalized(self, planes: np.ndarray, lut: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 [n, 3, side, side] -> rescaled, normalized float32 (the image table unless
+        ``lut``)."""
+        lut = self.lut if lut is None else lut
+        out = np.empty(planes.shape, dtype=np.float32)
         for c in range(3):
-            np.take(self.lut[c], planes[:, c], out=out[:, c])
+            np.take(lut[c], planes[:, c], out=out[:, c])
         return torch.from_numpy(out)

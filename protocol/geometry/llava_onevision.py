@@ -7,13 +7,18 @@ shrunk (bilinear) when it holds more than ``anyres_max_N`` tiles' worth of featu
 its rows ends with one learned "image newline" row. So the placeholder count is
 ``base + rows * cols + rows``.
 
-Every image is tiled, one or many per prompt (as vLLM does): the count must follow from the
-image alone. transformers' processor instead squashes each image of a multi-image prompt to one
-tile; the parity tests use its single-image (tiled) path for every image.
+A prompt's single image is tiled; each image of a multi-image prompt is its base tile alone
+(padded to a square) and one newline row, as transformers' processor does (`ItemGeometry.variant`
+"base", so the count also depends on the prompt's image count).
 
 The arithmetic follows transformers' processor and model exactly (the int() truncations and the
 7-digit rounding of the unpad included): a count the frontend computes must be the row count the
 encoder's packing produces.
+
+A video is sampled to some of its frames (`sample_frames`); each frame is resized whole to one
+tile (no anyres), its feature map pooled 2x2 (bilinear, to ceil(side / 2) a side), and the
+frames' rows are followed by ONE image newline row for the whole video. So ``<video>`` becomes
+``frames * ceil(side / 2)^2 + 1`` tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ DEFAULT_ASPECT_RATIO = "anyres_max_9"
 DEFAULT_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 # Shrinking starts only past this factor of the anyres_max budget (the reference's threshold).
 _SHRINK_SLACK = 1.1
+# Frames taken when neither num_frames nor fps is asked for or configured (vLLM's default).
+DEFAULT_NUM_FRAMES = 32
 
 
 class AnyresLayout(NamedTuple):
@@ -75,11 +82,24 @@ def parse_max_tiles(aspect_ratio: str) -> int:
     return int(digits)
 
 
+def square_side(size: Any, default: int) -> tuple[Any, Any]:
+    """(height, width) a processor's ``size`` resizes to: {height, width} or {shortest_edge}."""
+    size = size or {"height": default, "width": default}
+    if "height" in size:
+        return size.get("height"), size.get("width")
+    return (size.get("shortest_edge"),) * 2
+
+
 class LlavaOnevisionGeometry(MediaGeometry):
     """Tower settings from config.json, the canvas candidates from the image processor (which
-    tiles), checked against the model's (which packs): they must be the same list."""
+    tiles), checked against the model's (which packs): they must be the same list. Video
+    settings come from the video processor config, else from the image one (as transformers
+    falls back to preprocessor_config.json)."""
 
-    def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
+    takes_video = True
+
+    def __init__(self, config: dict[str, Any], processor: dict[str, Any],
+                 video_processor: dict[str, Any] | None = None):
         super().__init__(config, processor)
         vision = config.get("vision_config") or {}
         self.tile = int(vision.get("image_size", DEFAULT_IMAGE_SIZE))
@@ -102,12 +122,23 @@ class LlavaOnevisionGeometry(MediaGeometry):
                for h, w in self.pinpoints):
             raise ValueError(f"image_grid_pinpoints {self.pinpoints} are not multiples of the "
                              f"tower's {self.tile} px tile")
-        size = processor.get("size") or {"height": self.tile, "width": self.tile}
-        tile_hw = (size.get("height"), size.get("width")) if "height" in size else \
-            (size.get("shortest_edge"),) * 2
+        tile_hw = square_side(processor.get("size"), self.tile)
         if tuple(tile_hw) != (self.tile, self.tile):
             raise ValueError(f"the image processor makes {tile_hw} tiles but the tower takes "
                              f"{self.tile}x{self.tile}")
+        video = processor if video_processor is None else video_processor
+        # Saved without a size, like the image processor: the tower's (transformers' 384 px
+        # default is the real towers' tile).
+        frame_hw = square_side(video.get("size"), self.tile)
+        if tuple(frame_hw) != (self.tile, self.tile):  # the model pools a tile's feature map
+            raise ValueError(f"the video processor makes {frame_hw} frames but the tower takes "
+                             f"{self.tile}x{self.tile}")
+        # Only a video processor that samples has its own frame count or rate (transformers
+        # keeps every frame it is handed otherwise).
+        sampling = video.get("do_sample_frames")
+        self.default_num_frames = video.get("num_frames") if sampling else None
+        self.default_fps = video.get("fps") if sampling else None
+        self.pooled = math.ceil(self.side / 2)  # the 2x2 bilinear pool of each frame's map
 
     def layout(self, width: int, height: int) -> AnyresLayout:
         """Every step's size for an image of ``width`` x ``height`` pixels."""
@@ -137,3 +168,35 @@ class LlavaOnevisionGeometry(MediaGeometry):
             return ItemGeometry(self.side ** 2 + 1, None, (self.tile, self.tile), variant="base")
         plan = self.layout(width, height)
         return ItemGeometry(plan.num_tokens, None, plan.canvas_hw)
+
+    def sample_frames(self, total: int, fps: float, num_frames: int | None = None,
+                      sample_fps: float | None = None) -> list[int]:
+        """transformers' default_sample_indices_fn: ``num_frames`` spread evenly, or
+        ``sample_fps`` per second of video (at least one frame); neither: the video config's,
+        else `DEFAULT_NUM_FRAMES`. A count of at least the video's frames takes them all
+        (transformers raises instead; in-memory frames come with their own count)."""
+        if num_frames is not None and sample_fps is not None:
+            raise ValueError("num_frames and fps are mutually exclusive")
+        if total < 1 or not fps > 0:
+            raise ValueError(f"a video needs frames and a frame rate, got {total} frames at "
+                             f"{fps:g} fps")
+        if num_frames is None and sample_fps is None:
+            num_frames, sample_fps = self.default_num_frames, self.default_fps
+        if num_frames is None and sample_fps is not None:
+            if not sample_fps > 0:
+                raise ValueError(f"fps must be positive, got {sample_fps:g}")
+            num_frames = max(1, int(total / fps * sample_fps))
+        n = DEFAULT_NUM_FRAMES if num_frames is None else int(num_frames)
+        if n < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        n = min(n, total)
+        return [i * total // n for i in range(n)]  # np.arange(n) * total // n
+
+    def video(self, width: int, height: int, num_frames: int, fps: float) -> ItemGeometry:
+        """Each frame squashed to one tile, pooled, then one newline row: grid (frames, 1, 1)
+        counts the frames' tiles, which the encoder's preprocessing must match."""
+        if min(width, height) < 1 or num_frames < 1:
+            raise ValueError(f"a video needs frames with an area, got {num_frames} frames of "
+                             f"{width}x{height}")
+        return ItemGeometry(num_frames * self.pooled ** 2 + 1, (num_frames, 1, 1),
+                            (self.tile, self.tile))

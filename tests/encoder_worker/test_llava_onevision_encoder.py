@@ -1,7 +1,8 @@
 """LLaVA-OneVision encoder slice: the anyres tiles equal transformers' image processor, and each
 image's rows (tower, projector, unpad, anyres_max shrink, newlines) equal the model's
 get_image_features, for one odd image and for several sizes in one packed forward; the encoder
-core runs them as one batch, and a wrong cut or a swap is caught."""
+core runs them as one batch, and a wrong cut or a swap is caught. A video's frames (one tile
+each) and rows (pooled 2x2, one newline) equal get_video_features, packed with images too."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import transformers
 from encoder_worker.core import EncoderCore
 from encoder_worker.models.llava_onevision import LlavaOnevisionEncoder
 from encoder_worker.models.llava_onevision_image import AnyresImageProcessor
+from encoder_worker.video import Video
+from frontend.media.video import VideoLimits, frames_to_video
 
 # (height, width): odd, thin both ways, tiny, square, one past the anyres_max budget (2x2 tiles
 # shrunk) and one under it (1x2 tiles), one that loses every tile row to the cut.
@@ -167,3 +170,72 @@ def test_loads_only_the_vision_weights(encoder):
     assert not any("post_layernorm" in n or "embed_tokens" in n for n in names)
     assert encoder.newline.shape == (64,)
     assert encoder.hidden_size == 64 and encoder.packs_variable_sizes
+
+
+def clip(seed: int, num: int = 5, size=(45, 70)) -> np.ndarray:  # [num, H, W, 3] uint8
+    return np.random.default_rng(seed).integers(0, 255, (num, *size, 3), np.uint8)
+
+
+def hf_video(hf_onevision, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels [frames, 3, side, side], rows [num_tokens, hidden]) of transformers: each frame
+    the PIL processor's base tile (the video processor needs torchvision), then the model."""
+    processor, model = hf_onevision
+    pixels = torch.stack([processor(f, return_tensors="pt")["pixel_values"][0][0]
+                          for f in frames])
+    with torch.no_grad():
+        rows = model.model.get_video_features(pixels[None], vision_feature_layer=-1,
+                                              vision_feature_select_strategy="full")
+    return pixels, rows.pooler_output[0]
+
+
+def test_video_equals_hf(encoder, hf_onevision):
+    frames = clip(0)
+    ours = encoder.preprocess_video(Video(frames, 2.0))
+    pixels, rows = hf_video(hf_onevision, frames)
+    assert ours.grid_thw == (5, 1, 1) and ours.image_hw is None
+    np.testing.assert_array_equal(ours.values.numpy(), pixels.numpy())
+    (got,) = encoder.encode_packed([ours])
+    geo = encoder.geometry.video(70, 45, 5, 2.0)
+    assert got.shape == rows.shape == (geo.num_tokens, 64) == (5 * 2 * 2 + 1, 64)
+    torch.testing.assert_close(got, rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[-1], encoder.newline)  # one newline, after the last frame
+    # The frames reversed: other rows, frame by frame in the new order.
+    (back,) = encoder.encode_packed([encoder.preprocess_video(Video(frames[::-1].copy(), 2.0))])
+    torch.testing.assert_close(back[:4], got[16:20])
+    assert (back[:4] - got[:4]).abs().max() > 1e-2
+
+
+def test_video_packs_with_images(encoder, hf_onevision, make_image):
+    """Frames and tiles of a step run as one tower batch; each item keeps its own rows."""
+    images = [make_image(i, h, w) for i, (h, w) in enumerate(PACK[:2])]
+    frames = clip(1, num=3, size=(20, 90))
+    items = [encoder.preprocess(images[0]), encoder.preprocess_video(Video(frames, 2.0)),
+             encoder.preprocess(images[1])]
+    got = encoder.encode_packed(items)
+    refs = hf_features(hf_onevision, images)
+    torch.testing.assert_close(got[0], refs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], hf_video(hf_onevision, frames)[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2], refs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_core_samples_and_checks_the_frontend_geometry(tiny_onevision, encoder,
+                                                        hf_onevision):
+    """Bytes -> decoded -> sampled frames -> rows, under the frontend's frame sampling; a grid
+    that disagrees with the sampled frames is the roles disagreeing (ValueError)."""
+    from frontend.models.llava_onevision import LlavaOnevisionPlaceholders
+
+    frames = clip(2, num=9)
+    data = frames_to_video(frames, "p", VideoLimits(100, 60, 1000, 10**6))  # lossless, 2 fps
+    slice_ = LlavaOnevisionPlaceholders.from_pretrained(tiny_onevision)
+    core = EncoderCore(encoder, max_image_pixels=1 << 22)
+    for kwargs, picked in (({}, range(9)), ({"num_frames": 4}, [0, 2, 4, 6]),
+                           ({"fps": 1.0}, [0, 2, 4, 6])):
+        geo = slice_.video_geometry(70, 45, 9, 2.0, kwargs, "p")
+        inputs = core.prepare(data, kwargs, geo.to_meta(), "video")
+        assert inputs.grid_thw == geo.grid_thw == (len(picked), 1, 1), kwargs
+        (rows,) = core.encode([inputs])
+        assert rows.shape[0] == geo.num_tokens
+        torch.testing.assert_close(rows, hf_video(hf_onevision, frames[list(picked)])[1],
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="geometry says"):
+        core.prepare(data, {"num_frames": 4}, {**geo.to_meta(), "grid_thw": [5, 1, 1]}, "video")
