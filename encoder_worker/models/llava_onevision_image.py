@@ -1,5 +1,6 @@
 """LLaVA-OneVision's anyres preprocessing in PIL + numpy, equal to transformers'
-LlavaOnevisionImageProcessorPil on its single-image (tiled) path.
+LlavaOnevisionImageProcessorPil on its single-image (tiled) path, and to
+LlavaNextImageProcessorPil (the same steps; its crop to a tile's own size is a no-op).
 
 Steps, in transformers' order: resize the image (PIL, bicubic) to fit the chosen canvas, paste it
 centered on a black canvas, cut the canvas into tower-sized tiles row by row, and put first a
@@ -30,7 +31,7 @@ from PIL import Image
 from encoder_worker.models.base import Patches
 from encoder_worker.models.clip_image import image_processor_config
 from protocol.checkpoint import video_processor_config
-from protocol.geometry.llava_onevision import LlavaOnevisionGeometry
+from protocol.geometry.llava_onevision import AnyresGeometry, LlavaOnevisionGeometry
 
 # transformers' LlavaOnevisionImageProcessor defaults (OpenAI CLIP's), for configs saved without
 # them; the released checkpoints save 0.5 / 0.5.
@@ -54,7 +55,7 @@ def normalize_table(cfg: dict[str, Any]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AnyresImageProcessor:
-    geometry: LlavaOnevisionGeometry
+    geometry: AnyresGeometry
     resample: int  # PIL resampling filter (3 = bicubic)
     lut: np.ndarray  # [3, 256] float32, see normalize_table
     pad_color: tuple[int, int, int]  # a multi-image prompt's images pad to square with the mean
@@ -73,11 +74,13 @@ class AnyresImageProcessor:
 
     @classmethod
     def from_config(cls, model_config: dict[str, Any], cfg: dict[str, Any],
-                    video: dict[str, Any] | None = None) -> AnyresImageProcessor:
-        """``video``: the video processor's settings; None: the image processor's."""
+                    video: dict[str, Any] | None = None,
+                    geometry: AnyresGeometry | None = None) -> AnyresImageProcessor:
+        """``video``: the video processor's settings; None: the image processor's.
+        ``geometry``: another model's anyres settings (default: OneVision's)."""
         mean = cfg.get("image_mean", CLIP_MEAN)
         bicubic = Image.Resampling.BICUBIC
-        return cls(LlavaOnevisionGeometry(model_config, cfg, video),
+        return cls(geometry or LlavaOnevisionGeometry(model_config, cfg, video),
                    int(cfg.get("resample", bicubic)), normalize_table(cfg),
                    tuple(int(m * 255) for m in mean),
                    int((video or cfg).get("resample", bicubic)), normalize_table(video or cfg))

@@ -11,6 +11,9 @@ A prompt's single image is tiled; each image of a multi-image prompt is its base
 (padded to a square) and one newline row, as transformers' processor does (`ItemGeometry.variant`
 "base", so the count also depends on the prompt's image count).
 
+`AnyresGeometry` is the arithmetic LLaVA-NeXT shares (`protocol/geometry/llava_next.py`: a CLIP
+tower whose CLS token is dropped, no shrink, every image tiled).
+
 The arithmetic follows transformers' processor and model exactly (the int() truncations and the
 7-digit rounding of the unpad included): a count the frontend computes must be the row count the
 encoder's packing produces.
@@ -90,29 +93,32 @@ def square_side(size: Any, default: int) -> tuple[Any, Any]:
     return (size.get("shortest_edge"),) * 2
 
 
-class LlavaOnevisionGeometry(MediaGeometry):
-    """Tower settings from config.json, the canvas candidates from the image processor (which
-    tiles), checked against the model's (which packs): they must be the same list. Video
-    settings come from the video processor config, else from the image one (as transformers
-    falls back to preprocessor_config.json)."""
+class AnyresGeometry(MediaGeometry):
+    """The anyres arithmetic LLaVA-NeXT and LLaVA-OneVision share. Tower settings come from
+    config.json, the canvas candidates from the image processor (which tiles), checked against
+    the model's (which packs): they must be the same list. A subclass names its tower's
+    defaults, the feature strategy its tower needs and the tile its image processor cuts."""
 
-    takes_video = True
+    default_image_size = DEFAULT_IMAGE_SIZE
+    default_patch_size = DEFAULT_PATCH_SIZE
+    default_pinpoints = DEFAULT_PINPOINTS
+    strategy = "full"  # the only vision_feature_select_strategy the packing can lay out
+    strategy_why = "the SigLIP tower has no CLS token: 'default' would drop a real patch"
+    max_tiles: int | None = None  # the anyres_max_N budget; None: the map is never shrunk
 
-    def __init__(self, config: dict[str, Any], processor: dict[str, Any],
-                 video_processor: dict[str, Any] | None = None):
+    def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
         super().__init__(config, processor)
         vision = config.get("vision_config") or {}
-        self.tile = int(vision.get("image_size", DEFAULT_IMAGE_SIZE))
-        patch = int(vision.get("patch_size", DEFAULT_PATCH_SIZE))
+        self.tile = int(vision.get("image_size", self.default_image_size))
+        patch = int(vision.get("patch_size", self.default_patch_size))
         if patch < 1 or self.tile < patch:
             raise ValueError(f"tower image size {self.tile} and patch size {patch} don't fit")
         self.side = self.tile // patch  # features along a tile's side
-        strategy = config.get("vision_feature_select_strategy", "full")
-        if strategy != "full":  # SigLIP has no CLS token: "default" would drop a real patch
-            raise ValueError(f"vision_feature_select_strategy {strategy!r}: only 'full' is "
-                             "supported (the SigLIP tower has no CLS token)")
-        self.max_tiles = parse_max_tiles(config.get("vision_aspect_ratio", DEFAULT_ASPECT_RATIO))
-        model_pins = config.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+        strategy = config.get("vision_feature_select_strategy", self.strategy)
+        if strategy != self.strategy:
+            raise ValueError(f"vision_feature_select_strategy {strategy!r}: only "
+                             f"{self.strategy!r} is supported ({self.strategy_why})")
+        model_pins = config.get("image_grid_pinpoints") or self.default_pinpoints
         self.pinpoints = [[int(h), int(w)] for h, w in
                           processor.get("image_grid_pinpoints", model_pins)]
         if self.pinpoints != [[int(h), int(w)] for h, w in model_pins]:
@@ -122,23 +128,14 @@ class LlavaOnevisionGeometry(MediaGeometry):
                for h, w in self.pinpoints):
             raise ValueError(f"image_grid_pinpoints {self.pinpoints} are not multiples of the "
                              f"tower's {self.tile} px tile")
-        tile_hw = square_side(processor.get("size"), self.tile)
+        tile_hw = self.processor_tile(processor)
         if tuple(tile_hw) != (self.tile, self.tile):
             raise ValueError(f"the image processor makes {tile_hw} tiles but the tower takes "
                              f"{self.tile}x{self.tile}")
-        video = processor if video_processor is None else video_processor
-        # Saved without a size, like the image processor: the tower's (transformers' 384 px
-        # default is the real towers' tile).
-        frame_hw = square_side(video.get("size"), self.tile)
-        if tuple(frame_hw) != (self.tile, self.tile):  # the model pools a tile's feature map
-            raise ValueError(f"the video processor makes {frame_hw} frames but the tower takes "
-                             f"{self.tile}x{self.tile}")
-        # Only a video processor that samples has its own frame count or rate (transformers
-        # keeps every frame it is handed otherwise).
-        sampling = video.get("do_sample_frames")
-        self.default_num_frames = video.get("num_frames") if sampling else None
-        self.default_fps = video.get("fps") if sampling else None
-        self.pooled = math.ceil(self.side / 2)  # the 2x2 bilinear pool of each frame's map
+
+    def processor_tile(self, processor: dict[str, Any]) -> tuple[Any, Any]:
+        """(height, width) of the tiles (and the base tile) the image processor makes."""
+        return square_side(processor.get("size"), self.tile)
 
     def layout(self, width: int, height: int) -> AnyresLayout:
         """Every step's size for an image of ``width`` x ``height`` pixels."""
@@ -154,11 +151,42 @@ class LlavaOnevisionGeometry(MediaGeometry):
         else:
             cols -= (cols - int(round(width * (rows / height), 7))) // 2 * 2
         kept = (rows, cols)
-        ratio = math.sqrt(rows * cols / (self.max_tiles * self.side ** 2))
-        if ratio > _SHRINK_SLACK:
-            rows, cols = int(rows // ratio), int(cols // ratio)
+        if self.max_tiles is not None:
+            ratio = math.sqrt(rows * cols / (self.max_tiles * self.side ** 2))
+            if ratio > _SHRINK_SLACK:
+                rows, cols = int(rows // ratio), int(cols // ratio)
         return AnyresLayout(canvas, fit_inside(height, width, canvas), tiles, kept,
                             (rows, cols), self.side ** 2 + rows * cols + rows)
+
+    def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
+        plan = self.layout(width, height)
+        return ItemGeometry(plan.num_tokens, None, plan.canvas_hw)
+
+
+class LlavaOnevisionGeometry(AnyresGeometry):
+    """Anyres with the anyres_max shrink and multi-image base tiles, plus video. Video settings
+    come from the video processor config, else from the image one (as transformers falls back
+    to preprocessor_config.json)."""
+
+    takes_video = True
+
+    def __init__(self, config: dict[str, Any], processor: dict[str, Any],
+                 video_processor: dict[str, Any] | None = None):
+        super().__init__(config, processor)
+        self.max_tiles = parse_max_tiles(config.get("vision_aspect_ratio", DEFAULT_ASPECT_RATIO))
+        video = processor if video_processor is None else video_processor
+        # Saved without a size, like the image processor: the tower's (transformers' 384 px
+        # default is the real towers' tile).
+        frame_hw = square_side(video.get("size"), self.tile)
+        if tuple(frame_hw) != (self.tile, self.tile):  # the model pools a tile's feature map
+            raise ValueError(f"the video processor makes {frame_hw} frames but the tower takes "
+                             f"{self.tile}x{self.tile}")
+        # Only a video processor that samples has its own frame count or rate (transformers
+        # keeps every frame it is handed otherwise).
+        sampling = video.get("do_sample_frames")
+        self.default_num_frames = video.get("num_frames") if sampling else None
+        self.default_fps = video.get("fps") if sampling else None
+        self.pooled = math.ceil(self.side / 2)  # the 2x2 bilinear pool of each frame's map
 
     def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
         if images_in_prompt > 1:
@@ -166,8 +194,7 @@ class LlavaOnevisionGeometry(MediaGeometry):
             # multi-image prompt is its base tile (resized whole) and one newline row.
             self.layout(width, height)  # the same refusals
             return ItemGeometry(self.side ** 2 + 1, None, (self.tile, self.tile), variant="base")
-        plan = self.layout(width, height)
-        return ItemGeometry(plan.num_tokens, None, plan.canvas_hw)
+        return super().image(width, height)
 
     def sample_frames(self, total: int, fps: float, num_frames: int | None = None,
                       sample_fps: float | None = None) -> list[int]:
