@@ -47,6 +47,10 @@ MODELS: dict[str, ModelParts] = {
         _PLAIN_LMS, "protocol.geometry.llava_onevision:LlavaOnevisionGeometry",
         "frontend.models.llava_onevision:LlavaOnevisionPlaceholders",
         "encoder_worker.models.llava_onevision:LlavaOnevisionEncoder"),
+    "LlavaNextForConditionalGeneration": ModelParts(
+        _PLAIN_LMS, "protocol.geometry.llava_next:LlavaNextGeometry",
+        "frontend.models.llava_next:LlavaNextPlaceholders",
+        "encoder_worker.models.llava_next:LlavaNextEncoder"),
 }
 
 
