@@ -89,29 +89,51 @@ def build_checkpoint(out_dir: str | os.PathLike, shape: str = "7b", device: str 
     return out
 
 
-def save_random_llava(config, out: Path, device, std: float, seed: int,
-                      eos_token_id: int | None = None) -> None:
-    """A LlavaForConditionalGeneration of `config` with random bf16 weights (std `std`, norm
-    gains 1), built on `device` (a 7B initialises in seconds on a GPU) and saved to `out`."""
-    import transformers
-
+def save_random_bf16(model_cls, config, out: Path, device, std: float, seed: int,
+                     eos_token_id: int | None = None, norm_gain=None) -> None:
+    """``model_cls(config)`` with random bf16 weights (std `std`; the weights ``norm_gain(name)``
+    picks, by default every norm's, set to 1), built on `device` (a 7B initialises in seconds on
+    a GPU, where fp32 on the CPU would take ~30 GB and minutes) and saved to `out`."""
+    norm_gain = norm_gain or (lambda name: "norm" in name and name.endswith("weight"))
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = transformers.LlavaForConditionalGeneration(config)
+            model = model_cls(config)
     finally:
         torch.set_default_dtype(old)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if norm_gain(name):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std)  # never zeros: they can run faster than real data
     if eos_token_id is not None:
         model.generation_config.eos_token_id = eos_token_id
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size="5GB")
+
+
+def save_random_llava(config, out: Path, device, std: float, seed: int,
+                      eos_token_id: int | None = None) -> None:
+    """A LlavaForConditionalGeneration of `config` with random bf16 weights (`save_random_bf16`)."""
+    import transformers
+
+    save_random_bf16(transformers.LlavaForConditionalGeneration, config, out, device, std, seed,
+                     eos_token_id)
+
+
+def scratch_dir(name: str, need_bytes: int) -> Path:
+    """Where a big random checkpoint goes: /dev/shm/`name` (the server then maps it straight
+    from memory) when it is already there or tmpfs has `need_bytes` free, else $TMPDIR/`name`."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if (shm / name / "config.json").is_file():
+        return shm / name
+    free = shutil.disk_usage(shm).free if shm.is_dir() else 0
+    return (shm if free > need_bytes else Path(tempfile.gettempdir())) / name
 
 
 def checkpoint_stats(model_dir: str | os.PathLike) -> dict:

@@ -1,6 +1,8 @@
 """Start and stop a real `mmserve serve` for the serving benchmarks, whatever happens.
 
-The launcher runs in its own session with output to a log; its roles run in sessions of their
+`served` is the whole life in one `with`: launch, wait for /health, yield the base URL, and on
+every exit take the tree down and keep the log's startup and error lines in the report. The
+launcher runs in its own session with output to a log; its roles run in sessions of their
 own, so stopping takes the launcher down first (it stops its roles in order) and then SIGKILLs
 whatever is left of the tree, found by pid. If the benchmark itself is SIGKILLed, the launcher
 gets SIGTERM through PR_SET_PDEATHSIG.
@@ -97,3 +99,32 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+
+
+LOG_WORDS = ("ready", "warm-up", "captured", "KV cache", "ERROR", "Error")
+
+
+@contextlib.contextmanager
+def served(model: str, argv: list[str], log_path: Path, ready_deadline: float, report: dict):
+    """`mmserve serve` on `model`, healthy, for the `with` block: yields its base URL. Fills
+    report["server"] (a dict) with ready_s and, on every exit, the log's startup and error lines;
+    an exception also lands in report["error"] (and the log's tail on stderr) before it goes on.
+    The server's process tree is always taken down."""
+    proc = None
+    try:
+        proc, base = launch(model, argv, log_path)
+        ready_s = wait_healthy(proc, base, ready_deadline)
+        report["server"]["ready_s"] = round(ready_s, 1)
+        print(f"server healthy after {ready_s:.1f} s", flush=True)
+        yield base
+    except BaseException as e:
+        report["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if proc is not None:
+            stop(proc)
+        log = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+        report["server"]["log_lines"] = [ln[-300:] for ln in log
+                                         if any(w in ln for w in LOG_WORDS)][:40]
+        if "error" in report:
+            print("server log tail:\n" + "\n".join(log[-30:]), file=sys.stderr)

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import random
 import shlex
 import shutil
@@ -49,8 +48,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from common import REPO, env_record, resolve_device, save_random_llava, write_json
-from mm_server import launch, stop, wait_healthy
+from common import REPO, env_record, resolve_device, save_random_llava, scratch_dir, write_json
+from mm_server import served
 
 SHAPES: dict[str, dict[str, int]] = {
     # llava-hf/llava-1.5-7b-hf without its vocabulary: CLIP ViT-L/14-336 + Llama-2-7B
@@ -124,9 +123,7 @@ def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std:
 def default_ckpt_dir(shape: str) -> Path:
     if shape == "tiny":
         return Path(tempfile.gettempdir()) / "mmserve_llava_tiny"
-    # tmpfs when it has room: the server maps the 14 GB straight from memory
-    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
-    return Path("/dev/shm" if free > 20 << 30 else tempfile.gettempdir()) / "mmserve_llava7b"
+    return scratch_dir("mmserve_llava7b", 20 << 30)  # 14 GB
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -354,14 +351,16 @@ def print_row(r: dict) -> None:
 
 # -- main ------------------------------------------------------------------------------------------
 
-def check_imports() -> None:
+SERVER_MODULES = ("zmq", "msgspec", "blake3", "aiohttp", "jinja2", "PIL", "tokenizers")
+
+
+def check_imports(modules: tuple[str, ...] = SERVER_MODULES, script: str = "ttft.py") -> None:
     """The server needs these; say so in one line before building 14 GB."""
     import importlib.util
 
-    missing = [m for m in ("zmq", "msgspec", "blake3", "aiohttp", "jinja2", "PIL", "tokenizers")
-               if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        sys.exit(f"ttft.py: missing modules {missing} (carry their wheels; see bench/README.md)")
+        sys.exit(f"{script}: missing modules {missing} (carry their wheels; see bench/README.md)")
 
 
 def main() -> None:
@@ -428,28 +427,15 @@ def main() -> None:
                                    "token)", "first_text_ms": "-> first non-empty content",
                         "tpot_ms": "(last token chunk - first chunk) / (tokens - 1)"},
     }
-    proc = None
+    ready_by = min(time.monotonic() + args.ready_timeout_s, deadline)
     try:
-        proc, base = launch(model_dir, serve_argv, log_path)
-        ready_s = wait_healthy(proc, base, min(time.monotonic() + args.ready_timeout_s, deadline))
-        report["server"]["ready_s"] = round(ready_s, 1)
-        print(f"server healthy after {ready_s:.1f} s", flush=True)
-        print_header()
-        model, rows = asyncio.run(run_all(base, variants, args.max_tokens, deadline))
-        report["server"]["model"] = model
-        report["results"] = rows
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        raise
+        with served(model_dir, serve_argv, log_path, ready_by, report) as base:
+            print_header()
+            model, rows = asyncio.run(run_all(base, variants, args.max_tokens, deadline))
+            report["server"]["model"] = model
+            report["results"] = rows
     finally:
-        if proc is not None:
-            stop(proc)
         shutil.rmtree(media, ignore_errors=True)
-        log = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-        report["server"]["log_lines"] = [ln[-300:] for ln in log if any(
-            w in ln for w in ("ready", "warm-up", "captured", "KV cache", "ERROR", "Error"))][:40]
-        if "error" in report:
-            print("server log tail:\n" + "\n".join(log[-30:]), file=sys.stderr)
         summarize(report)
         report["wall_s"] = round(time.monotonic() - t_start, 1)
         write_json(out, report)
