@@ -28,6 +28,7 @@ from transformers.activations import ACT2FN
 
 from encoder_worker.models.base import EncoderModel, Patches
 from encoder_worker.models.qwen2_vl_image import Qwen2VLImageProcessor
+from encoder_worker.models.segments import SegmentPlan
 from encoder_worker.models.weights import copy_into, load_weights
 from encoder_worker.video import Video
 from kernels.reference import rms_norm
@@ -55,17 +56,12 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                seqlens: list[int]) -> torch.Tensor:
+                segments: SegmentPlan) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [N, heads, hd]
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        # Block-diagonal attention: one SDPA per segment (a frame, or a Qwen2.5-VL window). A
-        # varlen kernel would take them all at once on GPU; this stays device-agnostic and never
-        # builds an [N, N] mask.
-        outs = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1),
-                                               vi.transpose(0, 1)).transpose(0, 1)
-                for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens))]
-        return self.proj(torch.cat(outs).reshape(n, -1))
+        # Block-diagonal: each frame (or Qwen2.5-VL window) attends within itself.
+        return self.proj(segments.attention(q, k, v).reshape(n, -1))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -125,8 +121,8 @@ class VisionBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                seqlens: list[int]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary, seqlens)
+                segments: SegmentPlan) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -198,7 +194,7 @@ class Qwen2VisionTower(VisionTower):
 
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """[N, patch_dim] packed patches of ``grids`` -> [N / merge^2, out_dim] merged tokens."""
-        frames, rotary = _frames(grids), self.rotary(grids)
+        frames, rotary = SegmentPlan(_frames(grids), patches.device), self.rotary(grids)
         x = self.patch_embed(patches)
         for block in self.blocks:
             x = block(x, rotary, frames)
@@ -241,7 +237,8 @@ class Qwen25VisionTower(VisionTower):
         def by_window(t: torch.Tensor) -> torch.Tensor:  # [N, d], whole merge units moved
             return t.view(-1, unit, t.shape[-1])[order].view(t.shape)
 
-        frames = _frames(grids)
+        frames = SegmentPlan(_frames(grids), patches.device)
+        windows = SegmentPlan(windows, patches.device)
         rotary = tuple(by_window(r) for r in self.rotary(grids))
         x = by_window(self.patch_embed(patches))
         for i, block in enumerate(self.blocks):
