@@ -15,7 +15,7 @@
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
 #   STAGES ["env ckpt pytest kernels decode_triton decode_cublas decode_eager parity profile
-#            encoder ttft decode_reference peer qwen_tower"]
+#            encoder ttft decode_reference peer qwen_tower video_ttft"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
 #   T_PEER [400]: each stage's own timeout in seconds
@@ -29,6 +29,9 @@
 #   ENCODER_BATCHES ["1 8 32 64 128"] ENCODER_CKPT [/dev/shm/...] T_ENCODER [80]: bench/encoder.py
 #   T_TTFT [150]: bench/ttft.py (LLaVA-1.5-7B shape served over HTTP, one image + 40 tokens)
 #   T_QWEN_TOWER [150]: bench/qwen_tower.py (Qwen2.5-VL-7B tower, mixed sizes, vs transformers)
+#   T_VIDEO_TTFT [200] VIDEO_SERVE_ARGS ["--max-num-batched-tokens 4096"]: bench/video_ttft.py
+#   (one 30-frame video + 40 tokens over HTTP, Qwen2.5-VL-7B shape; needs PyAV: carry
+#   .whl/av_site.tar.xz, unpacked into /tmp/site by the setup)
 #   PEER_MODES ["eager static"] PEER_BATCHES/PEER_CONTEXTS [= DECODE_*] PEER_STEPS [32]
 #   STATIC_BATCHES ["1 8"] STATIC_CONTEXTS ["128"] COMPILE_BUDGET_S [240]
 #   PREFILL_BATCH [64] PREFILL_LEN [128]  KERNEL_OPS [all]
@@ -57,7 +60,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_eager parity profile encoder ttft decode_reference peer qwen_tower}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_eager parity profile encoder ttft decode_reference peer qwen_tower video_ttft}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -105,6 +108,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # Repo first (its code), /tmp/site second (wheels, and the dist-info installed below).
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import av" 2>/dev/null && [[ -f .whl/av_site.tar.xz ]]; then
+    # PyAV's wheel (36 MB) does not fit the device tool's carry beside the tree; its unpacked
+    # package, xz-compressed, does.
+    mkdir -p /tmp/site && tar xJf .whl/av_site.tar.xz -C /tmp/site || echo "WARNING: av not unpacked"
+fi
 if ! python3 -c "import matplotlib" 2>/dev/null && compgen -G ".whl/mpl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/mpl/*.whl || echo "WARNING: matplotlib wheels did not install"
@@ -184,6 +192,10 @@ run_stage peer "${T_PEER:-400}" 20 "python3 bench/peer_hf.py --model $CKPT $D --
 
 run_stage qwen_tower "${T_QWEN_TOWER:-150}" 0 "python3 bench/qwen_tower.py $D $TINY \
     --ckpt-dir /dev/shm/mmserve_qwen25vl_tower --out $WORK/qwen_tower.json"
+
+run_stage video_ttft "${T_VIDEO_TTFT:-200}" 0 "python3 bench/video_ttft.py $D $TINY \
+    --budget-s @BUDGET@ --serve-args '${VIDEO_SERVE_ARGS:---max-num-batched-tokens 4096}' \
+    --out $WORK/video_ttft.json"
 
 # -- summary: printed last ---------------------------------------------------------------------
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv
