@@ -41,19 +41,22 @@ class EncoderCore:
         """Bytes of an image or a video -> the model's input, checked against the frontend's
         ``geometry`` (any thread). MediaError for what the user sent; ValueError when the roles
         disagree on geometry."""
+        # The frontend's geometry is what the prompt was sized by (with the request's processor
+        # settings): preprocess to it, then check the result makes that many rows.
+        geo = None if geometry is None else ItemGeometry.from_meta(geometry)
         if modality == "video":
             video = decode_video(
                 data, lambda total, fps: self.model.video_frames(total, fps, kwargs),
                 max_pixels=self.max_image_pixels)
-            inputs = self.model.preprocess_video(video)
+            inputs = (self.model.preprocess_video(video) if geo is None
+                      else self.model.preprocess_video_to(video, geo))
         else:
             image = decode_image(data, kwargs, max_pixels=self.max_image_pixels,
                                  min_side=self.min_image_side)
-            variant = (geometry or {}).get("variant")
-            inputs = (self.model.preprocess(image) if variant is None
-                      else self.model.preprocess_variant(image, variant))
-        if geometry is not None:
-            check_geometry(inputs, ItemGeometry.from_meta(geometry))
+            inputs = (self.model.preprocess(image) if geo is None
+                      else self.model.preprocess_to(image, geo))
+        if geo is not None:
+            check_geometry(inputs, geo)
         return inputs
 
     def batches(self, inputs: list[Inputs]) -> list[list[int]]:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from encoder_worker.video import Video
+    from protocol.geometry import ItemGeometry
 
 
 class Patches(NamedTuple):
@@ -56,6 +57,14 @@ class EncoderModel(ABC):
         """``preprocess`` in a variant the item's geometry chose (`ItemGeometry.variant`)."""
         raise ValueError(f"{type(self).__name__} has no preprocessing variant {variant!r}")
 
+    def preprocess_to(self, image: Image.Image, geometry: ItemGeometry) -> torch.Tensor | Patches:
+        """``preprocess`` to the item's geometry, which the frontend computed (under the
+        request's processor settings) and the prompt was sized by. This default follows its
+        variant only; a model whose sizes a request can change resizes to the geometry's."""
+        if geometry.variant is None:
+            return self.preprocess(image)
+        return self.preprocess_variant(image, geometry.variant)
+
     def video_frames(self, total: int, fps: float, kwargs: Mapping[str, Any]) -> list[int]:
         """Indices of the frames a video of ``total`` frames at ``fps`` is sampled to, under
         the item's media_io_kwargs; ValueError (for the client) if it can't be sampled."""
@@ -64,6 +73,10 @@ class EncoderModel(ABC):
     def preprocess_video(self, video: Video) -> torch.Tensor | Patches:
         """The decoded, sampled frames -> the model's input (as ``preprocess``)."""
         raise NotImplementedError
+
+    def preprocess_video_to(self, video: Video, geometry: ItemGeometry) -> torch.Tensor | Patches:
+        """``preprocess_video`` to the item's geometry (as ``preprocess_to``)."""
+        return self.preprocess_video(video)
 
     @abstractmethod
     def num_tokens(self, width: int, height: int) -> int:

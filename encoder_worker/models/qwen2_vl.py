@@ -32,6 +32,7 @@ from encoder_worker.models.segments import SegmentPlan
 from encoder_worker.models.weights import copy_into, load_weights
 from encoder_worker.video import Video
 from kernels.reference import rms_norm
+from protocol.geometry import ItemGeometry
 
 NORM_EPS = 1e-6  # the tower's norms (fixed in transformers, not in the config)
 
@@ -287,12 +288,19 @@ class Qwen2VLEncoder(EncoderModel):
     def preprocess(self, image: Image.Image) -> Patches:
         return self.processor(image)
 
+    def preprocess_to(self, image: Image.Image, geometry: ItemGeometry) -> Patches:
+        # The frontend's size, not one from this checkpoint's bounds: a request may move them.
+        return self.processor(image, geometry)
+
     def video_frames(self, total: int, fps: float, kwargs: Mapping[str, Any]) -> list[int]:
         return self.processor.geometry.sample_frames(total, fps, kwargs.get("num_frames"),
                                                      kwargs.get("fps"))
 
     def preprocess_video(self, video: Video) -> Patches:
         return self.processor.video(video.frames, video.fps)
+
+    def preprocess_video_to(self, video: Video, geometry: ItemGeometry) -> Patches:
+        return self.processor.video(video.frames, video.fps, geometry)
 
     def num_tokens(self, width: int, height: int) -> int:
         return self.processor.geometry.image(width, height).num_tokens

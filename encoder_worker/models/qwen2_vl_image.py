@@ -1,10 +1,11 @@
 """The Qwen2-VL image processor in PIL + numpy, equal to transformers' (PIL backend).
 
-Steps, in transformers' order: resize to the size the geometry computes (PIL, bicubic by
-default), rescale + normalize (the CLIP processor's table lookup: same arithmetic, same bits),
-then cut into patches. Patches are laid out window by window, as the tower's patch merger reads
-them: each 2x2 window of 14 px patches is 4 consecutive rows, and every row holds channel,
-frame (the image repeated ``temporal_patch_size`` times), patch row, patch column.
+Steps, in transformers' order: resize to the size the item's geometry says (computed once, by
+the frontend, under the request's pixel bounds; PIL, bicubic by default), rescale + normalize
+(the CLIP processor's table lookup: same arithmetic, same bits), then cut into patches.
+Patches are laid out window by window, as the tower's patch merger reads them: each 2x2 window
+of 14 px patches is 4 consecutive rows, and every row holds channel, frame (the image repeated
+``temporal_patch_size`` times), patch row, patch column.
 
 A video's frames take the same steps one by one (video pixel bounds), and each
 ``temporal_patch_size`` consecutive frames fill one temporal patch, as transformers' video
@@ -28,6 +29,7 @@ from encoder_worker.models.clip_image import (
     image_processor_config,
 )
 from protocol.checkpoint import video_processor_config
+from protocol.geometry import ItemGeometry
 from protocol.geometry.qwen2_vl import Qwen2VLGeometry
 
 
@@ -44,14 +46,16 @@ class Qwen2VLImageProcessor:
         config = image_processor_config(folder)
         return cls(Qwen2VLGeometry(model_config, config, video_processor_config(folder)), config)
 
-    def __call__(self, image: Image.Image) -> Patches:
-        """RGB image -> its patches [h * w, 3 * temporal * patch^2] float32 and grid (1, h, w);
-        MediaError for a size the model refuses."""
+    def __call__(self, image: Image.Image, geo: ItemGeometry | None = None) -> Patches:
+        """RGB image -> its patches [h * w, 3 * temporal * patch^2] float32 and grid (1, h, w),
+        resized to ``geo`` (the frontend's geometry, which may carry the request's pixel
+        bounds), else to what this checkpoint's settings give; MediaError for a size the model
+        refuses."""
         try:
-            geo = self.geometry.image(image.width, image.height)
+            geo = self.geometry.image(image.width, image.height) if geo is None else geo
         except ValueError as e:
             raise MediaError(str(e)) from None
-        height, width = geo.resized_hw
+        height, width = self._target(geo)
         if height * width > MAX_RESIZE_PIXELS:
             raise MediaError(f"image of {image.width}x{image.height} would be resized to "
                              f"{width}x{height}, more than {MAX_RESIZE_PIXELS} pixels")
@@ -64,16 +68,17 @@ class Qwen2VLImageProcessor:
         frames = np.broadcast_to(pixels, (self.geometry.temporal_patch_size, *pixels.shape))
         return _checked(self.patchify(frames), geo.grid_thw)
 
-    def video(self, frames: np.ndarray, fps: float) -> Patches:
+    def video(self, frames: np.ndarray, fps: float, geo: ItemGeometry | None = None) -> Patches:
         """Sampled RGB frames [T, H, W, 3] uint8 at ``fps`` -> their patches
-        [t * h * w, 3 * temporal * patch^2] float32 and grid (t, h, w), t = ceil(T / temporal);
-        MediaError for a size the model refuses."""
+        [t * h * w, 3 * temporal * patch^2] float32 and grid (t, h, w), t = ceil(T / temporal),
+        each frame resized to ``geo`` (as ``__call__``); MediaError for a size the model
+        refuses."""
         num, height, width = frames.shape[:3]
         try:
-            geo = self.geometry.video(width, height, num, fps)
+            geo = self.geometry.video(width, height, num, fps) if geo is None else geo
         except ValueError as e:
             raise MediaError(str(e)) from None
-        new_h, new_w = geo.resized_hw
+        new_h, new_w = self._target(geo)
         if num * new_h * new_w > MAX_RESIZE_PIXELS:
             raise MediaError(f"video of {num} frames would be resized to {new_w}x{new_h} each, "
                              f"more than {MAX_RESIZE_PIXELS} pixels in all")
@@ -86,6 +91,14 @@ class Qwen2VLImageProcessor:
         # The last frame repeated to fill the final temporal patch, as transformers pads.
         out += [out[-1]] * (-num % self.geometry.temporal_patch_size)
         return _checked(self.patchify(np.stack(out)), geo.grid_thw)
+
+    def _target(self, geo: ItemGeometry) -> tuple[int, int]:
+        """The (height, width) to resize to: ``geo``'s, if this tower can cut it into merge
+        windows (else the roles disagree: ValueError). `_checked` compares the grid after."""
+        hw, factor = geo.resized_hw, self.geometry.patch_size * self.geometry.merge_size
+        if hw is None or hw[0] % factor or hw[1] % factor:
+            raise ValueError(f"the geometry's size {hw} is not made of {factor} px merge windows")
+        return int(hw[0]), int(hw[1])
 
     def patchify(self, frames: np.ndarray) -> Patches:
         """[T, C, H, W] (T a multiple of the temporal patch) -> `Patches`, rows in merge-window

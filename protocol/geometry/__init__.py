@@ -17,10 +17,13 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.checkpoint import image_processor_config, video_processor_config
 from protocol.models import column
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 @dataclass(frozen=True)
@@ -56,23 +59,53 @@ class ItemGeometry:
                    meta.get("variant"))
 
 
+class ProcessorKwargError(ValueError):
+    """A refused ``mm_processor_kwargs`` entry; ``key`` is its path inside them (e.g.
+    ``max_pixels``, ``size.longest_edge``; "" for the whole value), for a 400 naming the field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
 class MediaGeometry:
     """One architecture's media arithmetic, built from its config.json and processor settings.
 
     ``image(width, height)`` raises ValueError (a message for the client, naming no field) for
     a size the model cannot take. ``fixed_image`` is the geometry when it does not depend on the
     size (then an item sent by uuid alone can be placed), else None. Models that take videos
-    set ``takes_video`` and implement ``video``.
+    set ``takes_video`` and implement ``video``. Models whose processing has settings a request
+    may change (``mm_processor_kwargs``) override ``with_processor_kwargs`` and
+    ``processor_settings``.
     """
 
     fixed_image: ItemGeometry | None = None
     takes_video: bool = False
     # The decoder places an item's rows by its grid (M-RoPE): embeddings need theirs.
     positions_need_grid: bool = False
+    # The rate videos are sampled at, set by mm_processor_kwargs' fps; None: the server's
+    # media_io_kwargs rule. (In-memory frames, all kept, are taken as frames at this rate.)
+    sample_fps: float | None = None
 
     def __init__(self, config: dict[str, Any], processor: dict[str, Any]):
         self.config = config
         self.processor = processor
+
+    def with_processor_kwargs(self, kwargs: Mapping[str, Any]) -> MediaGeometry:
+        """This geometry with ``mm_processor_kwargs`` (server-wide or one request's) applied
+        over its settings, as a new object; `ProcessorKwargError` for a key the model does not
+        use or a bad value. This model uses none."""
+        for key in kwargs:
+            raise ProcessorKwargError(str(key), f"mm_processor_kwargs.{key} is not a setting "
+                                      "this model uses (it takes no mm_processor_kwargs)")
+        return self
+
+    def processor_settings(self, modality: str) -> dict[str, Any]:
+        """The settings of ``modality``'s processing that mm_processor_kwargs changed from the
+        checkpoint's (msgspec-encodable); they enter the item's cache key, since the same bytes
+        processed otherwise are another embedding (or other positions). Empty: none changed."""
+        return {}
 
     def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
         """``images_in_prompt``: how many images the item's prompt holds (LLaVA-OneVision

@@ -10,14 +10,21 @@ included: a size the frontend computes must be the size the encoder's resize pro
 A video is sampled to some of its frames (``sample_frames``, transformers' Qwen2-VL video
 processor's rule), each resized within the video pixel bounds; every ``temporal_patch_size``
 consecutive frames make one temporal grid step (the last frame repeated to fill the final one).
+
+A request (or the server) may change the pixel bounds and the video sampling rate through
+``mm_processor_kwargs`` (`protocol.geometry.processor_kwargs`): ``with_processor_kwargs`` returns
+the geometry under them, whose items the encoder then preprocesses to the sizes it computed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from protocol.geometry import ItemGeometry, MediaGeometry
+from protocol.geometry.processor_kwargs import MAX_PIXELS, apply_bounds, parse_processor_kwargs
 
 # transformers' Qwen2VLImageProcessor defaults, for configs saved without them.
 DEFAULT_MIN_PIXELS = 56 * 56
@@ -112,6 +119,35 @@ class Qwen2VLGeometry(MediaGeometry):
             video, (DEFAULT_VIDEO_MIN_PIXELS, DEFAULT_VIDEO_MAX_PIXELS))
         self.min_frames = int(video.get("min_frames", DEFAULT_MIN_FRAMES))
         self.max_frames = int(video.get("max_frames", DEFAULT_MAX_FRAMES))
+        # The checkpoint's bounds: what processor_settings reports changes against.
+        self._checkpoint_bounds = self._bounds()
+
+    def _bounds(self) -> dict[str, dict[str, int]]:
+        return {"image": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+                "video": {"min_pixels": self.video_min_pixels,
+                          "max_pixels": self.video_max_pixels}}
+
+    def with_processor_kwargs(self, kwargs: Mapping[str, Any]) -> Qwen2VLGeometry:
+        """A copy under ``kwargs``: pixel bounds of images and of videos, and videos'
+        sampling rate (`protocol.geometry.processor_kwargs` for the spellings)."""
+        if not kwargs:
+            return self
+        given = parse_processor_kwargs(kwargs)
+        geo = copy.copy(self)
+        geo.min_pixels, geo.max_pixels = apply_bounds(self.min_pixels, self.max_pixels,
+                                                      given["image"])
+        geo.video_min_pixels, geo.video_max_pixels = apply_bounds(
+            self.video_min_pixels, self.video_max_pixels, given["video"])
+        if "fps" in given["video"]:
+            geo.sample_fps = given["video"]["fps"].value
+        return geo
+
+    def processor_settings(self, modality: str) -> dict[str, Any]:
+        now, base = self._bounds()[modality], self._checkpoint_bounds[modality]
+        changed: dict[str, Any] = {k: v for k, v in now.items() if v != base[k]}
+        if modality == "video" and self.sample_fps is not None:
+            changed["fps"] = self.sample_fps
+        return changed
 
     def resized_hw(self, width: int, height: int, video: bool = False) -> tuple[int, int]:
         """(height, width) the preprocessing resizes a ``width`` x ``height`` image (or video
@@ -143,6 +179,8 @@ class Qwen2VLGeometry(MediaGeometry):
 
     def image(self, width: int, height: int, images_in_prompt: int = 1) -> ItemGeometry:
         new_h, new_w = self.resized_hw(width, height)
+        _check_pixels(new_h * new_w, f"image of {width}x{height} would be resized to "
+                      f"{new_w}x{new_h}", "lower max_pixels")
         grid = (1, new_h // self.patch_size, new_w // self.patch_size)  # one temporal patch
         return ItemGeometry(math.prod(grid) // self.merge_size ** 2, grid, (new_h, new_w))
 
@@ -178,8 +216,18 @@ class Qwen2VLGeometry(MediaGeometry):
             raise ValueError(f"a video needs frames and a frame rate, got {num_frames} frames "
                              f"at {fps:g} fps")
         new_h, new_w = self.resized_hw(width, height, video=True)
+        _check_pixels(num_frames * new_h * new_w, f"video of {num_frames} frames would be "
+                      f"resized to {new_w}x{new_h} each",
+                      "sample fewer frames or lower max_pixels")
         grid = (-(-num_frames // self.temporal_patch_size), new_h // self.patch_size,
                 new_w // self.patch_size)
         # Qwen2.5-VL's processor: temporal_patch_size / the sampled frames' rate.
         return ItemGeometry(math.prod(grid) // self.merge_size ** 2, grid, (new_h, new_w),
                             self.temporal_patch_size / fps)
+
+
+def _check_pixels(pixels: int, what: str, hint: str) -> None:
+    """The encoder refuses to preprocess more than `MAX_PIXELS` pixels for one item: say so
+    here, before the prompt is built (larger pixel bounds can get there)."""
+    if pixels > MAX_PIXELS:
+        raise ValueError(f"{what}, more than {MAX_PIXELS} pixels in all ({hint})")
