@@ -10,6 +10,8 @@ from llm_worker.models import model_class_path
 from protocol.checkpoint import max_positions, resolve_device, resolve_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
+# auto: uni for one worker, mp for a TP group (llm_worker/executor/).
+EXECUTORS = ("auto", "uni", "mp")
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class LLMWorkerConfig:
     tensor_parallel_size: int = 1
     # True: no CUDA graphs, every decode step launches its kernels eagerly (as vLLM's flag).
     enforce_eager: bool = False
-    executor: str = "uni"
+    executor: str = "auto"
     attention_backend: str = "auto"
     seed: int = 0
 
@@ -51,12 +53,41 @@ class LLMWorkerConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} is not supported "
-                             "yet: this build runs one decoder process (1)")
+        self._check_parallel()
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
         self.resolved_max_model_len()  # checks it against the checkpoint
+
+    def _check_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if tp > 1 and self.executor == "uni":
+            raise ValueError("executor 'uni' runs one worker inside the engine process: "
+                             f"tensor_parallel_size {tp} needs executor 'mp'")
+        if self.resolved_executor() != "uni" and self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device} names one GPU, but each worker process "
+                             "takes its own: use device cuda (or auto) and pick the GPUs with "
+                             "CUDA_VISIBLE_DEVICES")
+        # Every shard must be whole: checked here, before a worker process starts.
+        text = self.hf_config_dict()
+        text = text.get("text_config") or text
+        heads, kv = text.get("num_attention_heads"), text.get("num_key_value_heads")
+        kv = kv or heads
+        for name, n in (("num_attention_heads", heads),
+                        ("intermediate_size", text.get("intermediate_size"))):
+            if n is not None and n % tp:
+                raise ValueError(f"{name}={n} is not divisible by tensor_parallel_size={tp}")
+        if kv is not None and kv % tp and tp % kv:
+            raise ValueError(f"num_key_value_heads={kv} and tensor_parallel_size={tp}: one "
+                             "must divide the other")
+
+    def resolved_executor(self) -> str:
+        if self.executor != "auto":
+            return self.executor
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
 
     def hf_config_dict(self) -> dict:
         return json.loads((Path(self.model) / "config.json").read_text())

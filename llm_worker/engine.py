@@ -19,13 +19,13 @@ import zmq
 
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.embedding_cache import EmbeddingCache
-from llm_worker.executor import make_executor
+from llm_worker.executor import ExecutorError, make_executor
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
 from protocol.addresses import tcp
-from protocol.codec import ProtocolError, tensor_from
+from protocol.codec import ProtocolError, tensor_frames, tensor_from
 from protocol.messages import (
     Abort,
     Embedding,
@@ -49,6 +49,14 @@ class EngineCore:
         self.config = config
         self.step_seconds = 0.0  # in steps that ran work (stats)
         self.executor = make_executor(config)
+        try:
+            self._build_core(config)
+        except BaseException:
+            self.executor.shutdown()  # no worker process may outlive a failed start
+            raise
+
+    def _build_core(self, config: LLMWorkerConfig) -> None:
+        """Everything past the executor: sized from what the workers report."""
         # The model's position rule (M-RoPE models), to check a request's items before it is
         # queued: a bad grid must fail that request, not a step of the runner.
         hf_config = transformers.AutoConfig.from_pretrained(config.model, trust_remote_code=False)
@@ -152,8 +160,8 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        self._attach_embeddings(out)
-        result = self.executor.execute(out)
+        frames = self._attach_embeddings(out)
+        result = self.executor.execute(out, frames)
         outputs = self.scheduler.update_from_output(out, result)
         for o in outputs:
             if o.finish_reason is not None:
@@ -161,10 +169,12 @@ class EngineCore:
         self.step_seconds += time.perf_counter() - t0
         return outputs
 
-    def _attach_embeddings(self, out) -> None:
-        """Send the workers each embedding this step's tokens need, once; drop released ones."""
+    def _attach_embeddings(self, out) -> list:
+        """Send the workers each embedding this step's tokens need, once; drop released ones.
+        Returns the step's extra frames (the embeddings' bytes, zero-copy)."""
         out.freed_embeddings, self.pending_free = self.pending_free, []
         bad: list[str] = []
+        tensors = {}
         for rid, n in out.num_scheduled_tokens.items():
             req = self.scheduler.requests[rid]
             start = req.num_computed_tokens  # not yet advanced: this step computes [start, start+n)
@@ -180,7 +190,7 @@ class EngineCore:
                                         f"{item.length} positions for it"))
                     bad.append(rid)
                     break
-                out.embeddings[item.key] = tensor
+                tensors[item.key] = tensor.cpu()  # host frames: any executor can send them
                 self.worker_keys.add(item.key)
         if bad:
             # Rare (a uuid reused for different media): drop those requests from this step.
@@ -189,6 +199,9 @@ class EngineCore:
                 out.total_num_scheduled_tokens -= out.num_scheduled_tokens.pop(rid)
             out.new_requests = [r for r in out.new_requests if r.request_id not in bad]
             out.cached_requests = [r for r in out.cached_requests if r.request_id not in bad]
+        frames: list = []
+        out.embeddings = tensor_frames(tensors, frames)
+        return frames
 
     def stats(self) -> EngineStats:
         return msgspec.structs.replace(self.scheduler.stats(), step_seconds=self.step_seconds)
@@ -299,11 +312,15 @@ class EngineCoreProc:
                 time.sleep(self.debug_slow_step_s)
                 self.debug_slow_step_s = 0.0
             return self.core.step()
-        except Exception:
+        except Exception as e:
             # A bug or a device fault: fail what is in flight (5xx, no internals to clients)
-            # and keep serving; a broken device will fail the next step the same way.
+            # and keep serving; a broken device (or a failed TP group) fails the next step the
+            # same way.
             ids = list(self.core.scheduler.requests)
-            log.exception("engine step failed; failing %d requests", len(ids))
+            if isinstance(e, ExecutorError):  # the executor logged the cause when it failed
+                log.error("engine step failed (%s); failing %d requests", e, len(ids))
+            else:
+                log.exception("engine step failed; failing %d requests", len(ids))
             self.core.abort(ids)
             for rid in ids:
                 dest = self.owner.pop(rid, None)

@@ -5,6 +5,11 @@ ids, positions, KV slots and block tables into persistent buffers), the forward 
 backend builds its metadata from those buffers; decode steps replay a CUDA graph from
 `graphs.py`, everything else runs eagerly) and the sampler (`sampling.py`). `warm_up` runs every
 kernel shape once and captures the graphs before the engine reports ready.
+
+Under tensor parallelism every rank runs the same step on its shard (the same branches, so the
+same collectives in the same order) and ends with the full logits (the LM head all-gathers).
+Only rank 0 samples; it broadcasts the sampled ids, which every rank appends to its copy of the
+request. (Sampling on every rank would need their random streams to stay in lockstep.)
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from llm_worker.attention import ATTENTION_BACKENDS, TritonAttentionBackend
 from llm_worker.graphs import DecodeGraphs, MixedGraphs, capture_sizes
 from llm_worker.input_batch import InputBatch, PositionScheme, RequestState, StepBatch
 from llm_worker.sampling import Sampler, SamplingRow
-from llm_worker.sched_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from llm_worker.weights import load_model
+from protocol.codec import tensor_from
 from protocol.messages import Sampling
+from protocol.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class ModelRunner:
         enforce_eager: bool = False,
     ):
         self.device, self.dtype = device, dtype
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -70,7 +78,8 @@ class ModelRunner:
             position_rows=self.positions.rows if self.positions is not None else 1,
         )
         # CUDA graphs need a kernel path that reads only device metadata: the Triton backend.
-        self.use_graphs = (device.type == "cuda" and not enforce_eager
+        # Not under TP yet: capturing the NCCL collectives is untested, so TP steps run eagerly.
+        self.use_graphs = (device.type == "cuda" and not enforce_eager and tp_size == 1
                            and isinstance(self.attn_backend, TritonAttentionBackend))
         self.graphs: DecodeGraphs | None = None
         self.mixed: MixedGraphs | None = None
@@ -163,10 +172,11 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _update_states(self, out: SchedulerOutput) -> None:
+    def _update_states(self, out: SchedulerOutput, frames=()) -> None:
         for key in out.freed_embeddings:
             self.embeddings.pop(key, None)
-        for key, tensor in out.embeddings.items():
+        for key, ref in out.embeddings.items():  # views of the step's frames until copied here
+            tensor = tensor_from(ref, frames)
             self.embeddings[key] = tensor.to(self.device, self.dtype, non_blocking=True)
         for rid in out.finished_request_ids:
             self.requests.pop(rid, None)
@@ -199,8 +209,9 @@ class ModelRunner:
         self.requests[new.request_id] = st
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        self._update_states(out)
+    def execute(self, out: SchedulerOutput, frames=()) -> ModelRunnerOutput:
+        """One step; ``frames`` are the step message's extra frames (its embeddings)."""
+        self._update_states(out, frames)
         if not out.num_scheduled_tokens:
             return ModelRunnerOutput(sampled_token_ids={}, logprobs={})
         bufs = self.inputs
@@ -257,23 +268,13 @@ class ModelRunner:
         if not batch.sample_rows:
             return ModelRunnerOutput(sampled_token_ids={}, logprobs={})
         rids = [batch.request_ids[row] for row in batch.sample_rows]
-        rows = []
-        for rid in rids:
-            st = self.requests[rid]
-            num_out = len(st.token_ids) - st.num_prompt_tokens
-            # Only penalties read the history: copying it for every row every step cost
-            # O(context) host time per token (0.2+ ms a step at batch 64, context 700).
-            history = _uses_penalties(st.sampling)
-            rows.append(
-                SamplingRow(
-                    params=st.sampling,
-                    prompt_ids=st.token_ids[: st.num_prompt_tokens] if history else [],
-                    output_ids=st.token_ids[st.num_prompt_tokens :] if history else [],
-                    generator=st.generator,
-                    blocked_ids=st.min_tokens_block if num_out < st.sampling.min_tokens else (),
-                )
-            )
-        tokens, lps = self.sampler(logits, rows)
+        lps: list = [None] * len(rids)
+        if self.tp_rank == 0:
+            tokens, lps = self.sampler(logits, [self._sampling_row(rid) for rid in rids])
+            if self.tp_size > 1:
+                self._broadcast_tokens(tokens)
+        else:
+            tokens = self._broadcast_tokens([0] * len(rids))
         sampled: dict[str, int] = {}
         logprobs = {}
         for rid, tok, lp in zip(rids, tokens, lps):
@@ -282,6 +283,27 @@ class ModelRunner:
             if lp is not None:
                 logprobs[rid] = lp
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _sampling_row(self, rid: str) -> SamplingRow:
+        st = self.requests[rid]
+        num_out = len(st.token_ids) - st.num_prompt_tokens
+        # Only penalties read the history: copying it for every row every step cost
+        # O(context) host time per token (0.2+ ms a step at batch 64, context 700).
+        history = _uses_penalties(st.sampling)
+        return SamplingRow(
+            params=st.sampling,
+            prompt_ids=st.token_ids[: st.num_prompt_tokens] if history else [],
+            output_ids=st.token_ids[st.num_prompt_tokens :] if history else [],
+            generator=st.generator,
+            blocked_ids=st.min_tokens_block if num_out < st.sampling.min_tokens else (),
+        )
+
+    def _broadcast_tokens(self, tokens: list[int]) -> list[int]:
+        """Rank 0's sampled ids to every rank (the other ranks pass placeholders of the same
+        length): the next step's inputs include them."""
+        t = torch.tensor(tokens, dtype=torch.int64, device=self.device)  # [num_sampled]
+        dist.broadcast(t, src=0)
+        return t.tolist()
 
 
 def _uses_penalties(p: Sampling) -> bool:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.request import Request, RequestStatus
-from llm_worker.sched_output import (
+from protocol.messages import EngineStats, TokenOutput
+from protocol.step import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
-from protocol.messages import EngineStats, TokenOutput
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Load a decoder from a local HF checkpoint folder (safetensors, single file or sharded)."""
+"""Load a decoder from a local HF checkpoint folder (safetensors, single file or sharded).
+
+Under tensor parallelism each rank reads only its shard: matrices come as `TensorSlice`s, which
+read just the rows or columns a layer's weight loader indexes (safetensors' `get_slice` over the
+mmap'd file), so no rank copies a whole weight it keeps 1/tp of.
+"""
 
 from __future__ import annotations
 
@@ -30,14 +35,42 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(model_dir)!r}")
 
 
+class TensorSlice:
+    """A checkpoint tensor not read yet: indexing (``w[a:b]``, ``w[:, a:b]``) reads only that
+    part of the file; ``w[:]`` reads it all. Has ``shape`` and ``dim()`` like a tensor."""
+
+    def __init__(self, lazy) -> None:  # lazy: safetensors' PySafeSlice
+        self._lazy = lazy
+        self.shape = torch.Size(lazy.get_shape())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._lazy[index]
+
+
+def materialize(weight: torch.Tensor | TensorSlice) -> torch.Tensor:
+    return weight[:] if isinstance(weight, TensorSlice) else weight
+
+
 def iter_safetensors(
-    model_dir: str | Path, keep: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, CPU tensor) for every tensor, mmap-backed; `keep` skips others unread."""
+    model_dir: str | Path, keep: Callable[[str], bool] | None = None, lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor | TensorSlice]]:
+    """Yield (HF name, CPU tensor) for every tensor, mmap-backed; `keep` skips others unread.
+
+    ``lazy``: matrices come as `TensorSlice`s for the weight loaders to index; vectors (norm
+    gains, biases: tiny) are read whole, since some loaders take them as they are.
+    """
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                if keep is None or keep(name):
+                if keep is not None and not keep(name):
+                    continue
+                if lazy:
+                    sl = f.get_slice(name)
+                    yield name, TensorSlice(sl) if len(sl.get_shape()) >= 2 else sl[:]
+                else:
                     yield name, f.get_tensor(name)
 
 
@@ -76,5 +109,5 @@ def load_model(
             max_model_len=max_model_len,
         )
     keep = lambda name: model.hf_to_mmserve_name(name) is not None  # noqa: E731
-    model.load_weights(iter_safetensors(model_dir, keep))
+    model.load_weights(iter_safetensors(model_dir, keep, lazy=tp_size > 1))
     return model.eval()

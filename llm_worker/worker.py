@@ -1,29 +1,62 @@
-"""One TP worker: picks its device, builds the model runner, sizes and allocates the KV cache."""
+"""One TP worker: takes its device, joins its TP group, builds the model runner, sizes and
+allocates the KV cache."""
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 
 import torch
+import torch.distributed as dist
 import transformers
 
 import kernels
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.runner import ModelRunner
-from llm_worker.sched_output import ModelRunnerOutput, SchedulerOutput
+from protocol.step import ModelRunnerOutput, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
+# How long a collective may wait for a peer. A dead peer is the executor's to notice (process
+# sentinels); this only bounds a rank left waiting on one that hangs.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def worker_device(config: LLMWorkerConfig) -> torch.device:
+    """The device this process was given. A GPU comes from the launcher (CUDA_VISIBLE_DEVICES,
+    Ray's GPU ids): without an explicit index, the first one visible, never one from the rank."""
+    device = torch.device(config.resolved_device())
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_tp_group(rank: int, size: int, init_method: str, device: torch.device) -> None:
+    """Join the TP group: NCCL between GPUs, gloo on CPU. ``init_method``: tcp://host:port of
+    the rendezvous (rank 0 serves it)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The group's ranks share this host's cores: one thread pool each of all the cores
+        # would oversubscribe them tp-fold.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    log.info("rank %d of %d joined (%s on %s)", rank, size, backend, device)
+
 
 class Worker:
-    def __init__(self, config: LLMWorkerConfig, rank: int = 0):
+    def __init__(self, config: LLMWorkerConfig, rank: int = 0,
+                 dist_init_method: str | None = None):
         self.config = config
         self.rank = rank
-        device = torch.device(config.resolved_device())
-        if device.type == "cuda":
-            device = torch.device("cuda", rank if device.index is None else device.index)
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device = device = worker_device(config)
+        tp = config.tensor_parallel_size
+        if tp > 1:
+            if dist_init_method is None:
+                raise ValueError("a worker of a TP group needs the group's rendezvous address")
+            init_tp_group(rank, tp, dist_init_method, device)
         torch.manual_seed(config.seed)
         # Never the checkpoint's own code (and never transformers' interactive y/N question).
         hf_config = transformers.AutoConfig.from_pretrained(config.model, trust_remote_code=False)
@@ -75,5 +108,9 @@ class Worker:
         if self.device.type == "cuda":  # nothing compiles or captures on CPU
             self.runner.warm_up()
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(out)
+    def execute(self, out: SchedulerOutput, frames=()) -> ModelRunnerOutput:
+        return self.runner.execute(out, frames)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -7,12 +7,13 @@ announced message, so bytes that are not that message raise ``ProtocolError`` (n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from protocol.messages import MESSAGE_TYPES, TYPE_OF, MsgType, TensorRef
+from protocol.messages import MESSAGE_TYPES, MsgType, TensorRef
+from protocol.step import STEP_MESSAGE_TYPES
 
 
 class ProtocolError(ValueError):
@@ -20,13 +21,16 @@ class ProtocolError(ValueError):
 
 
 _ENCODER = msgspec.msgpack.Encoder()
-_DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in MESSAGE_TYPES.items()}
+# The inter-role messages and the engine <-> TP worker step messages share one type space.
+_TYPES = {**MESSAGE_TYPES, **STEP_MESSAGE_TYPES}
+_TYPE_OF = {cls: t for t, cls in _TYPES.items()}
+_DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in _TYPES.items()}
 _TYPE_BYTES = {t: bytes([t]) for t in MsgType}
 
 
 def encode(msg: msgspec.Struct, buffers: Sequence[Any] = ()) -> list[Any]:
     """Frames for ``msg``; ``buffers`` (bytes-like, sent zero-copy) follow as frames 2, 3, ..."""
-    return [_TYPE_BYTES[TYPE_OF[type(msg)]], _ENCODER.encode(msg), *buffers]
+    return [_TYPE_BYTES[_TYPE_OF[type(msg)]], _ENCODER.encode(msg), *buffers]
 
 
 def decode(frames: Sequence[Any]) -> tuple[msgspec.Struct, list[Any]]:
@@ -60,6 +64,17 @@ def tensor_ref(tensor: Any, frame: int) -> tuple[TensorRef, memoryview]:
     raw = tensor.view(torch.uint8) if tensor.dtype == torch.bfloat16 else tensor
     buf = memoryview(raw.numpy()).cast("B") if raw.numel() else memoryview(b"")
     return TensorRef(dtype=dtype, shape=list(tensor.shape), frame=frame), buf
+
+
+def tensor_frames(tensors: Mapping[str, Any], frames: list[Any]) -> dict[str, TensorRef]:
+    """Refs for several (CPU) tensors whose buffers are appended to ``frames``, the extra frames
+    of one message (so the first is frame 2 when ``frames`` starts empty). The buffers view the
+    tensors (zero-copy): keep the tensors alive until the message is sent."""
+    refs = {}
+    for key, tensor in tensors.items():
+        refs[key], buf = tensor_ref(tensor, 2 + len(frames))
+        frames.append(buf)
+    return refs
 
 
 def tensor_from(ref: TensorRef, frames: Sequence[Any]) -> Any:

@@ -28,14 +28,20 @@ class MsgType(enum.IntEnum):
     EMBEDDING = 10
     ENCODE_DONE = 11
     ENCODER_HEARTBEAT = 12
+    # Engine core <-> its TP workers (protocol/step.py).
+    SCHEDULER_OUTPUT = 13
+    RUNNER_OUTPUT = 14
+    WORKER_INFO = 15
+    INIT_KV_CACHE = 16
+    WORKER_ACK = 17
 
 
 class _Data(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    pass
+    """Base of the data-plane messages (also those of protocol/step.py)."""
 
 
 class _Handshake(msgspec.Struct, omit_defaults=True):
-    pass
+    """Base of the handshakes: maps, so either side can add fields."""
 
 
 class TensorRef(_Data):

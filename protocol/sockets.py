@@ -1,4 +1,5 @@
-"""The one place that opens zmq sockets: typed PUSH/PULL wrappers, sync and asyncio.
+"""The one place that opens zmq sockets: typed PUSH/PULL wrappers (and a PUSH fan-out), sync
+and asyncio.
 
 Every socket gets the same limits: high-water marks (back-pressure instead of unbounded queues),
 a max message size (a peer can't make us allocate gigabytes), linger 0 (close never hangs) and
@@ -95,8 +96,34 @@ class Sender:
             return False
         return True
 
+    def close(self, linger_ms: int = 0) -> None:
+        """``linger_ms``: how long queued messages may still go out (a last word before exit)."""
+        self.sock.close(linger=linger_ms)
+
+
+class Fanout:
+    """One PUSH socket per peer (the engine's step to each of its TP workers): a message is
+    encoded once and the same frames go to every peer, zero-copy. Sends never block: a peer
+    that is gone makes ``send`` return False instead of stalling the caller."""
+
+    def __init__(self, ctx: zmq.Context, addrs: Sequence[str], bind: bool = True):
+        self.addrs = list(addrs)
+        self.socks = [open_socket(ctx, zmq.PUSH, addr, bind) for addr in self.addrs]
+
+    def send(self, msg: msgspec.Struct, buffers: Sequence[Any] = ()) -> bool:
+        """True when every peer took the message (False: one had no connection or a full
+        queue; earlier peers may have it)."""
+        frames = encode(msg, buffers)
+        for sock in self.socks:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=not buffers)
+            except zmq.Again:
+                return False
+        return True
+
     def close(self) -> None:
-        self.sock.close(linger=0)
+        for sock in self.socks:
+            sock.close(linger=0)
 
 
 class Receiver:

@@ -1,11 +1,19 @@
-"""Executors run the TP workers: `uni` in-process now; `mp` and `ray` drop in behind the same ABC."""
+"""Executors run the TP workers of one decoder replica: `uni` in the engine process (TP=1),
+`mp` as local worker processes; `ray` (actors) drops in behind the same ABC."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
 
 from llm_worker.config import LLMWorkerConfig
-from llm_worker.sched_output import ModelRunnerOutput, SchedulerOutput
+from protocol.step import ModelRunnerOutput, SchedulerOutput
+
+
+class ExecutorError(RuntimeError):
+    """The TP group cannot run steps any more (a worker died or failed): every later step
+    raises this at once, so requests fail fast instead of waiting on a dead group."""
 
 
 class Executor(ABC):
@@ -25,7 +33,9 @@ class Executor(ABC):
         engine reports ready only after this returns."""
 
     @abstractmethod
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute(self, out: SchedulerOutput, frames: Sequence[Any] = ()) -> ModelRunnerOutput:
+        """Run one step. ``frames`` are the step's extra frames: the buffers its
+        ``embeddings`` refs point at (`protocol.codec.tensor_frames`)."""
 
     @property
     @abstractmethod
@@ -45,9 +55,8 @@ class Executor(ABC):
 
 
 def make_executor(config: LLMWorkerConfig) -> Executor:
+    from llm_worker.executor.mp import MPExecutor
     from llm_worker.executor.uni import UniExecutor
 
-    executors: dict[str, type[Executor]] = {"uni": UniExecutor}
-    if config.executor not in executors:
-        raise ValueError(f"executor must be one of {sorted(executors)}, got {config.executor!r}")
-    return executors[config.executor](config)
+    executors: dict[str, type[Executor]] = {"uni": UniExecutor, "mp": MPExecutor}
+    return executors[config.resolved_executor()](config)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.executor import Executor
-from llm_worker.sched_output import ModelRunnerOutput, SchedulerOutput
 from llm_worker.worker import Worker
+from protocol.step import ModelRunnerOutput, SchedulerOutput
 
 
 class UniExecutor(Executor):
@@ -19,8 +22,8 @@ class UniExecutor(Executor):
     def init_kv_cache(self, num_blocks: int) -> None:
         self.worker.init_kv_cache(num_blocks)
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute(out)
+    def execute(self, out: SchedulerOutput, frames: Sequence[Any] = ()) -> ModelRunnerOutput:
+        return self.worker.execute(out, frames)
 
     @property
     def vocab_size(self) -> int:

@@ -23,6 +23,7 @@ from llm_worker.layers.linear import (
 )
 from llm_worker.layers.norm import RMSNorm
 from llm_worker.layers.rope import RotaryEmbedding
+from llm_worker.weights import TensorSlice, materialize
 
 # HF projection -> (our stacked parameter, shard id): one matmul instead of three (or two).
 _STACKED = {
@@ -195,8 +196,9 @@ class LlamaForCausalLM(nn.Module):
             return None
         return name
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors; raises on unknown names and on parameters left unloaded."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | TensorSlice]]) -> None:
+        """Load HF-named tensors; raises on unknown names and on parameters left unloaded.
+        A `TensorSlice` is read only where this rank's weight loader indexes it."""
         params = dict(self.named_parameters())  # tied lm_head is deduplicated away
         loaded: set[tuple[str, int | str | None]] = set()
         for hf_name, tensor in weights:
@@ -213,8 +215,8 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"unknown weight {hf_name!r} for {type(self).__name__}")
             loader = getattr(param, "weight_loader", None)
             with torch.no_grad():
-                if loader is None:
-                    default_weight_loader(param, tensor)
+                if loader is None:  # replicated: the whole tensor (it may come lazily, TP)
+                    default_weight_loader(param, materialize(tensor))
                 elif shard_id is None:
                     loader(param, tensor)
                 else:

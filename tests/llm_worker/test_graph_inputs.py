@@ -17,8 +17,8 @@ import transformers
 from interp_child import run_interpreter_cases
 
 from llm_worker.runner import ModelRunner
-from llm_worker.sched_output import CachedRequestData, NewRequestData, SchedulerOutput
 from protocol.messages import Sampling
+from protocol.step import CachedRequestData, NewRequestData, SchedulerOutput
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_child")

@@ -8,8 +8,8 @@ import torch
 import transformers
 
 from llm_worker.runner import ModelRunner
-from llm_worker.sched_output import CachedRequestData, NewRequestData, SchedulerOutput
 from protocol.messages import Sampling
+from protocol.step import CachedRequestData, NewRequestData, SchedulerOutput
 
 BS = 16
 PROMPTS = {"a": 5, "b": 9, "c": 17}  # c spans two blocks

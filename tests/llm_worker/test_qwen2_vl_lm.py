@@ -22,8 +22,9 @@ from llm_worker.engine import EngineCore
 from llm_worker.input_batch import PositionScheme
 from llm_worker.models import get_model_class
 from llm_worker.runner import ModelRunner
-from llm_worker.sched_output import CachedRequestData, NewRequestData, SchedulerOutput
+from protocol.codec import tensor_frames
 from protocol.messages import GenerateRequest, MMItem, Sampling
+from protocol.step import CachedRequestData, NewRequestData, SchedulerOutput
 
 IMAGE_TOKEN, BS, STEPS = 300, 4, 6
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -131,8 +132,10 @@ class Session:
         new = NewRequestData("r", list(token_ids), PROMPT_LEN,
                              Sampling(max_tokens=STEPS, temperature=0.0, ignore_eos=True),
                              self.blocks, 0, mm_items(grids))
-        self.runner.execute(SchedulerOutput([new], [], {"r": first}, first,
-                                            embeddings=embeds or {}))
+        frames: list = []
+        step = SchedulerOutput([new], [], {"r": first}, first,
+                               embeddings=tensor_frames(embeds or {}, frames))
+        self.runner.execute(step, frames)
         if first < n:
             self.runner.execute(SchedulerOutput([], [CachedRequestData("r", [], first)],
                                                 {"r": n - first}, n - first))

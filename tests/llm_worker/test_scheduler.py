@@ -17,9 +17,9 @@ import pytest
 
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.request import Request, RequestStatus
-from llm_worker.sched_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from llm_worker.scheduler import Scheduler, SchedulerConfig
 from protocol.messages import MMItem, Sampling
+from protocol.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 VOCAB = 97
 MOD = (1 << 61) - 1
