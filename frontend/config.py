@@ -50,6 +50,10 @@ class FrontendConfig:
         default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT))
     # Per modality kwargs for media decoding; they enter the content key of each item.
     media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Server-wide processor settings (vLLM's --mm-processor-kwargs, e.g. {"max_pixels": ...});
+    # a request's own mm_processor_kwargs apply over them. The model's geometry checks the keys
+    # when the media tier loads (`MediaPlaceholders.with_processor_kwargs`).
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width*height
     # Bounds on what a video's header declares (frontend/media/video.py), checked before any
     # frame is decoded; a video's bytes are bounded by max_media_bytes like an image's.
@@ -170,6 +174,9 @@ class FrontendConfig:
             clean["image"]["rgba_background_color"] = list(color)
         _check_video_kwargs(clean.get("video", {}))
         object.__setattr__(self, "media_io_kwargs", clean)
+        if not isinstance(self.mm_processor_kwargs, dict):
+            raise ValueError("mm_processor_kwargs must be a dict like {'max_pixels': 1003520}")
+        object.__setattr__(self, "mm_processor_kwargs", dict(self.mm_processor_kwargs))
 
     @property
     def model_name(self) -> str:

@@ -24,6 +24,12 @@ def content_key(data: bytes | memoryview, kwargs: dict[str, Any] | None = None) 
     return f"blake3:{h.hexdigest()}"
 
 
+def kwargs_tag(kwargs: dict[str, Any]) -> str:
+    """A short stable name of ``kwargs`` (order-free), for keys that can't hash the bytes: a
+    uuid key processed under other settings becomes ``uuid:<id>#kw:<tag>``."""
+    return blake3.blake3(_KW_ENCODER.encode(kwargs)).hexdigest(length=8)
+
+
 def hash_ints(parent: bytes | None, values: tuple[int, ...], extra: tuple[Any, ...] = ()) -> bytes:
     """Chained hash of a KV block: parent block hash + token ids + extra keys (e.g. mm keys)."""
     h = blake3.blake3(parent or b"")

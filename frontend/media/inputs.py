@@ -16,7 +16,7 @@ from frontend.errors import EngineUnavailable
 from frontend.media.encoder_pool import EncoderPool
 from frontend.media.fetch import MediaFetcher
 from frontend.media.parse import ResolvedItem, SeenItems, expand_items, parse_media, resolve
-from frontend.models import MediaPlaceholders, load_placeholders
+from frontend.models import MediaPlaceholders, load_placeholders, with_processor_kwargs
 from protocol.codec import tensor_ref
 from protocol.messages import EncodeRequest, MMItem
 
@@ -24,7 +24,9 @@ from protocol.messages import EncodeRequest, MMItem
 class MediaInputs:
     def __init__(self, config: FrontendConfig, pool: EncoderPool | None):
         self.config = config
-        self.placeholders: MediaPlaceholders | None = load_placeholders(config.model)
+        # Under the server-wide mm_processor_kwargs; a request's own apply over them (`parse`).
+        self.placeholders: MediaPlaceholders | None = load_placeholders(
+            config.model, config.mm_processor_kwargs)
         self.fetcher = MediaFetcher(config)
         self.seen = SeenItems()  # items sent with a uuid, so a later part can name it alone
         self.pool = pool
@@ -32,11 +34,14 @@ class MediaInputs:
     async def close(self) -> None:
         await self.fetcher.close()
 
-    async def parse(self, messages: Any) -> tuple[Any, list[ResolvedItem]]:
-        """Messages for the chat template (media parts -> {"type": "image"}) and the items."""
+    async def parse(self, messages: Any, processor_kwargs: dict[str, Any] | None = None
+                    ) -> tuple[Any, list[ResolvedItem]]:
+        """Messages for the chat template (media parts -> {"type": "image"}) and the items,
+        sized and keyed under the request's ``processor_kwargs`` (mm_processor_kwargs; checked
+        before anything is fetched, also when the request holds no media)."""
+        model = with_processor_kwargs(self.placeholders, processor_kwargs)
         parsed = parse_media(messages, self.config.limit_mm_per_prompt)
-        items = await resolve(parsed.refs, self.fetcher, self.placeholders, self.config,
-                              self.seen)
+        items = await resolve(parsed.refs, self.fetcher, model, self.config, self.seen)
         return parsed.messages, items
 
     def expand(self, prompt_ids: list[int], items: list[ResolvedItem],

@@ -22,7 +22,7 @@ from frontend.errors import RequestError
 from frontend.media.probe import probe_image, to_pil_image
 from frontend.media.video import frames_to_video, limits_of, probe_video
 from frontend.models import MediaPlaceholders, require_image_support, require_modality
-from protocol.hashing import content_key, uuid_key
+from protocol.hashing import content_key, kwargs_tag, uuid_key
 from protocol.messages import MMItem
 
 if TYPE_CHECKING:
@@ -248,10 +248,15 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
                        config: FrontendConfig, seen: SeenItems | None,
                        images_in_prompt: int = 1) -> ResolvedItem:
     kwargs = dict(config.media_io_kwargs.get(ref.modality, {}))
+    if ref.modality == "video" and model.geometry.sample_fps is not None:
+        # mm_processor_kwargs' fps replaces the server's sampling rule (num_frames or fps).
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_frames", "fps")}
+        kwargs["fps"] = model.geometry.sample_fps
     if ref.kind == "frames":  # offline in-memory video frames: all of them, as given
         kwargs = {"num_frames": len(ref.value)}
+    settings = model.geometry.processor_settings(ref.modality)
     if ref.kind == "uuid":
-        key = uuid_key(ref.uuid or "")
+        key = _settings_tagged(uuid_key(ref.uuid or ""), settings)
         fixed = model.fixed_image_geometry if ref.modality == "image" else None
         meta = {"geometry": fixed.to_meta()} if fixed is not None else (
             seen.get(ref.modality, key) if seen is not None else None)
@@ -271,9 +276,9 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
         data = await fetcher.fetch(ref.value, ref.param, ref.modality)
     if len(data) > _THREAD_BYTES or ref.modality == "video":
         meta, key = await asyncio.to_thread(_probe_and_key, data, ref, kwargs, config, model,
-                                            images_in_prompt)
+                                            images_in_prompt, settings)
     else:
-        meta, key = _probe_and_key(data, ref, kwargs, config, model, images_in_prompt)
+        meta, key = _probe_and_key(data, ref, kwargs, config, model, images_in_prompt, settings)
     if ref.uuid and seen is not None:
         seen.put(ref.modality, key, meta)
     return ResolvedItem(ref.modality, key, data, None, int(meta["geometry"]["num_tokens"]),
@@ -281,12 +286,16 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
 
 
 def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any], config: FrontendConfig,
-                   model: MediaPlaceholders, images_in_prompt: int = 1
-                   ) -> tuple[dict[str, Any], str]:
-    """The item's meta (probed header + geometry) and its cache key."""
+                   model: MediaPlaceholders, images_in_prompt: int = 1,
+                   settings: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """The item's meta (probed header + geometry) and its cache key; ``settings``: what
+    mm_processor_kwargs changed in the processing of this modality (they enter the key)."""
     if ref.modality == "video":
         video = probe_video(data, ref.param, limits_of(config))
-        geometry = model.video_geometry(video.width, video.height, video.num_frames, video.fps,
+        fps = video.fps
+        if ref.kind == "frames" and model.geometry.sample_fps is not None:
+            fps = model.geometry.sample_fps  # in-memory frames: taken as frames at that rate
+        geometry = model.video_geometry(video.width, video.height, video.num_frames, fps,
                                         kwargs, ref.param)
         meta = {"width": video.width, "height": video.height,
                 "format": video.format, "codec": video.codec, "num_frames": video.num_frames,
@@ -296,12 +305,22 @@ def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any], config: F
         geometry = model.image_geometry(info.width, info.height, ref.param, images_in_prompt)
         meta = {"width": info.width, "height": info.height, "format": info.format,
                 "geometry": geometry.to_meta()}
-    # The kwargs enter the hash: another rgba_background_color (or frame sampling) is another
-    # embedding.
-    key = uuid_key(ref.uuid) if ref.uuid else content_key(data, kwargs)
+    # The kwargs enter the hash: another rgba_background_color (or frame sampling, or pixel
+    # bounds) is another embedding. A uuid is the user's name for the bytes: tagged instead.
+    if ref.uuid:
+        key = _settings_tagged(uuid_key(ref.uuid), settings)
+    else:
+        key = content_key(data, {**kwargs, "processor": settings} if settings else kwargs)
     if geometry.variant is not None:  # another preprocessing of the same bytes
         key = f"{key}#{geometry.variant}"
     return meta, key
+
+
+def _settings_tagged(key: str, settings: dict[str, Any] | None) -> str:
+    """``key`` of an item processed under ``settings`` (changed from the checkpoint's): the
+    same uuid at other pixel bounds or another frame rate is another embedding, or other
+    positions, so another cache entry (and a uuid-only reuse finds only its own settings')."""
+    return f"{key}#kw:{kwargs_tag(settings)}" if settings else key
 
 
 async def _from_embeds(ref: MediaRef, model: MediaPlaceholders,

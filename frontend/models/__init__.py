@@ -4,6 +4,7 @@ text-only architectures map to None (the server then refuses media parts)."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from abc import ABC, abstractmethod
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from frontend.errors import RequestError
-from protocol.geometry import ItemGeometry, MediaGeometry
+from protocol.geometry import ItemGeometry, MediaGeometry, ProcessorKwargError
 from protocol.models import MODELS
 
 
@@ -56,6 +57,20 @@ class MediaPlaceholders(ABC):
             return self.geometry.video(width, height, n, n / total_frames * fps)
         except ValueError as e:
             raise RequestError(str(e), param) from None
+
+    def with_processor_kwargs(self, kwargs: dict[str, Any] | None,
+                              param: str = "mm_processor_kwargs") -> MediaPlaceholders:
+        """This slice under ``mm_processor_kwargs``: a copy whose geometry applies them (self
+        when there are none); 400 naming ``param.<key>`` for one the model refuses."""
+        if not _check_kwargs(kwargs, param):
+            return self
+        try:
+            geometry = self.geometry.with_processor_kwargs(kwargs)
+        except ProcessorKwargError as e:
+            raise RequestError(e.message, f"{param}.{e.key}" if e.key else param) from None
+        out = copy.copy(self)
+        out.geometry = geometry
+        return out
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -123,18 +138,22 @@ class MediaPlaceholders(ABC):
 MEDIA_SLICES: dict[str, str | None] = {arch: p.placeholders for arch, p in MODELS.items()}
 
 
-def load_placeholders(model_dir: str | Path) -> MediaPlaceholders | None:
-    """The frontend slice of the checkpoint in ``model_dir``; None for a text-only model.
-    Unknown architectures are a startup error (ValueError), not a silent text-only mode."""
+def load_placeholders(model_dir: str | Path,
+                      processor_kwargs: dict[str, Any] | None = None) -> MediaPlaceholders | None:
+    """The frontend slice of the checkpoint in ``model_dir``, under the server-wide
+    ``processor_kwargs`` (--mm-processor-kwargs); None for a text-only model. Unknown
+    architectures and refused processor kwargs are a startup error (ValueError), not a silent
+    text-only mode."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     archs = config.get("architectures") or []
     for arch in archs:
         if arch in MEDIA_SLICES:
             entry = MEDIA_SLICES[arch]
             if entry is None:
-                return None
+                return with_processor_kwargs(None, processor_kwargs)
             module, name = entry.split(":")
-            return getattr(importlib.import_module(module), name).from_pretrained(model_dir)
+            slice_ = getattr(importlib.import_module(module), name).from_pretrained(model_dir)
+            return with_processor_kwargs(slice_, processor_kwargs)
     raise ValueError(f"{model_dir}: unsupported architecture {archs!r} "
                      f"(known: {', '.join(MEDIA_SLICES)})")
 
@@ -148,6 +167,28 @@ def placeholder_texts(placeholders: MediaPlaceholders | None, tokenizer: Any) ->
     if "video" in placeholders.modalities:
         texts["video"] = placeholders.placeholder_text(tokenizer, "video")
     return texts
+
+
+def with_processor_kwargs(placeholders: MediaPlaceholders | None, kwargs: dict[str, Any] | None,
+                          param: str = "mm_processor_kwargs") -> MediaPlaceholders | None:
+    """``placeholders`` under ``kwargs`` (see `MediaPlaceholders.with_processor_kwargs`); a
+    text-only model uses no processor kwargs, so any key is a 400 naming it."""
+    if placeholders is not None:
+        return placeholders.with_processor_kwargs(kwargs, param)
+    if _check_kwargs(kwargs, param):
+        key = next(iter(kwargs))
+        raise RequestError(f"{param}.{key} is not a setting this model uses (a text-only model "
+                           "takes no mm_processor_kwargs)", f"{param}.{key}")
+    return None
+
+
+def _check_kwargs(kwargs: Any, param: str) -> bool:
+    """Whether there are processor kwargs to apply (None and {} are none); 400 if not a dict."""
+    if kwargs is None:
+        return False
+    if not isinstance(kwargs, dict):
+        raise RequestError(f"{param} must be an object (a dict of settings)", param)
+    return bool(kwargs)
 
 
 def require_image_support(placeholders: MediaPlaceholders | None, param: str) -> MediaPlaceholders:

@@ -32,13 +32,20 @@ from frontend.media.parse import (
     parse_media,
     resolve,
 )
-from frontend.models import load_placeholders, require_image_support, require_modality
+from frontend.models import (
+    MediaPlaceholders,
+    load_placeholders,
+    require_image_support,
+    require_modality,
+    with_processor_kwargs,
+)
 
 
 class OfflineMedia:
     def __init__(self, config: FrontendConfig, device: str, dtype: str):
         self.config = config
-        self.placeholders = load_placeholders(config.model)
+        # Under LLM(mm_processor_kwargs=...); a prompt's own apply over them (`_resolve`).
+        self.placeholders = load_placeholders(config.model, config.mm_processor_kwargs)
         self.device, self.dtype = device, dtype
         self.seen = SeenItems()
         self._encoder = None  # loaded on first use: text-only calls never pay for the tower
@@ -59,16 +66,21 @@ class OfflineMedia:
 
     # -- items from the two offline request shapes -----------------------------------------------
 
-    def from_multi_modal_data(self, data: Any, uuids: Any, param: str) -> list[ResolvedItem]:
+    def from_multi_modal_data(self, data: Any, uuids: Any, param: str,
+                              processor_kwargs: Any = None) -> list[ResolvedItem]:
         """``{"image": ..., "video": ...}`` of one prompt -> items (images, then videos; the
-        prompt's placeholders say where each goes), checked like vLLM's. See `_image_data` and
+        prompt's placeholders say where each goes), checked like vLLM's, processed under the
+        prompt's ``processor_kwargs`` (its mm_processor_kwargs). See `_image_data` and
         `_video_data` for the values each takes."""
         where_data = f"{param}.multi_modal_data"
+        model = with_processor_kwargs(self.placeholders, processor_kwargs,
+                                      f"{param}.mm_processor_kwargs")
         _check_modalities(data, "multi_modal_data", "{'image': ...}", where_data)
-        return (self._image_data(data.get("image"), uuids, param)
-                + self._video_data(data.get("video"), uuids, param))
+        return (self._image_data(data.get("image"), uuids, param, model)
+                + self._video_data(data.get("video"), uuids, param, model))
 
-    def _video_data(self, videos: Any, uuids: Any, param: str) -> list[ResolvedItem]:
+    def _video_data(self, videos: Any, uuids: Any, param: str,
+                    sized_by: MediaPlaceholders | None) -> list[ResolvedItem]:
         """A video is a uint8 array or tensor [T, H, W, 3] (a tensor may be [T, 3, H, W]), a
         list of frames (PIL images or [H, W, 3] arrays), or None (reuse the item of its uuid);
         several videos are a list of those."""
@@ -95,9 +107,10 @@ class OfflineMedia:
                 refs.append(MediaRef("video", "uuid", None, uid, where))
             else:
                 refs.append(MediaRef("video", "frames", item, uid, where))
-        return self._resolve(refs)
+        return self._resolve(refs, sized_by)
 
-    def _image_data(self, images: Any, uuids: Any, param: str) -> list[ResolvedItem]:
+    def _image_data(self, images: Any, uuids: Any, param: str,
+                    sized_by: MediaPlaceholders | None) -> list[ResolvedItem]:
         """The image value is a PIL image, a numpy array ([H, W] / [H, W, C] one image,
         [N, H, W, C] several), a tensor ([feature, hidden] / [num_items, feature, hidden]
         embeddings, [N, C, H, W] images), a dict of ``image_embeds`` and ``image_grid_thw``
@@ -132,7 +145,7 @@ class OfflineMedia:
                 refs.append(None)
             else:
                 refs.append(MediaRef("image", "pil", item, uid, where))
-        resolved = iter(self._resolve([r for r in refs if r is not None]))
+        resolved = iter(self._resolve([r for r in refs if r is not None], sized_by))
         return [embeds_at[i] if r is None else next(resolved) for i, r in enumerate(refs)]
 
     @staticmethod
@@ -190,18 +203,23 @@ class OfflineMedia:
         return [None if u is None else check_uuid(u, f"{where}.{modality}[{i}]")
                 for i, u in enumerate(ids)]
 
-    def from_chat(self, messages: Any) -> tuple[Any, list[ResolvedItem]]:
+    def from_chat(self, messages: Any, processor_kwargs: Any = None
+                  ) -> tuple[Any, list[ResolvedItem]]:
+        model = with_processor_kwargs(self.placeholders, processor_kwargs)
         parsed = parse_media(messages, self.config.limit_mm_per_prompt)
-        return parsed.messages, self._resolve(parsed.refs)
+        return parsed.messages, self._resolve(parsed.refs, model)
 
-    def _resolve(self, refs: list[MediaRef]) -> list[ResolvedItem]:
+    def _resolve(self, refs: list[MediaRef],
+                 sized_by: MediaPlaceholders | None) -> list[ResolvedItem]:
+        """``refs`` sized and keyed by ``sized_by`` (the slice under the prompt's processor
+        kwargs)."""
         if not refs:
             return []
 
         async def run() -> list[ResolvedItem]:
             fetcher = MediaFetcher(self.config)
             try:
-                return await resolve(refs, fetcher, self.placeholders, self.config, self.seen)
+                return await resolve(refs, fetcher, sized_by, self.config, self.seen)
             finally:
                 await fetcher.close()
 

@@ -141,6 +141,9 @@ class ChatCompletionRequest(_Common, kw_only=True):
     chat_template_kwargs: JsonObject | None = None
     add_generation_prompt: bool | None = None  # None: true unless continue_final_message
     continue_final_message: bool = False
+    # vLLM extra: processor settings of this request's media (min_pixels, max_pixels, fps, ...),
+    # checked by the model's geometry (frontend/media/inputs.py)
+    mm_processor_kwargs: JsonObject | None = None
     tools: list[Json] | None = None
     tool_choice: Json = None
     functions: list[Json] | None = None

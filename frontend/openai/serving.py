@@ -262,7 +262,7 @@ class OpenAIServing:
         self.renderer.check_request_template(req.chat_template)  # before any media is fetched
         processor = await self.processor()
         t_media = time.perf_counter()
-        messages, items = await self.media.parse(req.messages)
+        messages, items = await self.media.parse(req.messages, req.mm_processor_kwargs)
         if items:
             self.counters["media_seconds"] += time.perf_counter() - t_media
 

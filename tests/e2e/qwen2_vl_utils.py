@@ -12,6 +12,8 @@ Qwen2.5-VL ``second_per_grid_ts`` = temporal / the sampled frames' rate."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import transformers
@@ -29,12 +31,24 @@ def image(seed: int, size=(40, 50)) -> Image.Image:
 
 class HFQwen2VL:
     def __init__(self, path: str, arch: str = "qwen2_vl"):
+        self.path = path
         self.tok = transformers.AutoTokenizer.from_pretrained(path)
         self.images = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)
+        self.video_images = self.images  # what video frames go through (`video_inputs`)
         self.model = MODELS[arch].from_pretrained(path, dtype=torch.float32).eval()
         self.pad = self.model.config.image_token_id
         self.video_pad = self.model.config.video_token_id
         self.arch = arch
+
+    def with_processor(self, videos: dict | None = None, **kwargs) -> HFQwen2VL:
+        """This reference with its image processor built with ``kwargs`` (e.g. min_pixels and
+        max_pixels, as transformers' users pass them), and the one for video frames with
+        ``videos`` (default: the same); the model is shared."""
+        other = copy.copy(self)
+        load = transformers.Qwen2VLImageProcessorPil.from_pretrained
+        other.images = load(self.path, **kwargs)
+        other.video_images = other.images if videos is None else load(self.path, **videos)
+        return other
 
     def chat_prompt(self, content: list[dict]) -> str:
         parts = [p if p["type"] == "text" else
@@ -45,11 +59,11 @@ class HFQwen2VL:
     def video_inputs(self, frames: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
         """A video's pixel values [t * h * w, C * temporal * p * p] and grid, from the PIL
         image processor frame by frame plus the video processor's temporal patchify."""
-        tps = self.images.temporal_patch_size
+        tps = self.video_images.temporal_patch_size
         frames = frames + [frames[-1]] * (-len(frames) % tps)
-        out = self.images(images=frames, return_tensors="pt")
+        out = self.video_images(images=frames, return_tensors="pt")
         _, h, w = out["image_grid_thw"][0].tolist()
-        c, p = 3, self.images.patch_size
+        c, p = 3, self.video_images.patch_size
         # [frames, h*w, C, tps, p, p]: each frame repeated over the temporal patch; keep one copy
         per_frame = out["pixel_values"].view(len(frames), h * w, c, tps, p, p)[:, :, :, 0]
         steps = per_frame.view(len(frames) // tps, tps, h * w, c, p, p).permute(0, 2, 3, 1, 4, 5)
