@@ -31,6 +31,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action="store_false", dest="no_prefix_caching",
                    help="on by default")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--executor", default="auto", choices=["auto", "uni", "mp"],
+                   help="how the TP workers run: uni (in the engine process, TP=1), mp (one "
+                        "process each); auto: uni for TP=1, else mp")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decoder step and encoder batch launches its kernels "
                         "eagerly")
@@ -112,6 +115,9 @@ def _add_media_args(p: argparse.ArgumentParser) -> None:
                    help='JSON, e.g. \'{"image": 4}\'')
     g.add_argument("--media-io-kwargs", default=None,
                    help='JSON, e.g. \'{"image": {"rgba_background_color": [0, 0, 0]}}\'')
+    g.add_argument("--mm-processor-kwargs", default=None,
+                   help='JSON processor settings for every request (a request\'s own '
+                        'mm_processor_kwargs apply over them), e.g. \'{"max_pixels": 1003520}\'')
 
 
 def _json_arg(value: str | None, flag: str):
@@ -147,6 +153,7 @@ def engine_config(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
+        executor=args.executor,
         enforce_eager=args.enforce_eager,
         dtype=args.dtype,
         device=args.device,
@@ -191,6 +198,9 @@ def media_kwargs(args: argparse.Namespace) -> dict:
     io = _json_arg(args.media_io_kwargs, "--media-io-kwargs")
     if io is not None:
         out["media_io_kwargs"] = io
+    processor = _json_arg(args.mm_processor_kwargs, "--mm-processor-kwargs")
+    if processor is not None:
+        out["mm_processor_kwargs"] = processor
     return out
 
 
@@ -256,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             from frontend.openai.api_server import run_frontend
 
             config = frontend_config(args)
-            load_placeholders(config.model)  # an unknown architecture stops here
+            # An unknown architecture or refused --mm-processor-kwargs stops here.
+            load_placeholders(config.model, config.mm_processor_kwargs)
             run = lambda: run_frontend(config)  # noqa: E731
         elif args.command == "encoder":
             from encoder_worker.server import run_encoder

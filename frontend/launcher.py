@@ -24,9 +24,10 @@ log = logging.getLogger("mmserve")
 
 _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "dtype",
-                 "device", "seed", "tensor_parallel_size", "enforce_eager")
+                 "device", "seed", "tensor_parallel_size", "executor", "enforce_eager")
 _FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb",
                    "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs",
+                   "mm_processor_kwargs",
                    "chat_template_content_format", "trust_request_chat_template",
                    "max_prompt_chars", "tokenizer_workers", "http_header_timeout", "http_body_timeout")
 _ENCODER_FLAGS = ("encoder_device", "encoder_store_gb", "enforce_eager")
@@ -109,9 +110,10 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
             log.info("no MODEL given: serving the built-in demo model %s from %s", name,
                      args.model)
     engine_config(args)
-    load_placeholders(args.model)  # the frontend's slice of the architecture
-    frontend_config(_with(args, engine_addr="tcp://127.0.0.1:1", reply_addr=None,
-                          encoder_addrs=None))
+    config = frontend_config(_with(args, engine_addr="tcp://127.0.0.1:1", reply_addr=None,
+                                   encoder_addrs=None))
+    # The frontend's slice of the architecture, which also checks --mm-processor-kwargs.
+    load_placeholders(args.model, config.mm_processor_kwargs)
     if args.encoders:
         from frontend.cli import encoder_config
 

@@ -38,6 +38,7 @@ class LLM:
         gpu_memory_utilization: float = 0.85,
         enable_prefix_caching: bool = True,
         tensor_parallel_size: int = 1,
+        executor: str = "auto",  # TP workers: uni (in-process), mp (processes); auto picks
         enforce_eager: bool = False,
         dtype: str = "auto",
         device: str = "auto",
@@ -48,6 +49,7 @@ class LLM:
         chat_template_content_format: str = "auto",
         limit_mm_per_prompt: dict[str, int] | None = None,
         media_io_kwargs: dict[str, dict] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
         allowed_local_media_path: str | None = None,
         allowed_media_domains: Sequence[str] = (),
         # vLLM keywords that change nothing here at these values
@@ -85,7 +87,8 @@ class LLM:
                 num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
                 gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
-                tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size, executor=executor,
+                enforce_eager=enforce_eager,
                 dtype=dtype, device=device, seed=seed,
             )
         )
@@ -93,6 +96,7 @@ class LLM:
         self.processor = InputProcessor(self.tokenizer, self.engine.max_model_len,
                                         self.engine.vocab_size, model_path=model)
         media = {"limit_mm_per_prompt": limit_mm_per_prompt, "media_io_kwargs": media_io_kwargs,
+                 "mm_processor_kwargs": mm_processor_kwargs,
                  "allowed_local_media_path": allowed_local_media_path}
         config = FrontendConfig(model=model, allowed_media_domains=tuple(allowed_media_domains),
                                 chat_template_content_format=chat_template_content_format,
@@ -129,7 +133,9 @@ class LLM:
         ({"image": an image or a list of them: PIL, numpy [H, W(, C)] uint8 or float in [0, 1],
         tensor [C, H, W] in a list, [N, C, H, W] images; or embeddings: tensor [feature, hidden]
         or [num_items, feature, hidden]; None reuses the item of its uuid}) and
-        "multi_modal_uuids" ({"image": [str | None, ...]}; a None image reuses its uuid's item).
+        "multi_modal_uuids" ({"image": [str | None, ...]}; a None image reuses its uuid's item)
+        and "mm_processor_kwargs" (this prompt's processor settings, e.g. {"max_pixels": ...},
+        over the LLM's own).
         ``use_tqdm`` is accepted for vLLM's sake (no progress bar is drawn)."""
         _no_lora(lora_request)
         if isinstance(prompts, (str, dict)) or (
@@ -141,16 +147,17 @@ class LLM:
             media: list = []
             if isinstance(p, dict):
                 unknown = set(p) - {"prompt", "prompt_token_ids", "multi_modal_data",
-                                    "multi_modal_uuids"}
+                                    "multi_modal_uuids", "mm_processor_kwargs"}
                 if unknown:
                     raise RequestError(f"unknown prompt keys {sorted(unknown)}", f"prompts[{i}]")
-                # `is not None`: a tensor or array has no truth value, and uuids without data
-                # must still be checked.
-                if (p.get("multi_modal_data") is not None
-                        or p.get("multi_modal_uuids") is not None):
+                # `is not None`: a tensor or array has no truth value, and uuids (or processor
+                # kwargs) without data must still be checked.
+                data, uuids = p.get("multi_modal_data"), p.get("multi_modal_uuids")
+                kwargs = p.get("mm_processor_kwargs")
+                if data is not None or uuids is not None or kwargs is not None:
                     media = self.media.from_multi_modal_data(
-                        p.get("multi_modal_data", {}), p.get("multi_modal_uuids"),
-                        f"prompts[{i}]")
+                        {} if data is None and uuids is None else data, uuids, f"prompts[{i}]",
+                        kwargs)
                 if "prompt_token_ids" in p:
                     items.append((None, list(p["prompt_token_ids"]), media))
                 elif "prompt" in p:
@@ -174,15 +181,17 @@ class LLM:
         chat_template_content_format: str | None = None,
         add_generation_prompt: bool | None = None,
         continue_final_message: bool = False,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or a batch of them."""
+        """One conversation (a list of messages) or a batch of them; ``mm_processor_kwargs``
+        (processor settings of their media, over the LLM's own) apply to every one."""
         _no_lora(lora_request)
         renderer = (self.chat_renderer if chat_template_content_format is None
                     else self.renderer(chat_template_content_format))
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         items = []
         for conv in convs:
-            conv, media = self.media.from_chat(conv)
+            conv, media = self.media.from_chat(conv, mm_processor_kwargs)
             r = renderer.render(
                 conv, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
