@@ -70,7 +70,7 @@ def test_vllm_flags_are_accepted(tiny_llava):
 
 @pytest.mark.parametrize("flags, words", [
     (["--runner", "pooling"], "runner"),
-    (["-tp", "2"], "tensor_parallel_size"),
+    (["-tp", "3"], "tensor_parallel_size"),  # 4 heads do not split in 3
     (["--quantization", "awq"], "quantization"),
     (["--revision", "main"], "revision"),
     (["--kv-cache-dtype", "fp8"], "kv_cache_dtype"),
@@ -88,7 +88,7 @@ def test_llm_takes_vllm_keywords(tiny_llama):
               disable_log_stats=True, max_model_len=64, num_kv_blocks=16,
               chat_template_content_format="string")
     assert llm.generate("Hello", use_tqdm=False)[0].outputs[0].token_ids
-    for kwargs, words in [({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+    for kwargs, words in [({"tensor_parallel_size": 3}, "tensor_parallel_size"),
                           ({"quantization": "awq"}, "quantization"),
                           ({"runner": "pooling"}, "runner"),
                           ({"gpu_memory_utilization": 0.0}, "gpu_memory_utilization"),

@@ -88,3 +88,17 @@ def test_each_rank_reads_only_its_slices(tiny_qwen2, monkeypatch):
     assert torch.equal(k, full["model.layers.1.self_attn.k_proj.weight"])
     q_bias = torch.cat([layer.bias[:q_rows] for layer in qkv])
     assert torch.equal(q_bias, full["model.layers.1.self_attn.q_proj.bias"])
+
+
+def test_tp_from_the_command_line(tiny_llama):
+    from frontend.cli import build_parser, engine_config
+    from frontend.launcher import _ENGINE_FLAGS, _flags
+
+    args = build_parser().parse_args(["llm-worker", "--model", tiny_llama, "--input-addr",
+                                      "tcp://127.0.0.1:1", "-tp", "2", "--executor", "mp"])
+    cfg = engine_config(args)
+    assert (cfg.tensor_parallel_size, cfg.executor) == (2, "mp")
+    # `mmserve serve` hands both to the engine process it starts.
+    argv = _flags(args, _ENGINE_FLAGS)
+    assert argv[argv.index("--executor") + 1] == "mp"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
