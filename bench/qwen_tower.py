@@ -103,7 +103,8 @@ def main() -> None:
     images = [Image.fromarray(rng.integers(0, 255, (int(h), int(w), 3), np.uint8))
               for w, h in (s.split("x") for s in args.sizes)]
     items = [ours.preprocess(im) for im in images]
-    pixels = torch.cat([it.values for it in items]).to(device, dtype)
+    pixels = ours.processor.pixel_values(torch.cat([it.values for it in items]).to(device))
+    pixels = pixels.to(dtype)  # transformers' input: normalized pixel values
     grid = torch.tensor([it.grid_thw for it in items], device=device)
 
     def run_ours():

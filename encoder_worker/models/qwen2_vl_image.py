@@ -1,8 +1,9 @@
 """The Qwen2-VL image processor in PIL + numpy, equal to transformers' (PIL backend).
 
 Steps, in transformers' order: resize to the size the item's geometry says (computed once, by
-the frontend, under the request's pixel bounds; PIL, bicubic by default), rescale + normalize
-(the CLIP processor's table lookup: same arithmetic, same bits), then cut into patches.
+the frontend, under the request's pixel bounds; PIL, bicubic by default), cut into patches,
+then rescale + normalize (`pixel_values`: the CLIP processor's table lookup, same arithmetic,
+same bits), which the encoder runs on its device after the upload.
 Patches are laid out window by window, as the tower's patch merger reads them: each 2x2 window
 of 14 px patches is 4 consecutive rows, and every row holds channel, frame (the image repeated
 ``temporal_patch_size`` times), patch row, patch column.
@@ -27,6 +28,7 @@ from encoder_worker.models.clip_image import (
     MAX_RESIZE_PIXELS,
     ClipImageProcessor,
     image_processor_config,
+    lookup,
 )
 from protocol.checkpoint import video_processor_config
 from protocol.geometry import ItemGeometry
@@ -40,6 +42,7 @@ class Qwen2VLImageProcessor:
         # Only the CLIP processor's rescale + normalize table: no resize, no crop.
         self.normalize = ClipImageProcessor.from_dict(
             {**config, "do_resize": False, "do_center_crop": False})
+        self._luts: dict[torch.device, torch.Tensor] = {}  # device -> [3, 256] float32
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, model_config: dict) -> Qwen2VLImageProcessor:
@@ -47,7 +50,7 @@ class Qwen2VLImageProcessor:
         return cls(Qwen2VLGeometry(model_config, config, video_processor_config(folder)), config)
 
     def __call__(self, image: Image.Image, geo: ItemGeometry | None = None) -> Patches:
-        """RGB image -> its patches [h * w, 3 * temporal * patch^2] float32 and grid (1, h, w),
+        """RGB image -> its patches [h * w, 3 * temporal * patch^2] uint8 and grid (1, h, w),
         resized to ``geo`` (the frontend's geometry, which may carry the request's pixel
         bounds), else to what this checkpoint's settings give; MediaError for a size the model
         refuses."""
@@ -63,14 +66,14 @@ class Qwen2VLImageProcessor:
             image = image.convert("RGB")
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=self.resample)
-        pixels = self.normalize(image).numpy()  # [3, H, W] float32
+        planes = self.normalize.planes(image).numpy()  # [3, H, W] uint8
         # A still image is its one frame repeated over the temporal patch.
-        frames = np.broadcast_to(pixels, (self.geometry.temporal_patch_size, *pixels.shape))
+        frames = np.broadcast_to(planes, (self.geometry.temporal_patch_size, *planes.shape))
         return _checked(self.patchify(frames), geo.grid_thw)
 
     def video(self, frames: np.ndarray, fps: float, geo: ItemGeometry | None = None) -> Patches:
         """Sampled RGB frames [T, H, W, 3] uint8 at ``fps`` -> their patches
-        [t * h * w, 3 * temporal * patch^2] float32 and grid (t, h, w), t = ceil(T / temporal),
+        [t * h * w, 3 * temporal * patch^2] uint8 and grid (t, h, w), t = ceil(T / temporal),
         each frame resized to ``geo`` (as ``__call__``); MediaError for a size the model
         refuses."""
         num, height, width = frames.shape[:3]
@@ -82,15 +85,13 @@ class Qwen2VLImageProcessor:
         if num * new_h * new_w > MAX_RESIZE_PIXELS:
             raise MediaError(f"video of {num} frames would be resized to {new_w}x{new_h} each, "
                              f"more than {MAX_RESIZE_PIXELS} pixels in all")
-        out = []
-        for frame in frames:
-            image = Image.fromarray(frame)
-            if (new_h, new_w) != (height, width):
-                image = image.resize((new_w, new_h), resample=self.resample)
-            out.append(self.normalize(image).numpy())  # [3, H, W] float32
+        if (new_h, new_w) != (height, width):
+            frames = np.stack([np.asarray(Image.fromarray(f).resize(
+                (new_w, new_h), resample=self.resample)) for f in frames])
         # The last frame repeated to fill the final temporal patch, as transformers pads.
-        out += [out[-1]] * (-num % self.geometry.temporal_patch_size)
-        return _checked(self.patchify(np.stack(out)), geo.grid_thw)
+        pad = -num % self.geometry.temporal_patch_size
+        frames = np.concatenate([frames, frames[-1:].repeat(pad, 0)]) if pad else frames
+        return _checked(self.patchify(frames.transpose(0, 3, 1, 2)), geo.grid_thw)
 
     def _target(self, geo: ItemGeometry) -> tuple[int, int]:
         """The (height, width) to resize to: ``geo``'s, if this tower can cut it into merge
@@ -100,9 +101,22 @@ class Qwen2VLImageProcessor:
             raise ValueError(f"the geometry's size {hw} is not made of {factor} px merge windows")
         return int(hw[0]), int(hw[1])
 
+    def pixel_values(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 patch rows (`Patches.values` of this processor) -> float32 pixel values, on
+        their device: the table lookup of `ClipImageProcessor`, per column's channel."""
+        if patches.dtype != torch.uint8:
+            return patches  # already pixel values
+        lut = self._luts.get(patches.device)
+        if lut is None:
+            lut = self._luts[patches.device] = torch.from_numpy(self.normalize.lut).to(
+                patches.device)
+        rows = patches.shape[0]  # a row is channel, frame, patch row, patch column
+        return lookup(patches.view(rows, 3, -1), lut).view(patches.shape)
+
     def patchify(self, frames: np.ndarray) -> Patches:
-        """[T, C, H, W] (T a multiple of the temporal patch) -> `Patches`, rows in merge-window
-        order within each temporal step."""
+        """[T, C, H, W] uint8 (T a multiple of the temporal patch) -> `Patches` of uint8 rows
+        in merge-window order within each temporal step (`pixel_values` normalizes them: on
+        the tower's device, a quarter of the bytes to move and no float pass here)."""
         g = self.geometry
         p, m, t = g.patch_size, g.merge_size, g.temporal_patch_size
         num, channels, height, width = frames.shape

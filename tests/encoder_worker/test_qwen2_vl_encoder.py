@@ -72,8 +72,9 @@ def test_preprocess_equals_hf(encoder, hf_qwen2_vl, make_image):
         ours = encoder.preprocess(img)
         ref = processor(img, return_tensors="np")
         assert ours.grid_thw == tuple(ref["image_grid_thw"][0])
-        assert ours.values.dtype == torch.float32
-        np.testing.assert_allclose(ours.values.numpy(), ref["pixel_values"], atol=1e-6, rtol=0)
+        assert ours.values.dtype == torch.uint8  # normalized on the tower's device
+        pixels = encoder.processor.pixel_values(ours.values)
+        np.testing.assert_allclose(pixels.numpy(), ref["pixel_values"], atol=1e-6, rtol=0)
         assert encoder.num_tokens(w, h) == ours.values.shape[0] // 4
 
 
@@ -91,7 +92,8 @@ def test_preprocess_variants_equal_hf(cfg, make_image):
         out = ref(img, return_tensors="np")
         patches = ours(img)
         assert patches.grid_thw == tuple(out["image_grid_thw"][0])
-        np.testing.assert_allclose(patches.values.numpy(), out["pixel_values"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(ours.pixel_values(patches.values).numpy(),
+                                   out["pixel_values"], atol=1e-6, rtol=0)
 
 
 def test_one_odd_image_equals_hf(encoder, hf_qwen2_vl, make_image):
