@@ -34,7 +34,8 @@ class HFLlava:
 
     def greedy(self, prompt: str, images: list[Image.Image], n: int) -> list[int]:
         inputs = self.proc(images=images or None, text=prompt, return_tensors="pt")
-        out = self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        # ignore_eos lets EOS be generated; no eos ids (not min_new_tokens, which forbids EOS)
+        out = self.model.generate(**inputs, max_new_tokens=n, eos_token_id=[], do_sample=False)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     def features(self, img: Image.Image) -> torch.Tensor:

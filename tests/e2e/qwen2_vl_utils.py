@@ -106,5 +106,5 @@ class HFQwen2VL:
         input_ids = torch.tensor([ids])
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+                                      max_new_tokens=n, eos_token_id=[], do_sample=False, **kw)
         return out[0, len(ids):].tolist()

@@ -156,7 +156,9 @@ def test_repetition_penalty_matches_transformers(tiny_llama):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     for o, got in zip(outs, ours):
         ids = torch.tensor([o.prompt_token_ids])
-        want = model.generate(ids, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+        # ignore_eos lets EOS be generated; no eos ids says the same to transformers
+        # (min_new_tokens would forbid EOS and pick the runner-up).
+        want = model.generate(ids, max_new_tokens=MAX_NEW, eos_token_id=[],
                               do_sample=False, repetition_penalty=1.8,
                               pad_token_id=model.generation_config.eos_token_id)
         assert got == want[0, ids.shape[1]:].tolist()
