@@ -31,9 +31,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action="store_false", dest="no_prefix_caching",
                    help="on by default")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--executor", default="auto", choices=["auto", "uni", "mp"],
+    g.add_argument("--executor", default="auto", choices=["auto", "uni", "mp", "ray"],
                    help="how the TP workers run: uni (in the engine process, TP=1), mp (one "
-                        "process each); auto: uni for TP=1, else mp")
+                        "process each), ray (one Ray actor each, in a placement group; needs "
+                        "mmserve[ray]); auto: uni for TP=1, else mp")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decoder step and encoder batch launches its kernels "
                         "eagerly")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,10 @@ from protocol.checkpoint import max_positions, resolve_device, resolve_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
 # auto: uni for one worker, mp for a TP group (llm_worker/executor/).
-EXECUTORS = ("auto", "uni", "mp")
+EXECUTORS = ("auto", "uni", "mp", "ray")
+# Ray placement group strategies: STRICT_PACK keeps a group on one node (NVLink, no cross-host
+# collectives); SPREAD lets it span nodes.
+PLACEMENTS = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class LLMWorkerConfig:
     # True: no CUDA graphs, every decode step launches its kernels eagerly (as vLLM's flag).
     enforce_eager: bool = False
     executor: str = "auto"
+    ray_placement: str = "STRICT_PACK"  # executor ray: how the group's bundles are placed
     attention_backend: str = "auto"
     seed: int = 0
 
@@ -64,9 +69,14 @@ class LLMWorkerConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.ray_placement not in PLACEMENTS:
+            raise ValueError(f"ray_placement must be one of {PLACEMENTS}, got "
+                             f"{self.ray_placement!r}")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("executor 'ray' needs Ray: pip install 'mmserve[ray]'")
         if tp > 1 and self.executor == "uni":
             raise ValueError("executor 'uni' runs one worker inside the engine process: "
-                             f"tensor_parallel_size {tp} needs executor 'mp'")
+                             f"tensor_parallel_size {tp} needs executor 'mp' or 'ray'")
         if self.resolved_executor() != "uni" and self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device} names one GPU, but each worker process "
                              "takes its own: use device cuda (or auto) and pick the GPUs with "

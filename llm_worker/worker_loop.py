@@ -90,15 +90,19 @@ def serve_worker(config: LLMWorkerConfig, rank: int, dist_init_method: str | Non
         ctx.term()
 
 
-def main(argv: list[str]) -> None:
-    """``python -m llm_worker.worker_loop SPEC``: the process the `mp` executor starts. SPEC is
-    JSON: config (LLMWorkerConfig's fields), rank, rendezvous, step_addr, reply_addr, log_level.
-    The GPU, if any, is already this process's CUDA_VISIBLE_DEVICES."""
-    spec = json.loads(argv[0])
+def run_spec(spec: dict) -> None:
+    """Serve one worker from its JSON spec: config (LLMWorkerConfig's fields), rank,
+    rendezvous, step_addr, reply_addr, log_level. The launcher (an `mp` parent, a Ray actor)
+    has already given this process its GPU, if any, as CUDA_VISIBLE_DEVICES."""
     setup_logging(f"tp{spec['rank']}", spec.get("log_level", "INFO"))
-    exit_with_parent()  # a SIGKILLed engine leaves no worker behind
     serve_worker(LLMWorkerConfig(**spec["config"]), spec["rank"], spec["rendezvous"],
                  spec["step_addr"], spec["reply_addr"])
+
+
+def main(argv: list[str]) -> None:
+    """``python -m llm_worker.worker_loop SPEC``: the process the `mp` executor starts."""
+    exit_with_parent()  # a SIGKILLed engine leaves no worker behind
+    run_spec(json.loads(argv[0]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Executors run the TP workers of one decoder replica: `uni` in the engine process (TP=1),
-`mp` as local worker processes; `ray` (actors) drops in behind the same ABC."""
+`mp` as local worker processes, `ray` as Ray actors in a placement group."""
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -54,9 +55,15 @@ class Executor(ABC):
         """Release workers and devices."""
 
 
-def make_executor(config: LLMWorkerConfig) -> Executor:
-    from llm_worker.executor.mp import MPExecutor
-    from llm_worker.executor.uni import UniExecutor
+# name -> "module:Class", imported on use (Ray is optional and heavy to import).
+EXECUTORS = {
+    "uni": "llm_worker.executor.uni:UniExecutor",
+    "mp": "llm_worker.executor.mp:MPExecutor",
+    "ray": "llm_worker.executor.ray:RayExecutor",
+}
 
-    executors: dict[str, type[Executor]] = {"uni": UniExecutor, "mp": MPExecutor}
-    return executors[config.resolved_executor()](config)
+
+def make_executor(config: LLMWorkerConfig) -> Executor:
+    module, name = EXECUTORS[config.resolved_executor()].split(":")
+    cls: type[Executor] = getattr(importlib.import_module(module), name)
+    return cls(config)

@@ -1,11 +1,14 @@
 """A TP worker that dies fails its group at once: the in-flight request ends with an error within
 seconds (never a hang, whichever rank died: rank 0 answers the steps, rank 1 leaves rank 0 inside
-a collective), the surviving worker is stopped, and later requests fail at once too."""
+a collective), the surviving worker is stopped, and later requests fail at once too. Under `mp`
+the worker process is SIGKILLed; under `ray` its actor is killed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -19,6 +22,32 @@ from protocol.messages import ErrorMsg, GenerateRequest, Hello, Sampling, Shutdo
 from protocol.sockets import Receiver, Sender
 
 LONG = Sampling(max_tokens=1500, temperature=0.0, ignore_eos=True)  # ~10 s of decode steps
+RAY = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_down():
+    yield
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+def _kill(executor, rank: int) -> None:
+    if executor.config.executor == "ray":
+        import ray
+
+        ray.kill(executor.actors[rank])
+    else:
+        os.kill(executor.procs[rank].pid, signal.SIGKILL)
+
+
+def _all_stopped(executor) -> bool:
+    if executor.config.executor == "ray":
+        import ray
+
+        done, _ = ray.wait(executor.serving, num_returns=len(executor.serving), timeout=5)
+        return not executor.actors and len(done) == len(executor.serving)
+    return all(w.poll() is not None for w in executor.procs)
 
 
 def _next(inbox: Receiver, kind: type, request_id: str, timeout_s: float):
@@ -38,12 +67,13 @@ def _next(inbox: Receiver, kind: type, request_id: str, timeout_s: float):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [0, 1])
-def test_killed_worker_fails_the_request_fast(tiny_llama, rank):
+@pytest.mark.parametrize("executor, rank", [("mp", 0), ("mp", 1),
+                                            pytest.param("ray", 1, marks=RAY)])
+def test_killed_worker_fails_the_request_fast(tiny_llama, executor, rank):
     config = LLMWorkerConfig(model=tiny_llama, max_model_len=1600, num_kv_blocks=128,
-                             tensor_parallel_size=2, executor="mp")
+                             tensor_parallel_size=2, executor=executor)
     proc = EngineCoreProc(config, tcp())
-    workers = proc.core.executor.procs
+    group = proc.core.executor
     loop = threading.Thread(target=proc.run, daemon=True)
     loop.start()
     ctx = zmq.Context()
@@ -53,13 +83,13 @@ def test_killed_worker_fails_the_request_fast(tiny_llama, rank):
         to_engine.send(Hello(frontend_id="t", reply_to=inbox.addr))
         to_engine.send(GenerateRequest("r", [1, 2, 3], LONG, [], inbox.addr))
         assert _next(inbox, TokenOutputs, "r", 30) is not None  # decoding is under way
-        os.kill(workers[rank].pid, signal.SIGKILL)
+        _kill(group, rank)
         killed = time.monotonic()
         err = _next(inbox, ErrorMsg, "r", 10)
         assert err is not None and err.status == 500
         assert time.monotonic() - killed < 3
         # The group is gone as a whole: no worker is left waiting on its dead peer.
-        assert all(w.poll() is not None for w in workers)
+        assert _all_stopped(group)
         to_engine.send(GenerateRequest("r2", [4, 5], LONG, [], inbox.addr))
         sent = time.monotonic()
         err = _next(inbox, ErrorMsg, "r2", 10)
@@ -74,26 +104,27 @@ def test_killed_worker_fails_the_request_fast(tiny_llama, rank):
     assert not loop.is_alive()
 
 
-def test_a_dead_worker_is_noticed_without_any_reply(tiny_llama):
+@pytest.mark.parametrize("executor, why", [("mp", "exited with code -9"),
+                                           pytest.param("ray", "ended: .*ActorDied", marks=RAY)])
+def test_a_dead_worker_is_noticed_without_any_reply(tiny_llama, executor, why):
     """No peer is left to report it (one worker, no collective): the wait for its output sees
-    the process gone, and every later call fails at once with the same cause."""
-    from llm_worker.executor import ExecutorError
-    from llm_worker.executor.mp import MPExecutor
+    the worker gone (its process, its actor's serve() call), and every later call fails at once
+    with the same cause."""
+    from llm_worker.executor import ExecutorError, make_executor
     from protocol.step import SchedulerOutput
 
-    executor = MPExecutor(LLMWorkerConfig(model=tiny_llama, max_model_len=64, num_kv_blocks=16,
-                                          executor="mp"))
+    group = make_executor(LLMWorkerConfig(model=tiny_llama, max_model_len=64, num_kv_blocks=16,
+                                          executor=executor))
     try:
-        executor.init_kv_cache(executor.num_available_blocks())
-        (worker,) = executor.procs
-        worker.kill()
-        worker.wait(10)
+        group.init_kv_cache(group.num_available_blocks())
+        _kill(group, 0)
+        time.sleep(1.0)  # dead before the step is sent: nobody will ever answer it
         started = time.monotonic()
         step = SchedulerOutput.empty(finished_request_ids={"gone"})
-        with pytest.raises(ExecutorError, match="exited with code -9"):
-            executor.execute(step)
+        with pytest.raises(ExecutorError, match=why):
+            group.execute(step)
         assert time.monotonic() - started < 2
-        with pytest.raises(ExecutorError, match="exited with code -9"):
-            executor.execute(step)
+        with pytest.raises(ExecutorError, match=why):
+            group.execute(step)
     finally:
-        executor.shutdown()
+        group.shutdown()

@@ -33,6 +33,18 @@ def test_tp_settings(tiny_llama, tmp_path):
         LLMWorkerConfig(model=tiny_llama, tensor_parallel_size=2, device="cuda:1")
     with pytest.raises(ValueError, match="executor must be one of"):
         LLMWorkerConfig(model=tiny_llama, executor="threads")
+    with pytest.raises(ValueError, match="ray_placement must be one of"):
+        LLMWorkerConfig(model=tiny_llama, executor="ray", ray_placement="ANYWHERE")
+
+
+def test_ray_executor_without_ray_is_a_clear_error(tiny_llama, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs Ray: pip install 'mmserve\[ray\]'"):
+        LLMWorkerConfig(model=tiny_llama, tensor_parallel_size=2, executor="ray")
 
 
 def _with_heads(model: str, heads: int, kv: int, tmp: Path) -> str:
