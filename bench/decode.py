@@ -142,13 +142,20 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(len(s) * q / 100))]
 
 
+def _runner(core: EngineCore):
+    """The in-process model runner; None under a multi-process executor (TP > 1)."""
+    worker = getattr(core.executor, "worker", None)
+    return None if worker is None else worker.runner
+
+
 def _backend_name(core: EngineCore) -> str:
-    return type(core.executor.worker.runner.attn_backend).__name__
+    runner = _runner(core)
+    return type(runner.attn_backend).__name__ if runner else f"{core.executor.__class__.__name__}"
 
 
 def _replays(core: EngineCore) -> int:
-    """Decode steps served by a CUDA graph so far (0 when eager)."""
-    graphs = core.executor.worker.runner.graphs
+    """Decode steps served by a CUDA graph so far (0 when eager or out of process)."""
+    graphs = getattr(_runner(core), "graphs", None)
     return graphs.num_replays if graphs is not None else 0
 
 
@@ -213,6 +220,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="TP ranks, one GPU each (the mp executor's worker processes)")
+    ap.add_argument("--executor", default="auto", help="auto, uni, mp, ray")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="stop starting new points after this many seconds (JSON stays valid)")
     ap.add_argument("--out", default="bench/results/decode.json")
@@ -250,11 +260,12 @@ def main() -> None:
         max_num_batched_tokens=budget_tokens, enable_prefix_caching=False,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend, kv_cache_memory_gb=1.0,
-        enforce_eager=args.enforce_eager))
+        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+        executor=args.executor))
     res["engine_load_s"] = time.perf_counter() - t0
     res["attention_backend"] = _backend_name(core)
     res["num_kv_blocks"] = core.kv.num_total_blocks
-    graphs = core.executor.worker.runner.graphs
+    graphs = getattr(_runner(core), "graphs", None)
     res["cuda_graph_sizes"] = graphs.sizes if graphs is not None else []
     res["max_num_batched_tokens"] = budget_tokens
     eos = 2

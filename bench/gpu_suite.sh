@@ -14,7 +14,7 @@
 #
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
-#   STAGES ["env ckpt pytest kernels decode_triton decode_cublas decode_eager parity profile
+#   STAGES ["env ckpt pytest kernels decode_triton decode_cublas decode_eager decode_tp parity profile
 #            encoder ttft decode_reference peer qwen_tower video_ttft"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
@@ -23,6 +23,8 @@
 #   REF_BATCHES ["1 8 32 64"] REF_CONTEXTS ["128 700"] REF_STEPS [8]
 #   CUBLAS_BATCHES ["1 8"] CUBLAS_CONTEXTS ["128 700"] T_DECODE_CUBLAS [80]: graphs + Triton
 #   kernels with the projections on cuBLAS (MMSERVE_REFERENCE_OPS=linear), the GEMV's A/B
+#   TP_BATCHES ["1 8 64"] T_DECODE_TP [150]: decode_tp, TP=2 over the mp executor (NCCL, eager:
+#   graphs are off under TP), beside decode_eager's TP=1; needs 2 GPUs (nvidia-h200-x2)
 #   EAGER_BATCHES ["1 8 64"] EAGER_CONTEXTS ["128"] (Triton kernels, --enforce-eager) T_DECODE_EAGER [80]
 #   PARITY_BATCH [8] PARITY_STEPS [32] T_PARITY [120]: bench/parity.py, fast path vs reference
 #   PROFILE_BATCHES ["1 8 64"] T_PROFILE [90]: bench/profile_step.py (CUDA only)
@@ -60,7 +62,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_eager parity profile encoder ttft decode_reference peer qwen_tower video_ttft}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -76,6 +78,7 @@ REF_CONTEXTS=${REF_CONTEXTS:-128 700}
 CUBLAS_BATCHES=${CUBLAS_BATCHES:-1 8}
 CUBLAS_CONTEXTS=${CUBLAS_CONTEXTS:-128 700}
 EAGER_BATCHES=${EAGER_BATCHES:-1 8 64}
+TP_BATCHES=${TP_BATCHES:-1 8 64}
 EAGER_CONTEXTS=${EAGER_CONTEXTS:-128}
 PARITY_BATCH=${PARITY_BATCH:-8}
 PROFILE_BATCHES=${PROFILE_BATCHES:-1 8 64}
@@ -175,6 +178,10 @@ run_stage decode_cublas "${T_DECODE_CUBLAS:-80}" 30 "MMSERVE_KERNELS=triton \
 run_stage decode_eager "${T_DECODE_EAGER:-80}" 30 "MMSERVE_KERNELS=triton $DEC --enforce-eager \
     --batch $EAGER_BATCHES --context $EAGER_CONTEXTS --steps $REF_STEPS --prefill-reps 1 \
     --budget-s @BUDGET@ --out $WORK/decode_eager.json"
+run_stage decode_tp "${T_DECODE_TP:-150}" 30 "if (( \$(nvidia-smi -L | wc -l) < 2 )); then \
+    echo 'decode_tp needs 2 GPUs'; exit 3; fi; MMSERVE_KERNELS=triton $DEC --tensor-parallel-size 2 \
+    --executor mp --enforce-eager --batch $TP_BATCHES --context $EAGER_CONTEXTS --steps $REF_STEPS \
+    --prefill-reps 1 --budget-s @BUDGET@ --out $WORK/decode_tp2.json"
 run_stage parity "${T_PARITY:-120}" 0 "python3 bench/parity.py --model $CKPT $D $TINY --batch $PARITY_BATCH \
     --steps $PARITY_STEPS --out $WORK/parity.json"
 run_stage profile "${T_PROFILE:-90}" 0 "python3 bench/profile_step.py --model $CKPT --batch $PROFILE_BATCHES \
