@@ -88,7 +88,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 async def scrape(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
-    """Every cache/hit counter in /metrics, summed over labels ({} if /metrics is absent)."""
+    """Every raw mmserve_* cache/hit number in /metrics (not their mmserve: twins), summed over
+    labels ({} if /metrics is absent)."""
     try:
         async with session.get(base + "/metrics") as r:
             if r.status != 200:
@@ -102,7 +103,7 @@ async def scrape(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
             continue
         name, _, value = line.rpartition(" ")
         name = name.split("{", 1)[0]
-        if "cache" in name or "hit" in name:
+        if name.startswith("mmserve_") and ("cache" in name or "hit" in name):
             try:
                 out[name] = out.get(name, 0.0) + float(value)
             except ValueError:

@@ -194,7 +194,8 @@ def plan(names: list[str], images: list[Path], texts: list[str], warmup: int,
 # -- client ----------------------------------------------------------------------------------------
 
 async def counters(session, base: str) -> dict[str, float]:
-    """Every counter of /metrics, summed over labels."""
+    """The raw mmserve_* counters of /metrics (untyped since the names lack _total; their
+    typed mmserve: twins say the same), summed over labels."""
     async with session.get(base + "/metrics") as r:
         text = await r.text() if r.status == 200 else ""
     kinds = {ln.split()[2]: ln.split()[3] for ln in text.splitlines()
@@ -205,7 +206,7 @@ async def counters(session, base: str) -> dict[str, float]:
             continue
         name, _, value = line.rpartition(" ")
         name = name.split("{", 1)[0]
-        if kinds.get(name) == "counter":
+        if name.startswith("mmserve_") and kinds.get(name) in ("counter", "untyped"):
             with contextlib.suppress(ValueError):
                 out[name] = out.get(name, 0.0) + float(value)
     return out

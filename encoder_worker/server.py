@@ -8,6 +8,7 @@ queue items and runs the tower. Finished embeddings go to the LRU store, then ou
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import queue
@@ -27,6 +28,7 @@ from encoder_worker.models import load_encoder
 from encoder_worker.store import EmbeddingStore
 from protocol.codec import tensor_ref
 from protocol.messages import (
+    BucketCounts,
     Embedding,
     EncodeDone,
     EncodeRequest,
@@ -38,6 +40,15 @@ from protocol.messages import (
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "internal error while encoding"
+# Histogram bounds of the stats (they travel with the counts, so a frontend built with others
+# still folds them): items per tower forward, and an item's seconds from arrival to publication.
+BATCH_SIZE_BOUNDS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+LATENCY_BOUNDS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]
+
+
+def _observe(hist: BucketCounts, value: float) -> None:
+    hist.counts[bisect.bisect_left(hist.bounds, value)] += 1  # le: a value on a bound counts in
+    hist.sum += value
 
 
 class _Decoded(NamedTuple):
@@ -60,7 +71,9 @@ class EncoderProc:
         dtype = getattr(torch, config.resolved_dtype())
         self.model = load_encoder(config.model, torch.device(config.resolved_device()), dtype)
         self.store = EmbeddingStore(config.store_bytes)
-        self.stats = EncoderStats()
+        self.stats = EncoderStats(
+            batch_size=BucketCounts(BATCH_SIZE_BOUNDS, [0] * (len(BATCH_SIZE_BOUNDS) + 1)),
+            latency=BucketCounts(LATENCY_BOUNDS, [0] * (len(LATENCY_BOUNDS) + 1)))
         self.waiters: dict[str, list[EncodeRequest]] = {}  # key in flight -> requests wanting it
         self.ready: list[_Ready] = []  # decoded, waiting for the tower
         self.arrived: dict[str, float] = {}  # key -> arrival of an item on the decode pool
@@ -131,6 +144,8 @@ class EncoderProc:
                                    f"encoder ({', '.join(self.model.modalities)})")
             return
         tensor = self.store.get(msg.key)
+        if tensor is None:
+            self.stats.num_cache_misses += 1  # then joined, encoded or refused below
         if tensor is not None:
             self.stats.num_cache_hits += 1
             self._publish(msg.key, tensor, [msg], cache_hit=True)
@@ -207,12 +222,17 @@ class EncoderProc:
         self.stats.num_encoded += len(group)
         self.stats.num_batches += 1
         st, now = self.stats, time.monotonic()
+        _observe(st.batch_size, len(group))  # type: ignore[arg-type]
         st.queue_seconds += sum(t0 - r.since for r in group)
         st.tower_seconds += (now - t0) * len(group)
         for item, tensor in zip(group, outs):
             self.store.put(item.key, tensor)
+            # Counted before it leaves (publishing is a queue put), so a scrape that follows
+            # the reply sees it.
+            seconds = time.monotonic() - item.arrived
+            st.item_seconds += seconds
+            _observe(st.latency, seconds)  # type: ignore[arg-type]
             self._publish(item.key, tensor, self.waiters.pop(item.key), cache_hit=False)
-            st.item_seconds += time.monotonic() - item.arrived
 
     # -- emit -------------------------------------------------------------------------------
 
@@ -233,15 +253,21 @@ class EncoderProc:
             log.info("%s %s: %d %s", r.request_id, r.key, status, message)
             self.io.send(r.reply_to, EncodeDone(r.key, r.request_id, status, message))
 
+    def stats_snapshot(self) -> EncoderStats:
+        """Called on the IO threads (heartbeats, the metrics server): the counters are ints and
+        the histograms lists of ints, safe to read while the loop runs."""
+        return msgspec.structs.replace(self.stats, store_bytes=self.store.bytes,
+                                       store_items=len(self.store))
+
     def _heartbeat(self) -> EncoderHeartbeat:
-        """Called on the IO threads: the counters are ints, safe to read while the loop runs."""
-        stats = msgspec.structs.replace(self.stats, store_bytes=self.store.bytes,
-                                        store_items=len(self.store))
-        return EncoderHeartbeat(self.encoder_id, time.time(), stats, addr=self.input_addr)
+        return EncoderHeartbeat(self.encoder_id, time.time(), self.stats_snapshot(),
+                                addr=self.input_addr)
 
 
-def run_encoder(config: EncoderConfig, input_addr: str) -> None:
-    """Serve until a Shutdown message arrives (or the process is killed)."""
+def run_encoder(config: EncoderConfig, input_addr: str,
+                metrics_addr: tuple[str, int] | None = None) -> None:
+    """Serve until a Shutdown message arrives (or the process is killed); with ``metrics_addr``
+    (host, port), also serve this encoder's Prometheus metrics there."""
     if config.resolved_device().startswith("cuda"):
         # Here the CPU side of torch only stacks and copies; a thread per core would fight the
         # decode pool (H100 host, 640x480 JPEGs: 113 img/s with 16 torch threads, 221 with 2).
@@ -251,6 +277,12 @@ def run_encoder(config: EncoderConfig, input_addr: str) -> None:
         # 640x480 JPEGs, tiny CLIP: 64 img/s with torch's default threads, 128 with 1).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     proc = EncoderProc(config, input_addr)
+    if metrics_addr is not None:
+        # The names live with the frontend's, so a scrape of any role reads alike.
+        from frontend.role_metrics import RoleCollector, serve_role_metrics
+
+        serve_role_metrics(metrics_addr, RoleCollector(config.model,
+                                                       encoder=proc.stats_snapshot))
     try:
         proc.run()
     finally:

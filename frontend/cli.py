@@ -105,6 +105,22 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                    help="embedding store of each encoder (LRU by bytes)")
 
 
+def _add_metrics_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metrics")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve this process's Prometheus metrics on this port (default: off)")
+    g.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics server binds (0.0.0.0 for a remote Prometheus)")
+
+
+def metrics_addr(args: argparse.Namespace) -> tuple[str, int] | None:
+    if args.metrics_port is None:
+        return None
+    if not 0 < args.metrics_port < 65536:
+        raise ValueError(f"--metrics-port must be in 1..65535, got {args.metrics_port}")
+    return args.metrics_host, args.metrics_port
+
+
 def _add_media_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("media")
     g.add_argument("--allowed-local-media-path", default=None,
@@ -236,12 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vllm_args(eng)
     eng.add_argument("--embed-addr", default=None,
                      help="address of the embedding inbox (default: a free port on the input host)")
+    _add_metrics_args(eng)
     enc = sub.add_parser("encoder", help="run one encoder worker alone")
     enc.add_argument("--model", required=True)
     enc.add_argument("--input-addr", required=True, help="address to bind")
     enc.add_argument("--enforce-eager", action="store_true",
                      help="no CUDA graphs: every tower batch launches its kernels eagerly")
     _add_encoder_args(enc)
+    _add_metrics_args(enc)
     for p in (fe, eng, enc):
         p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -274,14 +292,16 @@ def main(argv: list[str] | None = None) -> int:
             from encoder_worker.server import run_encoder
 
             enc = encoder_config(args)
-            run = lambda: run_encoder(enc, args.input_addr)  # noqa: E731
+            enc_metrics = metrics_addr(args)
+            run = lambda: run_encoder(enc, args.input_addr, enc_metrics)  # noqa: E731
         else:
             from llm_worker.engine import run_engine_core
 
             eng = engine_config(args)
             slow = env.debug_slow_step_s()
+            eng_metrics = metrics_addr(args)
             run = lambda: run_engine_core(eng, args.input_addr, args.embed_addr,  # noqa: E731
-                                          debug_slow_step_s=slow)
+                                          debug_slow_step_s=slow, metrics_addr=eng_metrics)
     except ValueError as e:
         print(f"mmserve {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zmq.asyncio
 
@@ -32,6 +32,9 @@ from protocol.messages import (
     TokenOutputs,
 )
 from protocol.sockets import AsyncReceiver, AsyncSender
+
+if TYPE_CHECKING:
+    from frontend.metrics import FrontendMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,9 @@ class EngineClient:
         self.ready_event = asyncio.Event()
         # Other peers (encoders) push to the same inbox; their messages go to this callback.
         self.other_messages: Callable[[Any], None] | None = None
+        # Metrics (frontend.metrics): a timer per request streamed, and each beat's stats.
+        self.request_metrics: FrontendMetrics | None = None
+        self.on_stats: Callable[[str, EngineStats], None] | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -110,13 +116,18 @@ class EngineClient:
         q: asyncio.Queue = asyncio.Queue()
         self.streams[req.request_id] = q
         finished = False
+        timer = self.request_metrics.start(req) if self.request_metrics is not None else None
         try:
             await self.sender.send(req)
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     finished = True
+                    if timer is not None:
+                        timer.end("error")
                     raise item
+                if timer is not None:
+                    timer.output(item)
                 if item.finish_reason is not None:
                     finished = True
                 yield item
@@ -125,6 +136,8 @@ class EngineClient:
         finally:
             self.streams.pop(req.request_id, None)
             if not finished:
+                if timer is not None:
+                    timer.end("abort")
                 await self.abort([req.request_id])
 
     async def abort(self, request_ids: list[str]) -> None:
@@ -148,6 +161,8 @@ class EngineClient:
                 self.last_beat = self.beat_at = time.monotonic()
                 self.stats = msg.stats
                 self.step_running_s = msg.step_running_s
+                if self.on_stats is not None:
+                    self.on_stats(msg.engine_id, msg.stats)
             elif isinstance(msg, ErrorMsg):
                 q = self.streams.get(msg.request_id)
                 if q is not None:

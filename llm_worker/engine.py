@@ -400,9 +400,17 @@ class EngineCoreProc:
 
 
 def run_engine_core(config: LLMWorkerConfig, input_addr: str, embed_addr: str | None = None,
-                    debug_slow_step_s: float = 0.0) -> None:
+                    debug_slow_step_s: float = 0.0,
+                    metrics_addr: tuple[str, int] | None = None) -> None:
+    """Serve until Shutdown; with ``metrics_addr`` (host, port), also serve this engine's
+    Prometheus metrics there (read from the snapshot the heartbeats carry)."""
     proc = EngineCoreProc(config, input_addr, embed_addr=embed_addr,
                           debug_slow_step_s=debug_slow_step_s)
+    if metrics_addr is not None:
+        # The names live with the frontend's, so a scrape of any role reads alike.
+        from frontend.role_metrics import RoleCollector, serve_role_metrics
+
+        serve_role_metrics(metrics_addr, RoleCollector(config.model, engine=lambda: proc._stats))
     try:
         proc.run()
     finally:

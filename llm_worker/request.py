@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 
 from protocol.messages import GenerateRequest, MMItem, Sampling
 
@@ -53,6 +54,8 @@ class Request:
         "block_hashes",
         "stop_token_id",
         "was_scheduled",
+        "queued_at",
+        "queue_seconds",
     )
 
     def __init__(
@@ -87,6 +90,10 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.stop_token_id: int | None = None
         self.was_scheduled = False  # set at the first schedule: num_cached_tokens is final then
+        # The engine's own clock (arrival_time is the frontend's): first schedule - queued_at is
+        # the queue time reported with the first output.
+        self.queued_at = time.monotonic()
+        self.queue_seconds: float | None = None
 
     @classmethod
     def from_msg(cls, msg: GenerateRequest) -> Request:

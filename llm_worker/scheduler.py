@@ -9,6 +9,7 @@ checks, freeing finished requests.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -219,6 +220,7 @@ class Scheduler:
             if not req.was_scheduled:
                 req.was_scheduled = True
                 req.num_cached_tokens = hit.num_tokens
+                req.queue_seconds = time.monotonic() - req.queued_at
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=_priority)
             out.new_requests.append(
@@ -265,6 +267,7 @@ class Scheduler:
                     stop_token_id=req.stop_token_id,
                     logprobs=[lp] if lp is not None else None,
                     num_cached_tokens=req.num_cached_tokens if req.num_output_tokens == 1 else 0,
+                    queue_seconds=req.queue_seconds if req.num_output_tokens == 1 else None,
                 )
             )
             if req.is_finished:

@@ -110,6 +110,9 @@ class TokenOutput(_Data):
     stop_token_id: int | None = None
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
+    # First output only: seconds from the request's arrival at the engine to its first schedule
+    # (both on the engine's clock, so no cross-host clock skew enters the queue-time histogram).
+    queue_seconds: float | None = None
 
 
 class TokenOutputs(_Data):
@@ -207,6 +210,16 @@ class EncodeDone(_Data):
     cache_hit: bool = False
 
 
+class BucketCounts(_Data):
+    """A histogram as a role reports it: per-bucket counts (not cumulative) for the ascending
+    upper ``bounds``, plus a last one for +Inf, and the sum of the observations. The bounds travel
+    with the counts, so the frontend can fold reports from a peer built with other buckets."""
+
+    bounds: list[float]
+    counts: list[int]  # len(bounds) + 1
+    sum: float = 0.0
+
+
 class EncoderStats(_Data):
     num_requests: int = 0
     num_encoded: int = 0  # items that ran through the tower
@@ -222,6 +235,9 @@ class EncoderStats(_Data):
     tower_seconds: float = 0.0
     item_seconds: float = 0.0
     num_batches: int = 0  # tower forwards (a packed batch of any sizes is one)
+    num_cache_misses: int = 0  # lookups the store could not answer (the item encodes, or fails)
+    batch_size: BucketCounts | None = None  # items per tower forward
+    latency: BucketCounts | None = None  # an encoded item's seconds from arrival to publication
 
 
 class EncoderHeartbeat(_Data):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import blake3
@@ -81,6 +81,8 @@ class EncoderPool:
         self._none_live_since: float | None = None  # set by our own ticks, so a stalled loop
         self._ever_live = False  # (beats unread in the socket) does not eat the grace
         self._tasks: list[asyncio.Task] = []
+        # Each beat's stats, by (address, encoder id): folded into the frontend's metrics.
+        self.on_stats: Callable[[str, str, EncoderStats], None] | None = None
 
     def live(self) -> list[str]:
         now = time.monotonic()
@@ -122,6 +124,8 @@ class EncoderPool:
                 enc.encoder_id = msg.encoder_id
             enc.last_beat = time.monotonic()
             enc.stats = msg.stats
+            if self.on_stats is not None:
+                self.on_stats(msg.addr, msg.encoder_id, msg.stats)
         elif isinstance(msg, EncodeDone):
             item = self.inflight.pop((msg.request_id, msg.key), None)
             if item is None or item.future.done():

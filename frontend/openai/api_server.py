@@ -20,25 +20,23 @@ from aiohttp import web
 
 from frontend.chat import ChatRenderer, load_chat_template
 from frontend.config import FrontendConfig
-from frontend.engine_client import BUSY_AFTER_S, EngineClient
+from frontend.engine_client import EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
 from frontend.media.encoder_pool import EncoderPool
 from frontend.media.inputs import MediaInputs
+from frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from frontend.models import load_placeholders, placeholder_texts
 from frontend.openai.protocol import DetokenizeRequest, TokenizeRequest
 from frontend.openai.responses import error_json
 from frontend.openai.serving import REQUEST_ID, OpenAIServing, ThreadTokenizer, TokenizerThreads
 from frontend.tokenizer import load_tokenizer
-from protocol.messages import EncoderStats, EngineStats
+from protocol.checkpoint import max_positions
 
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", FrontendConfig)
 SERVING = web.AppKey("serving", OpenAIServing)
-
-# /metrics: every EngineStats field is exported as mmserve_<field>; these are monotonic.
-_COUNTERS = {"prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_steps",
-             "step_seconds"}
+METRICS = web.AppKey("metrics", FrontendMetrics)
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -161,36 +159,10 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    serving = request.app[SERVING]
-    client = serving.client
-    lines = []
-
-    def add(name: str, kind: str, value: float, help_text: str) -> None:
-        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"])
-
-    engine = client.health()
-    add("mmserve_engine_healthy", "gauge", int(engine.ok), "1 while engine heartbeats arrive")
-    add("mmserve_engine_busy", "gauge", int(engine.state == "busy"),
-        f"1 while an engine step has run longer than {BUSY_AFTER_S:g} s (heartbeats still arrive)")
-    add("mmserve_engine_step_running_seconds", "gauge", round(engine.step_running_s or 0.0, 3),
-        "how long the engine step in flight has run (0 when idle)")
-    for field in EngineStats.__struct_fields__:
-        add(f"mmserve_{field}", "counter" if field in _COUNTERS else "gauge",
-            getattr(client.stats, field), f"engine {field.replace('_', ' ')}")
-    pool = serving.media.pool
-    if pool is not None:
-        add("mmserve_encoders_live", "gauge", len(pool.live()), "encoders sending heartbeats")
-        for field in EncoderStats.__struct_fields__:
-            name = f"mmserve_encoder_{field}"
-            lines.extend([f"# HELP {name} encoder {field.replace('_', ' ')}",
-                          f"# TYPE {name} {'gauge' if field.startswith('store') else 'counter'}"])
-            for i, enc in enumerate(pool.encoders.values()):
-                lines.append(f'{name}{{encoder="{i}"}} {getattr(enc.stats, field)}')
-    for name, value in serving.counters.items():
-        add(f"mmserve_frontend_{name}", "counter", value, f"frontend {name.replace('_', ' ')}")
-    return web.Response(text="\n".join(lines) + "\n",
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    """Prometheus text (frontend/metrics.py: what this frontend measured and what the roles
+    reported)."""
+    return web.Response(body=request.app[METRICS].exposition(),
+                        headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 # -- app --------------------------------------------------------------------------------------------
@@ -222,6 +194,9 @@ def build_app(config: FrontendConfig) -> web.Application:
         media = MediaInputs(config, pool)
         serving = OpenAIServing(config, tokenizer, client, renderer, media, threads)
         app[SERVING] = serving
+        # After the first beats is fine: the roles report running totals.
+        app[METRICS] = FrontendMetrics(config.model_name, max_positions(config.model), client,
+                                       pool, serving.counters)
         yield
         serving.close()
         await media.close()

@@ -10,6 +10,7 @@ a lost delta changes the output, and the tiny-cache run can't match the huge-cac
 from __future__ import annotations
 
 import random
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -279,6 +280,20 @@ def test_num_cached_tokens_on_first_output_only():
     res = [t for _, r in drain(sched, runner) for t in r]
     assert [t.num_cached_tokens for t in res] == [32, 0, 0]
     assert sched.stats().prefix_cache_hits == 32
+
+
+def test_queue_seconds_from_arrival_to_first_schedule_on_first_output_only(monkeypatch):
+    now = [100.0]  # the engine's monotonic clock, moved by hand
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    sched, runner = make(max_num_seqs=1)
+    sched.add_request(req("a", [1, 2, 3], max_tokens=2))
+    sched.add_request(req("b", [4, 5], max_tokens=2))  # waits for a's only seat
+    outs = []
+    for t in (101.0, 103.0, 107.0, 108.0):
+        now[0] = t
+        outs += step(sched, runner)[1]
+    assert [(o.request_id, o.queue_seconds) for o in outs] == [
+        ("a", 1.0), ("a", None), ("b", 7.0), ("b", None)]
 
 
 def test_waiting_for_embeddings_prefills_text_before_the_item():
