@@ -8,6 +8,7 @@ from pathlib import Path
 
 from encoder_worker.models import ENCODER_REGISTRY
 from protocol.checkpoint import resolve_device, resolve_dtype
+from protocol.registry import check_registry_addr
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -25,6 +26,10 @@ class EncoderConfig:
     min_image_side: int = 2  # thinner images can't be resized into the tower's input
     heartbeat_s: float = 0.2  # EncoderHeartbeat period to every frontend that said Hello
     cuda_graphs: bool = True  # on CUDA, small batches of fixed-size inputs replay CUDA graphs
+    # The pool's registry to join (`mmserve encoder --join ADDR`); None: frontends were given
+    # this encoder's address.
+    join: str | None = None
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long to finish the work in hand
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "config.json").is_file():
@@ -51,6 +56,10 @@ class EncoderConfig:
             raise ValueError("min_image_side must be >= 1")
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be > 0")
+        if self.join is not None:
+            check_registry_addr(self.join, "join")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)

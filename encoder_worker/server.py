@@ -12,6 +12,7 @@ import bisect
 import logging
 import os
 import queue
+import signal
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,7 @@ from encoder_worker.core import EncoderCore, Inputs
 from encoder_worker.decode import MediaError
 from encoder_worker.io_threads import EncoderIO, UserEmbeds
 from encoder_worker.models import load_encoder
+from encoder_worker.registry_client import FLUSH_S, Membership
 from encoder_worker.store import EmbeddingStore
 from protocol.codec import tensor_ref
 from protocol.messages import (
@@ -36,6 +38,7 @@ from protocol.messages import (
     EncoderStats,
     Shutdown,
 )
+from protocol.registry import ItemFound, ItemLookup
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,10 @@ class EncoderProc:
         self.running = True
         self.io = EncoderIO(input_addr, self._heartbeat, config.heartbeat_s)
         self.inbox = self.io.inbox  # requests from the socket, decode results from the pool
+        # Each stored item's geometry, for a frontend that looks it up by key (ItemLookup).
+        self.geometry: dict[str, dict[str, Any]] = {}
+        self.leaving = False  # SIGTERM: leave the pool, drain, exit
+        self.membership = Membership(config, self.encoder_id, input_addr)  # once it can serve
 
     # -- busy loop --------------------------------------------------------------------------
 
@@ -95,9 +102,19 @@ class EncoderProc:
         while self.running:
             self._drain_inputs(self._wait_s())
             self._step()
+            busy = bool(self.waiters or self.ready or self.num_decoding)
+            if self.leaving and self.membership.drained(busy):
+                time.sleep(FLUSH_S)
+                return
+
+    def leave(self) -> None:
+        """SIGTERM: `run` says goodbye, finishes the work in hand and returns (a flag only:
+        this runs in a signal handler)."""
+        self.leaving = True
 
     def close(self) -> None:
         self.running = False
+        self.membership.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.io.close()
 
@@ -132,6 +149,9 @@ class EncoderProc:
             self._on_encode(msg)
         elif isinstance(msg, UserEmbeds):
             self._on_encode(msg.msg, msg)
+        elif isinstance(msg, ItemLookup):
+            found = self.geometry.get(msg.key) if msg.key in self.store else None
+            self.io.send(msg.reply_to, ItemFound(msg.lookup_id, msg.key, found))
         elif isinstance(msg, Shutdown):
             self.running = False
         else:
@@ -139,6 +159,7 @@ class EncoderProc:
 
     def _on_encode(self, msg: EncodeRequest, user: UserEmbeds | None = None) -> None:
         self.stats.num_requests += 1
+        self.membership.arrived()
         if msg.modality not in self.model.modalities:
             self._done([msg], 400, f"modality {msg.modality!r} is not supported by this model's "
                                    f"encoder ({', '.join(self.model.modalities)})")
@@ -241,10 +262,17 @@ class EncoderProc:
         """Embedding (+ one zero-copy frame) to each destination once, then EncodeDone each."""
         ref, buf = tensor_ref(tensor, frame=2)
         emb = Embedding(key, ref, meta={})
+        if not cache_hit and reqs[0].geometry is not None:
+            self._remember(key, reqs[0].geometry)
         for addr in dict.fromkeys(a for r in reqs for a in r.deliver_to):  # unique, in order
             self.io.send(addr, emb, [buf])
         for r in reqs:
             self.io.send(r.reply_to, EncodeDone(key, r.request_id, 200, cache_hit=cache_hit))
+
+    def _remember(self, key: str, geometry: dict[str, Any]) -> None:
+        self.geometry[key] = geometry
+        if len(self.geometry) > 2 * len(self.store) + 64:  # forget evicted items in bulk
+            self.geometry = {k: g for k, g in self.geometry.items() if k in self.store}
 
     def _done(self, reqs: list[EncodeRequest], status: int, message: str) -> None:
         """Report a failure to every request waiting on the item."""
@@ -277,6 +305,7 @@ def run_encoder(config: EncoderConfig, input_addr: str,
         # 640x480 JPEGs, tiny CLIP: 64 img/s with torch's default threads, 128 with 1).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     proc = EncoderProc(config, input_addr)
+    signal.signal(signal.SIGTERM, lambda *_: proc.leave())
     if metrics_addr is not None:
         # The names live with the frontend's, so a scrape of any role reads alike.
         from frontend.role_metrics import RoleCollector, serve_role_metrics

@@ -3,7 +3,8 @@
     mmserve serve [MODEL]     frontend + engine core as child processes, one URL printed when ready
     mmserve frontend ...      the HTTP tier alone (for deploy/)
     mmserve llm-worker ...    one engine core alone (for deploy/)
-    mmserve encoder ...       one encoder worker alone (for deploy/)
+    mmserve encoder ...       one encoder worker alone (for deploy/); --join ADDR enters a live pool
+    mmserve registry ...      the encoder pool's registry alone (for deploy/)
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def encoder_config(args: argparse.Namespace):
 
     return EncoderConfig(model=args.model, device=args.encoder_device,
                          store_bytes=int(args.encoder_store_gb * (1 << 30)),
-                         cuda_graphs=not args.enforce_eager)
+                         cuda_graphs=not args.enforce_eager, join=getattr(args, "join", None),
+                         drain_timeout_s=getattr(args, "drain_timeout", 30.0))
 
 
 def engine_config(args: argparse.Namespace):
@@ -193,6 +195,8 @@ def frontend_config(args: argparse.Namespace):
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         reply_addr=args.reply_addr,
         encoder_addrs=tuple(args.encoder_addrs or ()),
+        encoder_registry=getattr(args, "encoder_registry", None),
+        reuse_port=getattr(args, "reuse_port", False),
         chat_template_content_format=args.chat_template_content_format,
         trust_request_chat_template=args.trust_request_chat_template,
         max_prompt_chars=args.max_prompt_chars,
@@ -230,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local HF checkpoint folder (default: the built-in model)")
     serve.add_argument("--encoders", type=int, default=None,
                        help="encoder workers to start (default: 1 for a multimodal model, else 0)")
+    serve.add_argument("--num-frontends", type=int, default=1,
+                       help="frontend processes, all on --port (SO_REUSEPORT)")
+    serve.add_argument("--registry-addr", default=None,
+                       help="where the encoder pool's registry listens, for `mmserve encoder "
+                            "--join` (default: a free loopback port, printed when ready)")
     _add_frontend_args(serve)
     _add_media_args(serve)
     _add_engine_args(serve)
@@ -242,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address engines push outputs to (default: a free loopback port)")
     fe.add_argument("--encoder-addrs", nargs="*", default=None,
                     help="input addresses of the encoder workers")
+    fe.add_argument("--encoder-registry", default=None,
+                    help="the encoder pool's registry: route to the encoders that join it")
+    fe.add_argument("--reuse-port", action="store_true",
+                    help="share --port with other frontends (SO_REUSEPORT)")
     _add_frontend_args(fe)
     _add_media_args(fe)
     _add_vllm_args(fe)
@@ -255,12 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_args(eng)
     enc = sub.add_parser("encoder", help="run one encoder worker alone")
     enc.add_argument("--model", required=True)
-    enc.add_argument("--input-addr", required=True, help="address to bind")
+    enc.add_argument("--input-addr", default=None,
+                     help="address to bind (required unless --join: then a free loopback port)")
+    enc.add_argument("--join", default=None, metavar="ADDR",
+                     help="join the encoder pool through its registry at ADDR (live)")
+    enc.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds to finish the items in hand before exiting")
     enc.add_argument("--enforce-eager", action="store_true",
                      help="no CUDA graphs: every tower batch launches its kernels eagerly")
     _add_encoder_args(enc)
     _add_metrics_args(enc)
-    for p in (fe, eng, enc):
+    reg = sub.add_parser("registry", help="run the encoder pool's registry alone")
+    reg.add_argument("--addr", required=True, help="address to bind, e.g. tcp://0.0.0.0:5600")
+    reg.add_argument("--expire-s", type=float, default=2.0,
+                     help="an encoder silent this long leaves the pool")
+    for p in (fe, eng, enc, reg):
         p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -288,9 +310,21 @@ def main(argv: list[str] | None = None) -> int:
             # An unknown architecture or refused --mm-processor-kwargs stops here.
             load_placeholders(config.model, config.mm_processor_kwargs)
             run = lambda: run_frontend(config)  # noqa: E731
+        elif args.command == "registry":
+            from frontend.registry import run_registry
+
+            if args.expire_s <= 0:
+                raise ValueError("--expire-s must be > 0")
+            run = lambda: run_registry(args.addr, args.expire_s)  # noqa: E731
         elif args.command == "encoder":
             from encoder_worker.server import run_encoder
 
+            if args.input_addr is None:
+                if args.join is None:
+                    raise ValueError("--input-addr is required (or --join ADDR)")
+                from protocol.addresses import tcp
+
+                args.input_addr = tcp()
             enc = encoder_config(args)
             enc_metrics = metrics_addr(args)
             run = lambda: run_encoder(enc, args.input_addr, enc_metrics)  # noqa: E731

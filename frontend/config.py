@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.addresses import LOOPBACK
+from protocol.registry import check_registry_addr
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_MEDIA_BYTES = 20 * 1024 * 1024
@@ -40,6 +41,11 @@ class FrontendConfig:
     # engine needs an address it can reach (explicit config, never a default).
     reply_addr: str | None = None
     encoder_addrs: tuple[str, ...] = ()  # input addresses of the encoder workers
+    # The encoder pool's registry (`mmserve registry`): encoders that join it are routed to
+    # beside encoder_addrs, and leave the routing when they leave it.
+    encoder_registry: str | None = None
+    # Share the port with other frontend replicas (SO_REUSEPORT: the kernel spreads connections).
+    reuse_port: bool = False
     # -- media (see frontend/media/fetch.py) --
     # file:// URLs are served only from under this folder (None: file:// refused).
     allowed_local_media_path: str | None = None
@@ -109,6 +115,8 @@ class FrontendConfig:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.reply_addr is not None and not self.reply_addr.startswith(("tcp://", "ipc://")):
             raise ValueError(f"reply_addr must be a zmq address (tcp://...), got {self.reply_addr!r}")
+        if self.encoder_registry is not None:
+            check_registry_addr(self.encoder_registry, "encoder_registry")
         if self.engine_ready_timeout_s < 0:
             raise ValueError("engine_ready_timeout_s must be >= 0")
         if self.chat_template_content_format not in CONTENT_FORMATS:

@@ -1,9 +1,15 @@
-"""`mmserve serve`: start the engine core and the frontend as child processes, supervise them.
+"""`mmserve serve`: start the engine core, the encoders and the frontends as child processes,
+supervise them.
 
 The parent prints one line with the URL once /health says every role is ready, and on
-Ctrl-C/SIGTERM stops both children (SIGTERM, then SIGKILL after a grace period). Children also
+Ctrl-C/SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period). Children also
 watch their parent (`--exit-with-parent`), so even a SIGKILLed parent leaves no orphans.
-A dead engine is restarted (the frontend answers 503 meanwhile); a crash loop ends the server.
+A dead child is restarted (the frontend answers 503 meanwhile); a crash loop ends the server,
+and so does a frontend that exits before the server was ready (a port in use, a bad flag).
+With a multimodal model the parent also runs the encoder pool's registry on a thread, so
+`mmserve encoder --join ADDR` adds encoders while serving. Several frontends share one port
+through SO_REUSEPORT; each has its own reply address, so the engine's outputs for a request go
+to the frontend that sent it.
 """
 
 from __future__ import annotations
@@ -110,6 +116,11 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
             log.info("no MODEL given: serving the built-in demo model %s from %s", name,
                      args.model)
     engine_config(args)
+    if args.num_frontends < 1:
+        raise ValueError(f"--num-frontends must be >= 1, got {args.num_frontends}")
+    if args.registry_addr is not None and not is_multimodal(args.model):
+        raise ValueError(f"--registry-addr: {args.model} has no vision/audio tower, so no "
+                         "encoder pool")
     config = frontend_config(_with(args, engine_addr="tcp://127.0.0.1:1", reply_addr=None,
                                    encoder_addrs=None))
     # The frontend's slice of the architecture, which also checks --mm-processor-kwargs.
@@ -136,6 +147,14 @@ def serve(args: argparse.Namespace) -> int:
     if args.served_model_name:
         frontend_argv += ["--served-model-name", *args.served_model_name]
     num_encoders = args.encoders if args.encoders is not None else int(is_multimodal(args.model))
+    registry = None
+    if num_encoders or args.registry_addr:
+        from frontend.registry import RegistryService
+
+        registry = RegistryService(args.registry_addr or tcp()).start()
+        frontend_argv += ["--encoder-registry", registry.addr]
+    if args.num_frontends > 1:
+        frontend_argv.append("--reuse-port")
     encoder_addrs = [tcp() for _ in range(num_encoders)]
     encoders = [Child(f"encoder-{i}", ["encoder", "--model", args.model, "--input-addr", addr,
                                        *_flags(args, _ENCODER_FLAGS)])
@@ -144,8 +163,9 @@ def serve(args: argparse.Namespace) -> int:
         frontend_argv += ["--encoder-addrs", *encoder_addrs]
     if args.allowed_media_domains:
         frontend_argv += ["--allowed-media-domains", *args.allowed_media_domains]
-    engine, frontend = Child("engine", engine_argv), Child("frontend", frontend_argv)
-    workers = [engine, *encoders]
+    engine = Child("engine", engine_argv)
+    frontends = [Child(f"frontend-{i}", frontend_argv) for i in range(args.num_frontends)]
+    workers = [engine, *encoders, *frontends]
 
     stopping = False
 
@@ -158,13 +178,15 @@ def serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     restarts: dict[str, list[float]] = {w.name: [] for w in workers}
     announced = False
-    for child in (*workers, frontend):
+    healthy_in_row = 0  # with N frontends on one port, each answer comes from any of them
+    for child in workers:
         child.start()
     try:
         while not stopping:
-            if not frontend.alive():
-                log.error("frontend exited (code %s)", frontend.proc.returncode)
-                return 1
+            for f in frontends:
+                if not announced and not f.alive():
+                    log.error("%s exited (code %s)", f.name, f.proc.returncode)
+                    return 1
             for w in workers:
                 if w.alive():
                     continue
@@ -176,15 +198,24 @@ def serve(args: argparse.Namespace) -> int:
                     return 1
                 log.error("%s exited (code %s): restarting", w.name, w.proc.returncode)
                 w.start()
-            if not announced and _healthy(url):
-                print(f"mmserve ready: {url}  (model {args.model})", flush=True)
-                announced = True
+            if not announced:
+                healthy_in_row = healthy_in_row + 1 if _healthy(url) else 0
+                if healthy_in_row >= 4 * len(frontends) - 3:  # 1 for one frontend
+                    extra = f"; encoder registry {registry.addr}" if registry else ""
+                    print(f"mmserve ready: {url}  (model {args.model}{extra})", flush=True)
+                    announced = True
+                    continue
+                time.sleep(0.05)
+                continue
             time.sleep(0.2)
         return 0
     finally:
-        frontend.stop()
-        for w in workers:
+        for f in frontends:  # first: no new requests while the workers stop
+            f.stop()
+        for w in (engine, *encoders):
             w.stop()
+        if registry is not None:
+            registry.stop()
 
 
 def is_multimodal(model: str) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from protocol.messages import MESSAGE_TYPES, MsgType, TensorRef
+from protocol.registry import REGISTRY_MESSAGE_TYPES
 from protocol.step import STEP_MESSAGE_TYPES
 
 
@@ -21,8 +22,9 @@ class ProtocolError(ValueError):
 
 
 _ENCODER = msgspec.msgpack.Encoder()
-# The inter-role messages and the engine <-> TP worker step messages share one type space.
-_TYPES = {**MESSAGE_TYPES, **STEP_MESSAGE_TYPES}
+# The inter-role messages, the engine <-> TP worker step messages and the encoder registry's
+# share one type space.
+_TYPES = {**MESSAGE_TYPES, **STEP_MESSAGE_TYPES, **REGISTRY_MESSAGE_TYPES}
 _TYPE_OF = {cls: t for t, cls in _TYPES.items()}
 _DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in _TYPES.items()}
 _TYPE_BYTES = {t: bytes([t]) for t in MsgType}

@@ -34,6 +34,13 @@ class MsgType(enum.IntEnum):
     WORKER_INFO = 15
     INIT_KV_CACHE = 16
     WORKER_ACK = 17
+    # The encoder pool's registry, and finding an item in an encoder's store (protocol/registry.py).
+    REGISTRY_BEAT = 32
+    REGISTRY_LEAVE = 33
+    REGISTRY_WATCH = 34
+    REGISTRY_VIEW = 35
+    ITEM_LOOKUP = 36
+    ITEM_FOUND = 37
 
 
 class _Data(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

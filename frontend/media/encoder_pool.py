@@ -11,6 +11,10 @@ Either moves its in-flight items to the new owner at once (the frontend keeps th
 EncodeDone). A connection that comes back up plus a heartbeat makes it live again, and it takes
 its keys back. A request fails with 503 only after no encoder at all has been live for
 the grace period, so a blip on every link (a reconnect, a stalled event loop) fails nothing.
+
+Membership: the encoders given at start-up stay; with a registry (`EncoderRegistry.watch`),
+encoders join and leave while serving (frontend/media/encoder_members.py). A leaving encoder
+takes no new keys but finishes what it holds; once it is forgotten, anything left moves on.
 """
 
 from __future__ import annotations
@@ -18,38 +22,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import zmq.asyncio
 
 from frontend import env
 from frontend.errors import EngineUnavailable, RequestError
+from frontend.media.encoder_members import EncoderLink, apply_view, departed
+from protocol.addresses import LOOPBACK
 from protocol.messages import EncodeDone, EncodeRequest, EncoderHeartbeat, EncoderStats, Hello
-from protocol.sockets import AsyncSender, Link
+from protocol.registry import (
+    EncoderRegistry,
+    ItemFound,
+    ItemLookup,
+    RegistryView,
+    connect_registry,
+)
+from protocol.sockets import Link
+
+if TYPE_CHECKING:
+    from frontend.config import FrontendConfig
 
 log = logging.getLogger(__name__)
 
-LINK_HEARTBEAT_MS = 100  # ZMTP ping period to each encoder; no answer for 3x this drops the link
 HELLO_EVERY_S = 0.5  # to an encoder that is not live (it may have restarted and forgotten us)
 TICK_S = 0.05
-
-
-class _Encoder:
-    def __init__(self, ctx: zmq.asyncio.Context, addr: str):
-        self.addr = addr
-        self.sender = AsyncSender(ctx, addr, bind=False, heartbeat_ms=LINK_HEARTBEAT_MS,
-                                  watch=True)
-        self.connected = False  # per the socket monitor
-        self.epoch = 0  # +1 per disconnect: what was sent before may have died in a TCP buffer
-        self.last_beat = float("-inf")
-        self.last_hello = float("-inf")
-        self.encoder_id = ""
-        self.stats = EncoderStats()
-
-    def live(self, now: float, dead_after: float) -> bool:
-        return self.connected and now - self.last_beat < dead_after
+LOOKUP_TIMEOUT_S = 5.0  # an encoder busy in a long CPU tower batch answers late
 
 
 class _InFlight:
@@ -59,6 +60,16 @@ class _InFlight:
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
 
 
+def pool_for(config: FrontendConfig, ctx: zmq.asyncio.Context, reply_to: str,
+             frontend_id: str) -> EncoderPool | None:
+    """The pool a frontend's config asks for: fixed encoder addresses, a registry, or both
+    (None: the server runs no encoders)."""
+    if not config.encoder_addrs and config.encoder_registry is None:
+        return None
+    registry = connect_registry(config.encoder_registry) if config.encoder_registry else None
+    return EncoderPool(ctx, config.encoder_addrs, reply_to, frontend_id, registry)
+
+
 def rendezvous(key: str, addrs: Sequence[str]) -> str:
     """The address with the highest hash(key, address): stable, and minimal moves on change."""
     return max(addrs, key=lambda a: blake3.blake3(f"{a}|{key}".encode()).digest(8))
@@ -66,8 +77,11 @@ def rendezvous(key: str, addrs: Sequence[str]) -> str:
 
 class EncoderPool:
     def __init__(self, ctx: zmq.asyncio.Context, addrs: Sequence[str], reply_to: str,
-                 frontend_id: str):
-        self.encoders = {a: _Encoder(ctx, a) for a in addrs}
+                 frontend_id: str, registry: EncoderRegistry | None = None):
+        self.ctx = ctx
+        self.encoders = {a: EncoderLink(ctx, a, static=True) for a in addrs}
+        self.registry = registry
+        self.lookups: dict[str, asyncio.Future] = {}  # ItemLookup id -> its ItemFound
         self.reply_to = reply_to
         self.frontend_id = frontend_id
         self.dead_after = env.encoder_dead_after_s()
@@ -85,14 +99,15 @@ class EncoderPool:
         self.on_stats: Callable[[str, str, EncoderStats], None] | None = None
 
     def live(self) -> list[str]:
+        """The encoders keys are routed over: members that answer."""
         now = time.monotonic()
-        return [a for a, e in self.encoders.items() if e.live(now, self.dead_after)]
+        return [a for a, e in self.encoders.items() if e.member and e.live(now, self.dead_after)]
 
     @property
     def state(self) -> str:
         """"ready" while an encoder is live (or the last one went less than the grace ago),
         "starting" until the first one is, "dead" once none has been live for the grace."""
-        if not self.encoders or self.live():
+        if (not self.encoders and self.registry is None) or self.live():
             return "ready"
         if not self._ever_live:
             return "starting"
@@ -104,14 +119,16 @@ class EncoderPool:
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._liveness_loop(), name="encoder-liveness")]
-        self._tasks += [asyncio.create_task(self._watch(e), name=f"encoder-link {e.addr}")
-                        for e in self.encoders.values()]
+        if self.registry is not None:
+            self._tasks.append(asyncio.create_task(self._follow(), name="encoder-registry"))
+        for enc in self.encoders.values():
+            enc.task = asyncio.create_task(self._watch(enc), name=f"encoder-link {enc.addr}")
 
     def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         for e in self.encoders.values():
-            e.sender.close()
+            e.close()
 
     def on_message(self, msg: Any) -> None:
         """Called by the frontend's inbox for encoder traffic."""
@@ -126,6 +143,10 @@ class EncoderPool:
             enc.stats = msg.stats
             if self.on_stats is not None:
                 self.on_stats(msg.addr, msg.encoder_id, msg.stats)
+        elif isinstance(msg, ItemFound):
+            fut = self.lookups.get(msg.lookup_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.geometry)
         elif isinstance(msg, EncodeDone):
             item = self.inflight.pop((msg.request_id, msg.key), None)
             if item is None or item.future.done():
@@ -155,6 +176,24 @@ class EncoderPool:
         finally:
             self.inflight.pop((req.request_id, req.key), None)
 
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        """The geometry of an item in its owner's store (a uuid another frontend resolved), or
+        None when no live encoder holds it or none answers in time."""
+        live = self.live()
+        if not live:
+            return None
+        lookup_id = uuid.uuid4().hex
+        self.lookups[lookup_id] = fut = asyncio.get_running_loop().create_future()
+        try:
+            owner = self.encoders[rendezvous(key, live)]
+            await owner.sender.send(ItemLookup(lookup_id, key, self.reply_to))
+            return await asyncio.wait_for(fut, LOOKUP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("no answer to the lookup of %s in %.0f s", key, LOOKUP_TIMEOUT_S)
+            return None
+        finally:
+            self.lookups.pop(lookup_id, None)
+
     def settle(self, request_id: str) -> None:
         """The request is over: its items need no re-delivery any more."""
         for k in [k for k in self.delivered if k[0] == request_id]:
@@ -176,11 +215,14 @@ class EncoderPool:
         return since is not None and time.monotonic() - since > self.grace_s
 
     async def _send_to(self, item: _InFlight, addr: str) -> None:
-        enc = self.encoders[addr]
+        enc = self.encoders.get(addr)
+        if enc is None:  # forgotten during the caller's awaits: the next tick picks another
+            item.owner, item.epoch = addr, -1
+            return
         item.owner, item.epoch = addr, enc.epoch  # taken before the await a disconnect may cut
         await enc.sender.send(item.req, item.buffers)
 
-    async def _watch(self, enc: _Encoder) -> None:
+    async def _watch(self, enc: EncoderLink) -> None:
         """Follow one encoder's connection; a drop moves its items now."""
         async for link in enc.sender.links():
             if link is Link.UP:
@@ -205,12 +247,13 @@ class EncoderPool:
                 self._none_live_since, self._ever_live = None, True
             elif self._none_live_since is None:
                 self._none_live_since = now
-            for addr, enc in self.encoders.items():
-                if addr not in live and now - enc.last_hello > HELLO_EVERY_S:
+            for addr, enc in list(self.encoders.items()):  # a view may add some meanwhile
+                if enc.member and addr not in live and now - enc.last_hello > HELLO_EVERY_S:
                     enc.last_hello = now
                     await enc.sender.send(Hello(frontend_id=self.frontend_id,
                                                 reply_to=self.reply_to))
             await self._move_orphans()
+            await self._forget_departed(now)
             await asyncio.sleep(TICK_S)
 
     async def _move_orphans(self) -> None:
@@ -218,9 +261,10 @@ class EncoderPool:
         now = time.monotonic()
         live = self.live()
         for item in list(self.inflight.values()):
-            enc = self.encoders[item.owner] if item.owner else None
-            if item.future.done() or enc is None or (enc.live(now, self.dead_after)
-                                                     and enc.epoch == item.epoch):
+            if item.future.done() or not item.owner:  # answered, or not sent yet
+                continue
+            enc = self.encoders.get(item.owner)  # None: forgotten since (it left the pool)
+            if enc is not None and enc.live(now, self.dead_after) and enc.epoch == item.epoch:
                 continue
             if not live:
                 if self._out_of_grace():
@@ -230,3 +274,32 @@ class EncoderPool:
             log.warning("%s: encoder %s lost; re-sending %s to %s", item.req.request_id,
                         item.owner, item.req.key, owner)
             await self._send_to(item, owner)
+
+    # -- membership (the registry) --------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        assert self.registry is not None
+        # Views come back to this frontend's host (the one its reply address is on).
+        scheme, rest = self.reply_to.split("://", 1)
+        host = rest.rsplit(":", 1)[0] if scheme == "tcp" else LOOPBACK
+        while True:
+            try:
+                async for view in self.registry.watch(self.frontend_id, host):
+                    self._apply(view)
+            except Exception:  # the pool keeps its last view; a fresh watch catches up
+                log.exception("watching the encoder registry failed; retrying")
+                await asyncio.sleep(1.0)
+
+    def _apply(self, view: RegistryView) -> None:
+        def new_link(addr: str) -> EncoderLink:
+            link = EncoderLink(self.ctx, addr, static=False)
+            link.task = asyncio.create_task(self._watch(link), name=f"encoder-link {addr}")
+            return link
+
+        apply_view(self.encoders, view, new_link)
+
+    async def _forget_departed(self, now: float) -> None:
+        """The next tick moves whatever the forgotten ones still held."""
+        for link in departed(self.encoders, now):
+            if link.connected:  # stuck, never disconnected: what it answered may be lost
+                await self._redeliver(link.addr)

@@ -28,7 +28,9 @@ class MediaInputs:
         self.placeholders: MediaPlaceholders | None = load_placeholders(
             config.model, config.mm_processor_kwargs)
         self.fetcher = MediaFetcher(config)
-        self.seen = SeenItems()  # items sent with a uuid, so a later part can name it alone
+        # Items sent with a uuid, so a later part can name it alone (here or, found in the
+        # encoders' store, through another frontend).
+        self.seen = SeenItems(remote=pool.lookup if pool is not None else None)
         self.pool = pool
 
     async def close(self) -> None:

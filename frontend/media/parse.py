@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from frontend.config import DEFAULT_LIMIT_MM_PER_PROMPT, FrontendConfig
@@ -204,11 +204,24 @@ def parse_media(messages: Any, limit_mm_per_prompt: dict[str, int]) -> ParsedMes
 class SeenItems:
     """The meta of the last items this frontend resolved with a uuid (LRU): a model whose
     placeholder count depends on the item's size (Qwen2-VL) can place a later part that names
-    only the uuid. A uuid this replica has not seen is still a 400 asking for the media."""
+    only the uuid. A uuid this replica has not seen is asked of the encoder pool (``remote``:
+    key -> the geometry the owner's store holds it with), since another replica may have sent
+    it; one nobody holds is still a 400 asking for the media."""
 
-    def __init__(self, capacity: int = 4096):
+    def __init__(self, capacity: int = 4096,
+                 remote: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None):
         self.capacity = capacity
+        self.remote = remote
         self._meta: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    async def find(self, modality: str, key: str) -> dict[str, Any] | None:
+        meta = self.get(modality, key)
+        if meta is None and self.remote is not None:
+            geometry = await self.remote(key)
+            if geometry is not None:
+                meta = {"geometry": geometry}
+                self.put(modality, key, meta)
+        return meta
 
     def get(self, modality: str, key: str) -> dict[str, Any] | None:
         meta = self._meta.get(f"{modality}:{key}")
@@ -259,7 +272,7 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
         key = _settings_tagged(uuid_key(ref.uuid or ""), settings)
         fixed = model.fixed_image_geometry if ref.modality == "image" else None
         meta = {"geometry": fixed.to_meta()} if fixed is not None else (
-            seen.get(ref.modality, key) if seen is not None else None)
+            await seen.find(ref.modality, key) if seen is not None else None)
         if meta is None:
             raise RequestError(f"this model needs the {ref.modality} to size it, and no "
                                f"{ref.modality} with this uuid was sent to this server yet: send "

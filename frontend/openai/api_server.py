@@ -22,7 +22,7 @@ from frontend.chat import ChatRenderer, load_chat_template
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient
 from frontend.errors import EngineUnavailable, RequestError, server_error_json
-from frontend.media.encoder_pool import EncoderPool
+from frontend.media.encoder_pool import pool_for
 from frontend.media.inputs import MediaInputs
 from frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from frontend.models import load_placeholders, placeholder_texts
@@ -184,10 +184,8 @@ def build_app(config: FrontendConfig) -> web.Application:
 
     async def lifecycle(app: web.Application):
         client = EngineClient(config.engine_addr, reply_addr=config.reply_addr)  # type: ignore[arg-type]
-        pool = None
-        if config.encoder_addrs:
-            pool = EncoderPool(client.ctx, config.encoder_addrs, client.reply_to,
-                               client.frontend_id)
+        pool = pool_for(config, client.ctx, client.reply_to, client.frontend_id)
+        if pool is not None:
             client.other_messages = pool.on_message
             await pool.start()
         await client.start()
@@ -300,9 +298,11 @@ async def watchdog_middleware(request: web.Request, handler: Any) -> web.StreamR
 class GuardedSite(web.BaseSite):
     """aiohttp's TCPSite with a ConnectionWatchdog around each connection's protocol."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, header_timeout: float):
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, header_timeout: float,
+                 reuse_port: bool = False):
         super().__init__(runner)
         self._host, self._port, self._header_timeout = host, port, header_timeout
+        self._reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -315,7 +315,7 @@ class GuardedSite(web.BaseSite):
         timeout = self._header_timeout
         self._server = await asyncio.get_running_loop().create_server(
             lambda: ConnectionWatchdog(server(), timeout), self._host, self._port,
-            reuse_address=True)
+            reuse_address=True, reuse_port=self._reuse_port)
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -324,7 +324,8 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     engine requests even before the next streamed write would notice."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    await GuardedSite(runner, host, port, app[CONFIG].http_header_timeout_s).start()
+    config = app[CONFIG]
+    await GuardedSite(runner, host, port, config.http_header_timeout_s, config.reuse_port).start()
     return runner
 
 
