@@ -3,7 +3,9 @@
 Liveness comes from the engine's heartbeats, which its IO thread sends even while a step runs:
 silence for `engine_dead_after_s` marks the engine dead, fails every in-flight stream with
 EngineUnavailable (-> 503) and flips /health to 503. Beats that report a step running for more
-than BUSY_AFTER_S make it "busy": still healthy, and nothing in flight fails.
+than BUSY_AFTER_S make it "busy": still healthy, and nothing in flight fails. Beats that report
+its TP group down (a worker died; the engine fails that group's requests and starts a new one)
+make it "group_down": /health answers 503 and new requests are refused until the group is back.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ BUSY_AFTER_S = 1.0  # a step running longer than this (a first compile, a huge p
 
 
 class EngineHealth(NamedTuple):
-    state: str  # "starting" (no Ready yet) | "ready" | "busy" | "dead" (heartbeats stopped)
+    # "starting" (no Ready yet) | "ready" | "busy" | "dead" (heartbeats stopped) |
+    # "group_down" (beating, but its TP group is being restarted)
+    state: str
     step_running_s: float | None  # how long the step in flight has run; None when idle/unknown
     silent_s: float | None  # seconds since the last heartbeat; None before the first
 
@@ -93,6 +97,8 @@ class EngineClient:
         silent = now - self.last_beat
         if silent >= self.dead_after:
             return EngineHealth("dead", None, silent)
+        if not self.stats.executor_healthy:
+            return EngineHealth("group_down", None, silent)
         running = self.step_running_s
         if running is None:
             return EngineHealth("ready", None, silent)

@@ -193,7 +193,8 @@ class _Cluster:
     def _legacy(self, client: EngineClient, pool: EncoderPool | None,
                 live: list[str]) -> Iterator[Metric]:
         engine = client.health()
-        yield _gauge("mmserve_engine_healthy", "1 while engine heartbeats arrive", int(engine.ok))
+        yield _gauge("mmserve_engine_healthy", "1 while the engine serves: heartbeats arrive "
+                     "and its TP group is up", int(engine.ok))
         yield _gauge("mmserve_engine_busy", f"1 while an engine step has run longer than "
                      f"{BUSY_AFTER_S:g} s (heartbeats still arrive)", int(engine.state == "busy"))
         yield _gauge("mmserve_engine_step_running_seconds", "how long the engine step in flight "

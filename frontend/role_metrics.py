@@ -28,7 +28,8 @@ from prometheus_client.utils import floatToGoString
 from protocol.messages import BucketCounts, EncoderStats, EngineStats
 
 # Fields that are levels (summed over the processes still reporting); the others count up.
-ENGINE_GAUGES = frozenset({"num_running", "num_waiting", "num_free_blocks", "num_total_blocks"})
+ENGINE_GAUGES = frozenset({"num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
+                           "executor_healthy"})
 ENCODER_GAUGES = frozenset({"store_bytes", "store_items"})
 
 
@@ -130,6 +131,11 @@ def engine_families(s: EngineStats, model: str) -> Iterator[Metric]:
     yield _one(counter, "mmserve:engine_steps", "Engine steps that ran work.", s.num_steps, model)
     yield _one(counter, "mmserve:engine_step_seconds",
                "Wall time inside engine steps that ran work.", s.step_seconds, model)
+    yield _one(gauge, "mmserve:executor_healthy", "1 while the engine's TP group serves, 0 from "
+               "a worker's death until a new group is up (summed over engines).",
+               int(s.executor_healthy), model)
+    yield _one(counter, "mmserve:executor_restarts",
+               "TP groups the engine started again after one failed.", s.executor_restarts, model)
 
 
 def encoder_families(s: EncoderStats, model: str) -> Iterator[Metric]:

@@ -3,6 +3,7 @@
 `EngineCore` is synchronous and socket-free (the offline `LLM` drives it directly);
 `EngineCoreProc` wraps it in the three-step loop: drain inputs, step, emit. Sockets live on
 two IO threads, so the loop never blocks on the network and the forward pass never waits on it.
+A TP group that fails is rebuilt by a `GroupSupervisor` while the loop goes on answering.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import zmq
 
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.embedding_cache import EmbeddingCache
-from llm_worker.executor import ExecutorError, make_executor
+from llm_worker.executor import Executor, ExecutorError, make_executor
+from llm_worker.executor.supervisor import GroupSupervisor
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
@@ -203,6 +205,15 @@ class EngineCore:
         out.embeddings = tensor_frames(tensors, frames)
         return frames
 
+    def replace_executor(self, executor: Executor) -> None:
+        """Serve on a fresh TP group (the old one failed, its requests already answered):
+        nothing the old workers held on their devices is there any more."""
+        self.executor = executor
+        self.abort(list(self.scheduler.requests))  # none are left unless a caller kept some
+        self.kv.reset_prefix_cache()  # the cached blocks' KV lived in the dead workers
+        self.worker_keys.clear()  # so did the embeddings they had been sent
+        self.pending_free.clear()
+
     def stats(self) -> EngineStats:
         return msgspec.structs.replace(self.scheduler.stats(), step_seconds=self.step_seconds)
 
@@ -217,6 +228,8 @@ class EngineCoreProc:
                  embed_addr: str | None = None, debug_slow_step_s: float = 0.0):
         self.engine_id = f"engine-{uuid.uuid4().hex[:8]}"
         self.core = EngineCore(config)
+        # Brings the TP group back after a failure, with the KV cache the engine is sized to.
+        self.supervisor = GroupSupervisor(config, self.core.kv.num_total_blocks)
         self.model_name = config.model
         self.heartbeat_s = heartbeat_s
         self.inbox: queue.Queue = queue.Queue()
@@ -238,7 +251,7 @@ class EngineCoreProc:
         # Heartbeats come from their own thread: a long step (a big prefill, a first compile) is
         # "busy", not "dead". They carry the busy loop's latest stats (num_steps shows progress)
         # and how long the step in flight has run, from when the loop began it (None: idle).
-        self._stats = self.core.stats()
+        self._stats = self._snapshot()
         self._step_started: float | None = None
         # Fault injection for tests (MMSERVE_DEBUG_SLOW_STEP_S): the first step with work sleeps
         # this long, as a first compile would on a GPU. 0 (the default) does nothing.
@@ -289,19 +302,48 @@ class EngineCoreProc:
         log.info("%s serving %s", self.engine_id, self.model_name)
         next_stats = 0.0
         stalled = False
-        while self.running:
-            # Block on the inbox when idle, and when the last step found nothing to run (every
-            # request waits for an embedding): only an input can change that, and spinning
-            # would burn a core the encoders may be sharing.
-            self._drain_inputs(block=stalled or not self.core.has_work())
-            steps = self.core.scheduler.num_steps
-            self._emit(self._step())
-            stalled = self.core.scheduler.num_steps == steps
-            now = time.monotonic()
-            if now >= next_stats:  # a snapshot for the beat thread (it never reads live state)
-                self._stats = self.core.stats()
-                next_stats = now + self.heartbeat_s
-        self.outbox.put(None)
+        try:
+            while self.running:
+                # Block on the inbox when idle, and when the last step found nothing to run
+                # (every request waits for an embedding): only an input can change that, and
+                # spinning would burn a core the encoders may be sharing.
+                self._drain_inputs(block=stalled or not self.core.has_work())
+                self._watch_group()
+                steps = self.core.scheduler.num_steps
+                self._emit(self._step())
+                stalled = self.core.scheduler.num_steps == steps
+                now = time.monotonic()
+                if now >= next_stats:  # a snapshot for the beat thread (never reads live state)
+                    self._stats = self._snapshot()
+                    next_stats = now + self.heartbeat_s
+        finally:
+            self.supervisor.close()
+            self.outbox.put(None)
+
+    def _snapshot(self) -> EngineStats:
+        return msgspec.structs.replace(self.core.stats(), executor_healthy=not self.supervisor.down,
+                                       executor_restarts=self.supervisor.restarts)
+
+    def _watch_group(self) -> None:
+        """Swap in a rebuilt group once it is ready; while idle, notice a worker that died
+        (so /health says so before a request finds out)."""
+        if self.supervisor.down:
+            group = self.supervisor.take()
+            if group is not None:
+                self.core.replace_executor(group)
+                self._stats = self._snapshot()
+                log.warning("%s: TP group back (restart %d)", self.engine_id,
+                            self.supervisor.restarts)
+        elif not self.core.has_work():
+            try:
+                self.core.executor.check()
+            except ExecutorError as e:
+                self._group_failed(e)
+
+    def _group_failed(self, e: ExecutorError) -> None:
+        log.error("%s: TP group down (%s); starting a new one", self.engine_id, e)
+        self.supervisor.failed(self.core.executor)
+        self._stats = self._snapshot()  # the beats say so from now on, not at the next snapshot
 
     def _step(self) -> list[TokenOutput]:
         if not self.core.has_work():
@@ -319,6 +361,7 @@ class EngineCoreProc:
             ids = list(self.core.scheduler.requests)
             if isinstance(e, ExecutorError):  # the executor logged the cause when it failed
                 log.error("engine step failed (%s); failing %d requests", e, len(ids))
+                self._group_failed(e)
             else:
                 log.exception("engine step failed; failing %d requests", len(ids))
             self.core.abort(ids)
@@ -345,6 +388,10 @@ class EngineCoreProc:
             if err is not None:
                 log.warning("dropped embedding: %s", err)
         elif isinstance(msg, GenerateRequest):
+            if self.supervisor.down:  # fail fast: nothing could run it until the group is back
+                self.outbox.put((msg.reply_to, ErrorMsg(
+                    msg.request_id, 503, "the decoder group is restarting; retry later")))
+                return
             if msg.request_id in self.owner:
                 err = f"duplicate request id {msg.request_id}"
             else:

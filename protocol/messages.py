@@ -136,6 +136,10 @@ class EngineStats(_Data):
     num_preemptions: int = 0
     num_steps: int = 0
     step_seconds: float = 0.0  # wall time inside steps that ran work (divide by num_steps)
+    # The TP group: False from a worker's death until a new group serves (the engine restarts
+    # it); restarts counts the groups brought back.
+    executor_healthy: bool = True
+    executor_restarts: int = 0
 
 
 class Heartbeat(_Data):

@@ -84,15 +84,26 @@ def _seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+# Why the engine cannot serve, per state (for the operator reading /health).
+_ENGINE_DOWN = {
+    "starting": "the engine has not answered yet",
+    "dead": "the engine stopped sending heartbeats",
+    "group_down": "the decoder's tensor-parallel group is down (a worker died); the engine is "
+                  "starting a new one",
+}
+
+
 async def health(request: web.Request) -> web.Response:
     """200 while every role serves: the engine "ready" or "busy" (beating through a long step),
-    and (if configured) a live encoder; 503 while one is "starting" or "dead". The body says
-    which: {"status", "engine": {"state", "step_running_s", "silent_s"}, "encoders"}."""
+    and (if configured) a live encoder; 503 while one is "starting", "dead" or (the engine's TP
+    group) "group_down". The body says which: {"status", "engine": {"state", "reason",
+    "step_running_s", "silent_s", "executor_restarts"}, "encoders"}."""
     serving = request.app[SERVING]
     engine = serving.client.health()
     body: dict[str, Any] = {"status": engine.state, "engine": {
-        "state": engine.state, "step_running_s": _seconds(engine.step_running_s),
-        "silent_s": _seconds(engine.silent_s)}, "encoders": None}
+        "state": engine.state, "reason": _ENGINE_DOWN.get(engine.state),
+        "step_running_s": _seconds(engine.step_running_s), "silent_s": _seconds(engine.silent_s),
+        "executor_restarts": serving.client.stats.executor_restarts}, "encoders": None}
     pool = serving.media.pool
     if pool is not None:
         body["encoders"] = {"state": pool.state, "live": len(pool.live()),

@@ -51,6 +51,10 @@ class Executor(ABC):
     def hidden_size(self) -> int:
         """Width of the LM's input embeddings (what media embeddings must match)."""
 
+    def check(self) -> None:  # noqa: B027 - an in-process worker cannot die on its own
+        """Raise ExecutorError if the group has failed: lets an idle engine notice a dead
+        worker before a request is sent to it."""
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook, most executors hold nothing
         """Release workers and devices."""
 

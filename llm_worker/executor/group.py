@@ -97,6 +97,13 @@ class WorkerGroupExecutor(Executor):
     def hidden_size(self) -> int:
         return self.info.hidden_size
 
+    def check(self) -> None:
+        if self.error is not None:
+            raise ExecutorError(self.error)
+        dead = self._dead_worker()
+        if dead is not None:
+            self._fail(dead)
+
     def shutdown(self) -> None:
         if self.error is None:
             self.error = "the TP group was shut down"

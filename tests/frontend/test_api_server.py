@@ -334,8 +334,10 @@ def test_no_engine_answers_503(model):
     try:
         code, text = asyncio.run(_request(srv.url, "GET", "/health"))
         assert code == 503 and json.loads(text) == {
-            "status": "starting", "engine": {"state": "starting", "step_running_s": None,
-                                             "silent_s": None}, "encoders": None}, text
+            "status": "starting", "engine": {
+                "state": "starting", "reason": "the engine has not answered yet",
+                "step_running_s": None, "silent_s": None, "executor_restarts": 0},
+            "encoders": None}, text
         r = post(srv.url, "/v1/chat/completions", {"messages": CHAT}, expect=503)
         assert r["error"]["code"] == 503 and "engine" in r["error"]["message"]
         r = post(srv.url, "/v1/completions", {"prompt": "hi", "stream": True}, expect=503)

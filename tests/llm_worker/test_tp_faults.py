@@ -1,7 +1,9 @@
 """A TP worker that dies fails its group at once: the in-flight request ends with an error within
 seconds (never a hang, whichever rank died: rank 0 answers the steps, rank 1 leaves rank 0 inside
-a collective), the surviving worker is stopped, and later requests fail at once too. Under `mp`
-the worker process is SIGKILLed; under `ray` its actor is killed."""
+a collective), the surviving worker is stopped, and requests that come while the group is down
+fail at once too (503). The heartbeats say the group is down; the engine starts a new group and,
+once it is up, serves the same greedy tokens as before. Under `mp` the worker process is
+SIGKILLed; under `ray` its actor is killed."""
 
 from __future__ import annotations
 
@@ -18,10 +20,21 @@ import zmq
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.engine import EngineCoreProc
 from protocol.addresses import tcp
-from protocol.messages import ErrorMsg, GenerateRequest, Hello, Sampling, Shutdown, TokenOutputs
+from protocol.messages import (
+    ErrorMsg,
+    GenerateRequest,
+    Heartbeat,
+    Hello,
+    Sampling,
+    Shutdown,
+    TokenOutputs,
+)
 from protocol.sockets import Receiver, Sender
 
 LONG = Sampling(max_tokens=1500, temperature=0.0, ignore_eos=True)  # ~10 s of decode steps
+SHORT = Sampling(max_tokens=8, temperature=0.0, ignore_eos=True)
+PROMPT = list(range(5, 45))  # two full KV blocks: a prefix cache hit if the engine kept them
+RESTART_S = 120  # a new group: processes (actors) start, load the model, join gloo, warm up
 RAY = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed")
 
 
@@ -66,6 +79,31 @@ def _next(inbox: Receiver, kind: type, request_id: str, timeout_s: float):
     return None
 
 
+def _tokens(inbox: Receiver, request_id: str, timeout_s: float) -> list[int] | None:
+    """Every token of ``request_id`` until it finishes (None on an error or a timeout)."""
+    tokens: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msg = _next(inbox, TokenOutputs, request_id, deadline - time.monotonic())
+        if msg is None:
+            return None
+        for o in msg.outputs:
+            if o.request_id == request_id:
+                tokens += o.new_token_ids
+                if o.finish_reason is not None:
+                    return tokens
+    return None
+
+
+def _beat_where(inbox: Receiver, pred, timeout_s: float) -> Heartbeat | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = inbox.recv(timeout_ms=50)
+        if got is not None and isinstance(got[0], Heartbeat) and pred(got[0].stats):
+            return got[0]
+    return None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("executor, rank", [("mp", 0), ("mp", 1),
                                             pytest.param("ray", 1, marks=RAY)])
@@ -81,6 +119,9 @@ def test_killed_worker_fails_the_request_fast(tiny_llama, executor, rank):
     to_engine = Sender(ctx, proc.receiver.addr)
     try:
         to_engine.send(Hello(frontend_id="t", reply_to=inbox.addr))
+        to_engine.send(GenerateRequest("r0", PROMPT, SHORT, [], inbox.addr))
+        before = _tokens(inbox, "r0", 30)
+        assert before is not None and len(before) == SHORT.max_tokens
         to_engine.send(GenerateRequest("r", [1, 2, 3], LONG, [], inbox.addr))
         assert _next(inbox, TokenOutputs, "r", 30) is not None  # decoding is under way
         _kill(group, rank)
@@ -93,7 +134,14 @@ def test_killed_worker_fails_the_request_fast(tiny_llama, executor, rank):
         to_engine.send(GenerateRequest("r2", [4, 5], LONG, [], inbox.addr))
         sent = time.monotonic()
         err = _next(inbox, ErrorMsg, "r2", 10)
-        assert err is not None and err.status == 500 and time.monotonic() - sent < 2
+        assert err is not None and err.status == 503 and time.monotonic() - sent < 2
+        assert _beat_where(inbox, lambda s: not s.executor_healthy, 2) is not None
+        # A new group comes up (new workers), and serves what the old one did, token for token.
+        assert _beat_where(inbox, lambda s: s.executor_healthy and s.executor_restarts == 1,
+                           RESTART_S) is not None
+        assert proc.core.executor is not group
+        to_engine.send(GenerateRequest("r3", PROMPT, SHORT, [], inbox.addr))
+        assert _tokens(inbox, "r3", 30) == before
     finally:
         to_engine.send(Shutdown())
         loop.join(10)
