@@ -38,6 +38,7 @@ class GroupSupervisor:
         self._up_at = time.monotonic()
         self._ready: queue.Queue[Executor] = queue.Queue()
         self._closed = threading.Event()
+        self._lock = threading.Lock()  # a group is queued or shut down, never lost to close()
         self._thread: threading.Thread | None = None
 
     @property
@@ -67,9 +68,10 @@ class GroupSupervisor:
         self._up_at = time.monotonic()
         return group
 
-    def close(self, timeout_s: float = 30.0) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
         """Stop restarting; a group that comes up after this is shut down at once."""
-        self._closed.set()
+        with self._lock:
+            self._closed.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
         while (group := self.take()) is not None:
@@ -87,10 +89,11 @@ class GroupSupervisor:
                 log.exception("the new TP group failed to start; next try in %.0f s", delay)
                 continue
             self._delay = delay
-            if self._closed.is_set():  # the engine stopped while this group loaded
-                group.shutdown()
-            else:
-                self._ready.put(group)
+            with self._lock:
+                if not self._closed.is_set():
+                    self._ready.put(group)
+                    return
+            group.shutdown()  # the engine stopped while this group loaded
             return
 
     def _start(self) -> Executor:
