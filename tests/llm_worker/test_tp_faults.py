@@ -7,6 +7,7 @@ SIGKILLed; under `ray` its actor is killed."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -104,14 +105,10 @@ def _beat_where(inbox: Receiver, pred, timeout_s: float) -> Heartbeat | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("executor, rank", [("mp", 0), ("mp", 1),
-                                            pytest.param("ray", 1, marks=RAY)])
-def test_killed_worker_fails_the_request_fast(tiny_llama, executor, rank):
-    config = LLMWorkerConfig(model=tiny_llama, max_model_len=1600, num_kv_blocks=128,
-                             tensor_parallel_size=2, executor=executor)
+@contextlib.contextmanager
+def _serving(config: LLMWorkerConfig):
+    """An EngineCoreProc on a thread, and this test's sockets to it (Hello already sent)."""
     proc = EngineCoreProc(config, tcp())
-    group = proc.core.executor
     loop = threading.Thread(target=proc.run, daemon=True)
     loop.start()
     ctx = zmq.Context()
@@ -119,6 +116,28 @@ def test_killed_worker_fails_the_request_fast(tiny_llama, executor, rank):
     to_engine = Sender(ctx, proc.receiver.addr)
     try:
         to_engine.send(Hello(frontend_id="t", reply_to=inbox.addr))
+        yield proc, inbox, to_engine
+    finally:
+        to_engine.send(Shutdown())
+        loop.join(10)
+        proc.core.shutdown()
+        inbox.close()
+        to_engine.close()
+        ctx.term()
+    assert not loop.is_alive()
+
+
+def _tp2(model: str, executor: str) -> LLMWorkerConfig:
+    return LLMWorkerConfig(model=model, max_model_len=1600, num_kv_blocks=128,
+                           tensor_parallel_size=2, executor=executor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor, rank", [("mp", 0), ("mp", 1),
+                                            pytest.param("ray", 1, marks=RAY)])
+def test_killed_worker_fails_the_request_fast(tiny_llama, executor, rank):
+    with _serving(_tp2(tiny_llama, executor)) as (proc, inbox, to_engine):
+        group = proc.core.executor
         to_engine.send(GenerateRequest("r0", PROMPT, SHORT, [], inbox.addr))
         before = _tokens(inbox, "r0", 30)
         assert before is not None and len(before) == SHORT.max_tokens
@@ -142,14 +161,23 @@ def test_killed_worker_fails_the_request_fast(tiny_llama, executor, rank):
         assert proc.core.executor is not group
         to_engine.send(GenerateRequest("r3", PROMPT, SHORT, [], inbox.addr))
         assert _tokens(inbox, "r3", 30) == before
-    finally:
-        to_engine.send(Shutdown())
-        loop.join(10)
-        proc.core.shutdown()
-        inbox.close()
-        to_engine.close()
-        ctx.term()
-    assert not loop.is_alive()
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_while_idle_is_noticed_and_replaced(tiny_llama):
+    """No request is there to find out: the idle busy loop checks the group, so the beats say
+    it is down within a beat or two and a new group is started."""
+    with _serving(_tp2(tiny_llama, "mp")) as (proc, inbox, to_engine):
+        group = proc.core.executor
+        assert _beat_where(inbox, lambda s: s.executor_healthy, 5) is not None
+        _kill(group, 1)
+        assert _beat_where(inbox, lambda s: not s.executor_healthy, 2) is not None
+        assert _all_stopped(group)
+        assert _beat_where(inbox, lambda s: s.executor_healthy and s.executor_restarts == 1,
+                           RESTART_S) is not None
+        to_engine.send(GenerateRequest("r", PROMPT, SHORT, [], inbox.addr))
+        tokens = _tokens(inbox, "r", 30)
+        assert tokens is not None and len(tokens) == SHORT.max_tokens
 
 
 @pytest.mark.parametrize("executor, why", [("mp", "exited with code -9"),
