@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from encoder_worker.models import ENCODER_REGISTRY
@@ -13,23 +13,49 @@ from protocol.registry import check_registry_addr
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+# Each field is a flag of `mmserve encoder` and `mmserve serve` (protocol/config_flags.py);
+# `--encoder-` names keep them apart from the engine's and the frontend's own.
 @dataclass(frozen=True)
 class EncoderConfig:
     model: str  # local Hugging Face checkpoint folder
-    device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    store_bytes: int = 2 << 30  # embedding store (LRU by bytes), host memory
-    max_batch_items: int = 32  # images per tower forward
-    max_wait_ms: float = 5.0  # how long a ready image may wait for others to fill its batch
-    decode_threads: int = 4  # decode + preprocess pool (PIL releases the GIL while decoding)
-    max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width * height
-    min_image_side: int = 2  # thinner images can't be resized into the tower's input
-    heartbeat_s: float = 0.2  # EncoderHeartbeat period to every frontend that said Hello
-    cuda_graphs: bool = True  # on CUDA, small batches of fixed-size inputs replay CUDA graphs
+    device: str = field(default="auto", metadata={
+        "flag": "--encoder-device", "help": "device of the encoder worker(s): auto (cuda if "
+        "available, else cpu), cpu, cuda, cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "flag": "--encoder-dtype", "choices": ("auto", *DTYPES),
+        "help": "auto: bfloat16 on CUDA, float32 on CPU"})
+    store_bytes: int = field(default=2 << 30, metadata={
+        "flag": "--encoder-store-gb", "unit": 1 << 30,
+        "help": "embedding store of each encoder (LRU by bytes), host memory, in GiB"})
+    max_batch_items: int = field(default=32, metadata={
+        "flag": "--encoder-max-batch-items", "help": "images per tower forward"})
+    max_wait_ms: float = field(default=5.0, metadata={
+        "flag": "--encoder-max-wait-ms",
+        "help": "how long a ready image may wait for others to fill its batch"})
+    decode_threads: int = field(default=4, metadata={
+        "flag": "--encoder-decode-threads",
+        "help": "decode + preprocess pool (PIL releases the GIL while decoding)"})
+    max_image_pixels: int = field(default=50_000_000, metadata={
+        "flag": "--encoder-max-image-pixels",
+        "help": "decompression-bomb bound on the declared width * height"})
+    min_image_side: int = field(default=2, metadata={
+        "flag": "--encoder-min-image-side",
+        "help": "thinner images can't be resized into the tower's input"})
+    heartbeat_s: float = field(default=0.2, metadata={
+        "flag": "--encoder-heartbeat-s",
+        "help": "EncoderHeartbeat period to every frontend that said Hello"})
+    # On CUDA, small batches of fixed-size inputs replay CUDA graphs; the flag is vLLM's
+    # --enforce-eager (off), the same one as the engine's under `serve`.
+    cuda_graphs: bool = field(default=True, metadata={
+        "flag": "--enforce-eager", "invert": True, "shared": True,
+        "help": "no CUDA graphs: every decoder step and tower batch launches its kernels eagerly"})
     # The pool's registry to join (`mmserve encoder --join ADDR`); None: frontends were given
     # this encoder's address.
-    join: str | None = None
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long to finish the work in hand
+    join: str | None = field(default=None, metadata={
+        "help": "join the encoder pool through its registry at ADDR (live)"})
+    drain_timeout_s: float = field(default=30.0, metadata={
+        "flag": "--drain-timeout",
+        "help": "on SIGTERM, seconds to finish the items in hand before exiting"})
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "config.json").is_file():

@@ -22,6 +22,8 @@ CONTENT_FORMATS = ("auto", "string", "openai")
 _MEDIA_IO_KEYS = {"image": ("rgba_background_color",), "video": ("num_frames", "fps")}
 
 
+# Each field is a flag of `mmserve frontend` and (but those the launcher sets) `mmserve serve`
+# (protocol/config_flags.py); metadata keeps vLLM's flag names, comments are the help.
 @dataclass(frozen=True)
 class FrontendConfig:
     model: str  # local Hugging Face checkpoint folder (tokenizer, chat template, generation config)
@@ -31,11 +33,12 @@ class FrontendConfig:
     port: int = 8000
     engine_addr: str | None = None  # the engine core's input address (tcp://host:port)
     tokenizer: str | None = None  # None: the model folder
-    chat_template: str | None = None  # a Jinja file, or None for the tokenizer's own template
-    max_n: int = 16
+    chat_template: str | None = None  # a Jinja file (default: the tokenizer's own template)
+    max_n: int = 16  # largest n (choices) a request may ask
     max_logprobs: int = 20
     response_role: str = "assistant"
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies answer 413
+    max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata={
+        "flag": "--max-body-mb", "unit": 1 << 20, "help": "larger bodies answer 413 (MiB)"})
     engine_ready_timeout_s: float = 0.0  # how long a request waits for a starting engine (0: 503)
     # Where engines push outputs to this frontend; None: a free loopback port. Another host's
     # engine needs an address it can reach (explicit config, never a default).
@@ -53,13 +56,17 @@ class FrontendConfig:
     allowed_media_domains: tuple[str, ...] | list[str] = ()
     max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES  # per fetched/decoded item
     limit_mm_per_prompt: dict[str, int] = field(
-        default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT))
+        default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT),
+        metadata={"help": 'items per prompt and modality, JSON, e.g. \'{"image": 4}\''})
     # Per modality kwargs for media decoding; they enter the content key of each item.
-    media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": 'JSON, e.g. \'{"image": {"rgba_background_color": [0, 0, 0]}}\''})
     # Server-wide processor settings (vLLM's --mm-processor-kwargs, e.g. {"max_pixels": ...});
     # a request's own mm_processor_kwargs apply over them. The model's geometry checks the keys
     # when the media tier loads (`MediaPlaceholders.with_processor_kwargs`).
-    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "JSON processor settings for every request (a request's own mm_processor_kwargs "
+                'apply over them), e.g. \'{"max_pixels": 1003520}\''})
     max_image_pixels: int = 50_000_000  # decompression-bomb bound on the declared width*height
     # Bounds on what a video's header declares (frontend/media/video.py), checked before any
     # frame is decoded; a video's bytes are bounded by max_media_bytes like an image's.
@@ -70,7 +77,8 @@ class FrontendConfig:
     # How message content reaches the template: "string" (parts joined into one string, media as
     # the model's placeholder text), "openai" (a list of typed parts), or "auto" (read from the
     # template: one that loops over message['content'] gets parts).
-    chat_template_content_format: str = "auto"
+    chat_template_content_format: str = field(default="auto",
+                                              metadata={"choices": CONTENT_FORMATS})
     # A request's own `chat_template` runs only when this is set (then sandboxed, in a separate
     # process with time and output bounds); otherwise such a request is a 400.
     trust_request_chat_template: bool = False
@@ -79,8 +87,10 @@ class FrontendConfig:
     # context length, which no real prompt that fits the context can exceed.
     max_prompt_chars: int | None = None
     tokenizer_workers: int = 2  # threads (each with its own tokenizer copy) for tokenization
-    http_header_timeout_s: float = 10.0  # a request's headers must arrive within this
-    http_body_timeout_s: float = 60.0  # and its body within this (slow clients are cut off)
+    http_header_timeout_s: float = field(default=10.0, metadata={
+        "flag": "--http-header-timeout", "help": "seconds a client has to send a request's headers"})
+    http_body_timeout_s: float = field(default=60.0, metadata={
+        "flag": "--http-body-timeout", "help": "seconds a client has to send a request's body"})
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():

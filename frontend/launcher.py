@@ -15,6 +15,7 @@ to the frontend that sent it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -23,34 +24,18 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import NamedTuple
 
+from encoder_worker.config import EncoderConfig
+from frontend.config import FrontendConfig
+from llm_worker.config import LLMWorkerConfig
 from protocol.addresses import tcp
+from protocol.config_flags import args_from_config, config_from_args
 
 log = logging.getLogger("mmserve")
 
-_ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                 "num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "dtype",
-                 "device", "seed", "tensor_parallel_size", "executor", "enforce_eager")
-_FRONTEND_FLAGS = ("host", "port", "chat_template", "max_n", "max_logprobs", "max_body_mb",
-                   "allowed_local_media_path", "limit_mm_per_prompt", "media_io_kwargs",
-                   "mm_processor_kwargs",
-                   "chat_template_content_format", "trust_request_chat_template",
-                   "max_prompt_chars", "tokenizer_workers", "http_header_timeout", "http_body_timeout")
-_ENCODER_FLAGS = ("encoder_device", "encoder_store_gb", "enforce_eager")
 MAX_RESTARTS = 3  # within RESTART_WINDOW_S; more means a crash loop, not a transient failure
 RESTART_WINDOW_S = 60.0
-
-
-def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        value = getattr(args, name)
-        flag = f"--{name.replace('_', '-')}"
-        if value is True:  # a store_true flag that is set
-            out.append(flag)
-        elif value is not None and value is not False:
-            out += [flag, str(value)]
-    return out
 
 
 class Child:
@@ -97,10 +82,18 @@ def _healthy(url: str) -> bool:
         return False
 
 
+class ServeConfigs(NamedTuple):
+    """What `serve` checked before any child starts; each child's argv is generated from its
+    config (protocol/config_flags.args_from_config), so every flag reaches its role."""
+    frontend: FrontendConfig
+    engine: LLMWorkerConfig
+    encoder: EncoderConfig | None  # None: no encoders to start
+    num_encoders: int
+
+
 def prepare(args: argparse.Namespace) -> Callable[[], int]:
     """Check everything ``serve`` needs (flags, checkpoint, architecture) before any child
     starts; ValueError with one line if something is wrong. Returns the supervisor to run."""
-    from frontend.cli import engine_config, frontend_config
     from frontend.models import load_placeholders
 
     if args.model is None:
@@ -115,54 +108,43 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
         else:
             log.info("no MODEL given: serving the built-in demo model %s from %s", name,
                      args.model)
-    engine_config(args)
+    engine = config_from_args(LLMWorkerConfig, args)
     if args.num_frontends < 1:
         raise ValueError(f"--num-frontends must be >= 1, got {args.num_frontends}")
     if args.registry_addr is not None and not is_multimodal(args.model):
         raise ValueError(f"--registry-addr: {args.model} has no vision/audio tower, so no "
                          "encoder pool")
-    config = frontend_config(_with(args, engine_addr="tcp://127.0.0.1:1", reply_addr=None,
-                                   encoder_addrs=None))
+    # The engine address is the launcher's, picked when the children start.
+    frontend = config_from_args(FrontendConfig, args, engine_addr="tcp://127.0.0.1:1")
     # The frontend's slice of the architecture, which also checks --mm-processor-kwargs.
-    load_placeholders(args.model, config.mm_processor_kwargs)
-    if args.encoders:
-        from frontend.cli import encoder_config
-
-        encoder_config(args)
-    return lambda: serve(args)
-
-
-def _with(args: argparse.Namespace, **values) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), **values})
+    load_placeholders(args.model, frontend.mm_processor_kwargs)
+    num_encoders = args.encoders if args.encoders is not None else int(is_multimodal(args.model))
+    encoder = config_from_args(EncoderConfig, args) if num_encoders else None
+    configs = ServeConfigs(frontend, engine, encoder, num_encoders)
+    return lambda: serve(args, configs)
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, configs: ServeConfigs) -> int:
     """Start and supervise the children of ``mmserve serve`` (after ``prepare``)."""
     engine_addr = tcp()
-    engine_argv = ["llm-worker", "--model", args.model, "--input-addr", engine_addr,
-                   *_flags(args, _ENGINE_FLAGS)] + (["--no-prefix-caching"]
-                                                    if args.no_prefix_caching else [])
-    frontend_argv = ["frontend", "--model", args.model, "--engine-addr", engine_addr,
-                     *_flags(args, _FRONTEND_FLAGS)]
-    if args.served_model_name:
-        frontend_argv += ["--served-model-name", *args.served_model_name]
-    num_encoders = args.encoders if args.encoders is not None else int(is_multimodal(args.model))
+    engine_argv = ["llm-worker", "--input-addr", engine_addr, *args_from_config(configs.engine)]
     registry = None
-    if num_encoders or args.registry_addr:
+    encoder_addrs: list[str] = []
+    encoders: list[Child] = []
+    if configs.encoder is not None or args.registry_addr:
         from frontend.registry import RegistryService
 
         registry = RegistryService(args.registry_addr or tcp()).start()
-        frontend_argv += ["--encoder-registry", registry.addr]
-    if args.num_frontends > 1:
-        frontend_argv.append("--reuse-port")
-    encoder_addrs = [tcp() for _ in range(num_encoders)]
-    encoders = [Child(f"encoder-{i}", ["encoder", "--model", args.model, "--input-addr", addr,
-                                       *_flags(args, _ENCODER_FLAGS)])
-                for i, addr in enumerate(encoder_addrs)]
-    if encoder_addrs:
-        frontend_argv += ["--encoder-addrs", *encoder_addrs]
-    if args.allowed_media_domains:
-        frontend_argv += ["--allowed-media-domains", *args.allowed_media_domains]
+    if configs.encoder is not None:
+        encoder_addrs = [tcp() for _ in range(configs.num_encoders)]
+        encoder_argv = args_from_config(configs.encoder)
+        encoders = [Child(f"encoder-{i}", ["encoder", "--input-addr", addr, *encoder_argv])
+                    for i, addr in enumerate(encoder_addrs)]
+    frontend = dataclasses.replace(
+        configs.frontend, engine_addr=engine_addr, encoder_addrs=tuple(encoder_addrs),
+        encoder_registry=registry.addr if registry else None,
+        reuse_port=args.num_frontends > 1)
+    frontend_argv = ["frontend", *args_from_config(frontend)]
     engine = Child("engine", engine_argv)
     frontends = [Child(f"frontend-{i}", frontend_argv) for i in range(args.num_frontends)]
     workers = [engine, *encoders, *frontends]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_worker.models import model_class_path
@@ -16,8 +16,11 @@ EXECUTORS = ("auto", "uni", "mp", "ray")
 # Ray placement group strategies: STRICT_PACK keeps a group on one node (NVLink, no cross-host
 # collectives); SPREAD lets it span nodes.
 PLACEMENTS = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # auto: triton where it runs, else torch
 
 
+# Each field is a flag of `mmserve llm-worker` and `mmserve serve` and a keyword of LLM()
+# (protocol/config_flags.py); metadata keeps vLLM's flag names, comments are the help.
 @dataclass(frozen=True)
 class LLMWorkerConfig:
     model: str  # local Hugging Face checkpoint folder
@@ -29,15 +32,25 @@ class LLMWorkerConfig:
     kv_cache_memory_gb: float = 1.0  # CPU only: memory for the KV cache
     embedding_cache_gb: float = 1.0  # host memory for media embeddings (LRU beyond live requests)
     gpu_memory_utilization: float = 0.85
-    enable_prefix_caching: bool = True
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto: cuda if available
-    tensor_parallel_size: int = 1
+    # Reuse the KV blocks of a prompt prefix seen before (on by default).
+    enable_prefix_caching: bool = field(default=True,
+                                        metadata={"no_aliases": ("--no-prefix-caching",)})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPES),
+                       "help": "auto: bfloat16 on CUDA, float32 on CPU"})
+    device: str = "auto"  # auto, cpu, cuda (cuda:N with one worker); auto: cuda if available
+    # Workers of the decoder group, each holding 1/N of every layer.
+    tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",)})
     # True: no CUDA graphs, every decode step launches its kernels eagerly (as vLLM's flag).
-    enforce_eager: bool = False
-    executor: str = "auto"
-    ray_placement: str = "STRICT_PACK"  # executor ray: how the group's bundles are placed
-    attention_backend: str = "auto"
+    # `serve` hands the same flag to its encoders (EncoderConfig.cuda_graphs).
+    enforce_eager: bool = field(default=False, metadata={"shared": True})
+    executor: str = field(default="auto", metadata={"choices": EXECUTORS, "help": (
+        "how the TP workers run: uni (in the engine process, TP=1), mp (one process each), ray "
+        "(one Ray actor each, in a placement group; needs mmserve[ray]); auto: uni for TP=1, "
+        "else mp")})
+    ray_placement: str = field(default="STRICT_PACK", metadata={
+        "choices": PLACEMENTS, "help": "executor ray: how the group's bundles are placed"})
+    attention_backend: str = field(default="auto", metadata={
+        "choices": ATTENTION_BACKENDS, "help": "auto: triton where it runs, else torch"})
     seed: int = 0
 
     def __post_init__(self) -> None:

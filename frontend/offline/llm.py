@@ -22,27 +22,16 @@ PromptType = str | list[int] | dict[str, Any]
 
 class LLM:
     """vLLM's offline entry point. Keywords keep vLLM's names; those without an effect here are
-    accepted at their harmless values and refused (ValueError naming the keyword) otherwise."""
+    accepted at their harmless values and refused (ValueError naming the keyword) otherwise.
+    Every LLMWorkerConfig field is a keyword too (max_model_len, tensor_parallel_size,
+    gpu_memory_utilization, enforce_eager, ...; see llm_worker/config.py), passed through as is,
+    so a knob added there needs no edit here."""
 
     def __init__(
         self,
         model: str | None = None,
         *,
         tokenizer: str | None = None,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_gb: float = 1.0,
-        gpu_memory_utilization: float = 0.85,
-        enable_prefix_caching: bool = True,
-        tensor_parallel_size: int = 1,
-        executor: str = "auto",  # TP workers: uni (in-process), mp (processes); auto picks
-        enforce_eager: bool = False,
-        dtype: str = "auto",
-        device: str = "auto",
-        seed: int = 0,
         trust_remote_code: bool = False,
         runner: str = "auto",
         chat_template: str | None = None,
@@ -61,12 +50,12 @@ class LLM:
         disable_log_stats: bool = True,
         max_logprobs: int = 20,
         served_model_name: str | list[str] | None = None,
+        **engine_kwargs: Any,
     ):
         from frontend.config import FrontendConfig
         from frontend.models import placeholder_texts
         from frontend.offline.media import OfflineMedia
         from frontend.processor import InputProcessor
-        from llm_worker.config import LLMWorkerConfig
         from llm_worker.engine import EngineCore
 
         check_vllm_options(runner=runner, revision=revision,
@@ -80,18 +69,8 @@ class LLM:
             model = str(default_model()[0])
         self.model = model
         self.max_logprobs = max_logprobs
-        self.engine = EngineCore(
-            LLMWorkerConfig(
-                model=model, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enable_prefix_caching=enable_prefix_caching,
-                tensor_parallel_size=tensor_parallel_size, executor=executor,
-                enforce_eager=enforce_eager,
-                dtype=dtype, device=device, seed=seed,
-            )
-        )
+        self.engine = EngineCore(engine_config(model, engine_kwargs))
+        device, dtype = self.engine.config.device, self.engine.config.dtype
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.processor = InputProcessor(self.tokenizer, self.engine.max_model_len,
                                         self.engine.vocab_size, model_path=model)
@@ -261,6 +240,21 @@ class LLM:
 def _no_lora(lora_request: Any) -> None:
     if lora_request is not None:
         raise ValueError("lora_request is not supported (no LoRA adapters in mmserve yet)")
+
+
+def engine_config(model: str, kwargs: dict[str, Any]):
+    """LLMWorkerConfig from LLM()'s engine keywords; one that is no field is a TypeError naming
+    it, as Python's own for an unknown keyword."""
+    import dataclasses
+
+    from llm_worker.config import LLMWorkerConfig
+
+    fields = {f.name for f in dataclasses.fields(LLMWorkerConfig)} - {"model"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r} (engine "
+                        f"keywords: {', '.join(sorted(fields))})")
+    return LLMWorkerConfig(model=model, **kwargs)
 
 
 def check_vllm_options(*, runner: str = "auto", revision: str | None = None,

@@ -63,9 +63,10 @@ def test_vllm_flags_are_accepted(tiny_llava):
         "--chat-template-content-format", "openai", "--trust-request-chat-template",
         "--disable-log-requests", "--disable-log-stats", "--swap-space", "0"])
     assert callable(prepare(args))
-    assert args.enforce_eager and args.trust_request_chat_template and not args.no_prefix_caching
-    args = build_parser().parse_args(["serve", tiny_llava, "--no-enable-prefix-caching"])
-    assert args.no_prefix_caching
+    assert args.enforce_eager and args.trust_request_chat_template and args.enable_prefix_caching
+    for off in ("--no-enable-prefix-caching", "--no-prefix-caching"):
+        args = build_parser().parse_args(["serve", tiny_llava, off])
+        assert not args.enable_prefix_caching
 
 
 @pytest.mark.parametrize("flags, words", [

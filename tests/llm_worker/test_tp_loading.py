@@ -103,14 +103,15 @@ def test_each_rank_reads_only_its_slices(tiny_qwen2, monkeypatch):
 
 
 def test_tp_from_the_command_line(tiny_llama):
-    from frontend.cli import build_parser, engine_config
-    from frontend.launcher import _ENGINE_FLAGS, _flags
+    from frontend.cli import build_parser
+    from llm_worker.config import LLMWorkerConfig
+    from protocol.config_flags import args_from_config, config_from_args
 
     args = build_parser().parse_args(["llm-worker", "--model", tiny_llama, "--input-addr",
                                       "tcp://127.0.0.1:1", "-tp", "2", "--executor", "mp"])
-    cfg = engine_config(args)
+    cfg = config_from_args(LLMWorkerConfig, args)
     assert (cfg.tensor_parallel_size, cfg.executor) == (2, "mp")
     # `mmserve serve` hands both to the engine process it starts.
-    argv = _flags(args, _ENGINE_FLAGS)
+    argv = args_from_config(cfg)
     assert argv[argv.index("--executor") + 1] == "mp"
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
