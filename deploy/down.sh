@@ -6,6 +6,8 @@
 # Frontends go first (no new requests), then encoders (they leave the pool and drain), then
 # the engine and the registry; each gets SIGTERM, then SIGKILL after the grace. Last, anything
 # still carrying the run's tag (a TP worker, a process whose pid file was lost) is killed.
+# A Ray run (up.sh --ray): the role actors are stopped in the same order (deploy/ray_up.py), then
+# the Ray head's processes if up.sh started it.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -14,7 +16,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --run-dir) RUN_DIR="$2"; shift ;;
         --grace) GRACE="$2"; shift ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
         *) die "unknown flag $1 (see --help)" ;;
     esac
     shift
@@ -32,6 +34,9 @@ stop_group() {  # stop_group PATTERN: every process whose pid file matches, all 
     for f in "$RUN_DIR"/pids/$1; do rm -f "$f"; done
 }
 
+if [ -f "$RUN_DIR/topology" ] && [ "$(topology backend)" = ray ]; then
+    ray_down
+fi
 stop_group 'frontend-*'
 stop_group 'encoder-*'
 stop_group engine

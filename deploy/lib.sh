@@ -91,3 +91,102 @@ while in_row < 4 * frontends:
     time.sleep(0.05 if in_row else 0.5)
 EOF
 }
+
+# --- Ray (up.sh --ray): deploy/ray_up.py places the roles as actors -----------------------
+
+ray_cli() { "$PY" -c 'import sys; from ray.scripts.scripts import main; sys.argv[0] = "ray"
+sys.exit(main())' "$@"; }
+
+# ray_driver CMD ARGS: deploy/ray_up.py CMD RUN_DIR ARGS, with the auth of a head up.sh started
+# (Ray reads it when imported).
+ray_driver() {
+    local cmd="$1" mode path; shift
+    mode="$(topology ray_auth_mode)" path="$(topology ray_auth_token_path)"
+    [ -z "$mode" ] || export RAY_AUTH_MODE="$mode"
+    [ -z "$path" ] || export RAY_AUTH_TOKEN_PATH="$path"
+    "$PY" "$DEPLOY_DIR/ray_up.py" "$cmd" "$RUN_DIR" "$@"
+}
+
+# ray_up: start a head here (or join --address), write the topology, run the driver. Every
+# process of a head started here carries the run's tag, so down.sh stops exactly those: never
+# `ray stop`, which would take down every Ray instance of this user on the machine.
+ray_up() {
+    "$PY" -c 'import ray' 2>/dev/null || die "--ray needs Ray (pip install 'mmserve[ray]')"
+    local gpus=0 cpus started_head=0 ray_temp="" address="$ADDRESS"
+    if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
+        gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+    fi
+    if [ "$DASHBOARD" = 1 ] && ! "$PY" -c 'import ray.dashboard.optional_deps' 2>/dev/null; then
+        DASHBOARD=0 DASHBOARD_WHY="needs ray[default]"  # the minimal `ray` has no dashboard
+    fi
+    trap 'echo "up.sh: failed; stopping what started" >&2; "$DEPLOY_DIR/down.sh" --run-dir "$RUN_DIR" >&2' ERR
+    if [ -z "$address" ]; then
+        # Sized for the topology: one CPU slot per TP worker actor (the role actors take none:
+        # their processes are not Ray tasks); a GPU per encoder and per TP rank when there are.
+        cpus=$(( TP > 1 ? TP : 1 ))
+        local need=$(( ENCODERS + TP ))
+        [ "$gpus" -gt "$need" ] && gpus="$need"
+        ray_temp="$(mktemp -d "${TMPDIR:-/tmp}/mmray-XXXXXX")"  # short: Ray's socket paths
+        if [ -z "${RAY_AUTH_MODE:-}" ]; then  # Ray's token auth, with a token of this run's own
+            (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' \
+                > "$RUN_DIR/ray-auth-token")
+            export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$RUN_DIR/ray-auth-token"
+        fi
+        local opts=(--head --port "$(free_port 127.0.0.1)" --num-cpus "$cpus" --num-gpus "$gpus"
+                    --temp-dir "$ray_temp" --disable-usage-stats
+                    --dashboard-agent-listen-port "$(free_port 127.0.0.1)"
+                    --include-dashboard "$([ "$DASHBOARD" = 1 ] && echo true || echo false)")
+        opts+=(--dashboard-port "$(free_port 127.0.0.1)")  # runs, minimal, even when "off"
+        if "$PY" -c 'import grpc' 2>/dev/null; then  # ray[client]: its server, off 10001
+            opts+=(--ray-client-server-port "$(free_port 127.0.0.1)")
+        fi
+        if [ "$LOCAL" = 1 ]; then
+            opts+=(--node-ip-address 127.0.0.1 --object-store-memory $((100 << 20)))
+        fi
+        MMSERVE_DEPLOY_RUN="$RUN_DIR" ray_cli start "${opts[@]}" \
+            >"$RUN_DIR/logs/ray-head.log" 2>&1 < /dev/null \
+            || { cat "$RUN_DIR/logs/ray-head.log" >&2; rm -rf "$ray_temp"; die "ray start --head failed"; }
+        started_head=1
+        address="$(cat "$ray_temp/ray_current_cluster")"
+    fi
+    cat > "$RUN_DIR/topology" <<EOT
+backend=ray
+name=$NAME
+ray_address=$address
+started_head=$started_head
+ray_auth_mode=${RAY_AUTH_MODE:-}
+ray_auth_token_path=${RAY_AUTH_TOKEN_PATH:-}
+ray_temp=$ray_temp
+local=$LOCAL
+gpu=$(( gpus > 0 ? 1 : 0 ))
+dashboard=$DASHBOARD
+dashboard_why=${DASHBOARD_WHY:---no-dashboard}
+model=$MODEL
+host=$HOST
+port=$PORT
+device=$DEVICE
+url=http://$HOST:$PORT
+frontends=$FRONTENDS
+encoders=$ENCODERS
+tp=$TP
+timeout=$TIMEOUT
+next_encoder=$ENCODERS
+EOT
+    ray_driver up
+    trap - ERR
+    exit 0
+}
+
+# ray_down: the driver stops every role actor (their processes first), then the head's
+# processes go if up.sh started it (SIGTERM, SIGKILL after GRACE).
+ray_down() {
+    ray_driver down || echo "down.sh: the Ray driver failed" >&2
+    if [ "$(topology started_head)" = 1 ]; then
+        local pid pids
+        pids="$(tagged_pids)"
+        for pid in $pids; do stop_pid "$pid" "$GRACE" & done
+        wait
+        local temp; temp="$(topology ray_temp)"
+        case "$temp" in */mmray-*) rm -rf "$temp" ;; esac
+    fi
+}

@@ -6,6 +6,7 @@
 # +N starts N encoders that join the registry and waits until every frontend routes to them;
 # -N sends SIGTERM to the N newest: each leaves the pool (frontends stop giving it new keys),
 # finishes the items it holds and exits. Only the keys of the encoders that came or went move.
+# Under Ray (up.sh --ray) each encoder is an actor: +N adds actors, -N stops the newest ones.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -32,6 +33,9 @@ running() {  # pid files of live encoders, oldest first
     return 0
 }
 
+if [ "$(topology backend)" = ray ]; then  # encoder actors come and go (deploy/ray_up.py)
+    ray_driver scale "$DELTA"; exit
+fi
 HOST="$(topology host)"
 N="${DELTA:1}"
 if [ "${DELTA:0:1}" = + ]; then

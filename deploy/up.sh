@@ -5,14 +5,15 @@
 #
 #   deploy/up.sh --local --model PATH [--frontends N] [--encoders N] [--tp N] [--port P]
 #                [--host H] [--run-dir DIR] [--config FILE] [--timeout S]
+#   deploy/up.sh --ray [--address ADDR] [--local] [--name NAME] [--no-dashboard] [flags above]
 #
 # --config FILE: key=value lines (model, frontends, encoders, tp, port, host, device); flags given
-# after it win. --ray is the multi-node hook: placement on a Ray cluster is not implemented yet.
-
+# after it win. --ray: every role is a detached, named Ray actor (deploy/ray_up.py) on the Ray
+# cluster at --address, else on a head that up.sh starts here (down.sh stops it again).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 MODEL="" FRONTENDS=1 ENCODERS=1 TP=1 PORT=8000 HOST=127.0.0.1 DEVICE=auto TIMEOUT=300
-BACKEND=local
+BACKEND=local LOCAL=0 ADDRESS="" NAME=mmserve DASHBOARD=1
 
 load_config() {  # known keys only: the file is data, never run as shell
     local key value
@@ -30,8 +31,11 @@ load_config() {  # known keys only: the file is data, never run as shell
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        --local) BACKEND=local ;;
+        --local) LOCAL=1 ;;
         --ray) BACKEND=ray ;;
+        --address) ADDRESS="$2"; shift ;;
+        --name) NAME="$2"; shift ;;
+        --no-dashboard) DASHBOARD=0 ;;
         --config) load_config "$2"; shift ;;
         --model) MODEL="$2"; shift ;;
         --frontends) FRONTENDS="$2"; shift ;;
@@ -42,7 +46,7 @@ while [ $# -gt 0 ]; do
         --device) DEVICE="$2"; shift ;;
         --run-dir) RUN_DIR="$2"; shift ;;
         --timeout) TIMEOUT="$2"; shift ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) die "unknown flag $1 (see --help)" ;;
     esac
     shift
@@ -52,14 +56,8 @@ for n in FRONTENDS ENCODERS TP PORT; do
 done
 [ "$FRONTENDS" -ge 1 ] || die "--frontends must be >= 1"
 [ "$TP" -ge 1 ] || die "--tp must be >= 1"
-
-if [ "$BACKEND" = ray ]; then
-    # The hook: start or join a Ray cluster (`ray start --head`, or RAY_ADDRESS), then place
-    # each role of the topology below as a Ray actor instead of a local process (`start` in
-    # lib.sh), the engine with `--executor ray` so its TP group is a placement group. That is
-    # the Ray executor's part of issue 10; print the dashboard address here once it exists.
-    die "--ray: placement on a Ray cluster is not implemented yet; use --local"
-fi
+[[ "$NAME" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--name: letters, digits, . _ - only, got '$NAME'"
+[ "$BACKEND" = ray ] || [ -z "$ADDRESS" ] || die "--address needs --ray"
 
 if [ -z "$MODEL" ]; then  # the built-in demo checkpoint, as `mmserve serve` would pick
     MODEL="$("$PY" -c 'from frontend.random_model import default_model; print(default_model()[0])')"
@@ -78,7 +76,11 @@ RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 if [ -n "$(tagged_pids)" ]; then
     die "a topology is already running from $RUN_DIR (deploy/down.sh --run-dir $RUN_DIR)"
 fi
-rm -f "$RUN_DIR"/pids/* "$RUN_DIR"/logs/*
+rm -f "$RUN_DIR"/pids/* "$RUN_DIR"/logs/* "$RUN_DIR/actors"
+
+if [ "$BACKEND" = ray ]; then
+    ray_up  # starts or joins the cluster, places the roles, prints the URL; exits
+fi
 
 REGISTRY="tcp://$HOST:$(free_port "$HOST")"
 ENGINE="tcp://$HOST:$(free_port "$HOST")"

@@ -87,3 +87,15 @@ def remove(name: str) -> None:
     import ray
 
     ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+
+
+def create_table(addr: str, scheduling_strategy: Any = None, expire_s: float = 2.0,
+                 max_restarts: int = -1) -> Any:
+    """Create the named table actor up front (deploy/), restarted by Ray when it dies: a new
+    table is empty, and the encoders' next beats fill it again within a beat."""
+    import ray
+
+    name = addr.removeprefix("ray:")
+    return ray.remote(num_cpus=0)(_TableActor).options(
+        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=max_restarts, scheduling_strategy=scheduling_strategy).remote(expire_s)
