@@ -52,7 +52,7 @@ class EncoderConfig:
     # The pool's registry to join (`mmserve encoder --join ADDR`); None: frontends were given
     # this encoder's address.
     join: str | None = field(default=None, metadata={
-        "help": "join the encoder pool through its registry at ADDR (live)"})
+        "metavar": "ADDR", "help": "join the encoder pool through its registry at ADDR (live)"})
     drain_timeout_s: float = field(default=30.0, metadata={
         "flag": "--drain-timeout",
         "help": "on SIGTERM, seconds to finish the items in hand before exiting"})

@@ -7,6 +7,7 @@ takes its role's config. Per field, `field(metadata=...)` may say:
     unit: the flag is in units of this many of the field (--max-body-mb for max_body_bytes)
     invert: a bool flag meaning `not field` (--enforce-eager for cuda_graphs)
     no_aliases: more names that turn a bool flag off   nargs: for list fields (default "*")
+    metavar: the value's name in --help
     shared: another config may declare the same flag in one parser; both then read it
 Help comes from metadata or, by convention, from the comment at the end of the field's line and
 the comment lines right above it (section headers `# -- x --` skipped).
@@ -141,7 +142,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, title: str | Non
         if s.kind == "json":
             kw.update(type=_json, metavar="JSON")
         else:
-            kw.update(type=s.type, choices=s.meta.get("choices"))
+            kw.update(type=s.type, choices=s.meta.get("choices"), metavar=s.meta.get("metavar"))
             if s.kind == "list":
                 kw["nargs"] = s.meta.get("nargs", "*")
         group.add_argument(*names, **kw)
