@@ -145,7 +145,7 @@ ray_up() {
         fi
         MMSERVE_DEPLOY_RUN="$RUN_DIR" ray_cli start "${opts[@]}" \
             >"$RUN_DIR/logs/ray-head.log" 2>&1 < /dev/null \
-            || { cat "$RUN_DIR/logs/ray-head.log" >&2; rm -rf "$ray_temp"; die "ray start --head failed"; }
+            || { cat "$RUN_DIR/logs/ray-head.log" >&2; rm -rf "$ray_temp"; die "ray start failed"; }
         started_head=1
         address="$(cat "$ray_temp/ray_current_cluster")"
     fi
@@ -180,8 +180,11 @@ EOT
 # ray_down: the driver stops every role actor (their processes first), then the head's
 # processes go if up.sh started it (SIGTERM, SIGKILL after GRACE).
 ray_down() {
-    ray_driver down || echo "down.sh: the Ray driver failed" >&2
-    if [ "$(topology started_head)" = 1 ]; then
+    local head; head="$(topology started_head)"
+    if [ "$head" != 1 ] || [ -n "$(tagged_pids)" ]; then  # (a head of ours that is gone: skip)
+        ray_driver down || echo "down.sh: the Ray driver failed" >&2
+    fi
+    if [ "$head" = 1 ]; then
         local pid pids
         pids="$(tagged_pids)"
         for pid in $pids; do stop_pid "$pid" "$GRACE" & done

@@ -173,7 +173,7 @@ class Deployment:
                 "frontend", "--model", t["model"], "--engine-addr", self.engine_addr, *pool,
                 "--host", t["host"], "--port", t["port"], "--reuse-port",
                 "--reply-addr", "tcp://{ip}:{port}"], pin=True)
-        self.wait_ready(int(t["encoders"]))
+        self.wait_ready(int(t["encoders"]), self.actors())
         dashboard = ray.get_runtime_context().dashboard_url if t["dashboard"] == "1" else ""
         with open(self.run_dir / "topology", "a") as f:
             f.write(f"dashboard={dashboard}\n")
@@ -183,12 +183,12 @@ class Deployment:
               + (f"http://{dashboard}" if dashboard else f"off ({t['dashboard_why']})")
               + f"   run dir: {self.run_dir}")
 
-    def wait_ready(self, encoders: int) -> None:
+    def wait_ready(self, encoders: int, names: list[str]) -> None:
         """/health is 200 with ``encoders`` routable on 4 x frontends fresh connections in a
-        row; fails early when a role's process exited (its actor restarts it, but a start that
-        fails once will fail again)."""
+        row; fails early when the process of a role of ``names`` exited (its actor restarts
+        it, but a first start that fails will fail again)."""
         deadline = time.monotonic() + float(self.t["timeout"])
-        handles = [ray.get_actor(n, namespace=NAMESPACE) for n in self.actors()]
+        handles = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
         in_row, want = 0, 4 * int(self.t["frontends"])
         while in_row < want:
             for info in ray.get([h.info.remote() for h in handles], timeout=30):
@@ -208,7 +208,7 @@ class Deployment:
             with open(self.run_dir / "topology", "a") as f:
                 f.write(f"next_encoder={start + delta}\n")
             total = len(encoders) + delta
-            self.wait_ready(total)
+            self.wait_ready(total, self.actors()[-delta:])
         else:
             if len(encoders) <= -delta:
                 print(f"scale.sh: at least one encoder must stay (running: {len(encoders)})",

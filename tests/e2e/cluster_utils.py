@@ -108,3 +108,46 @@ def encoder_stats(addr: str, timeout: float = 5.0) -> EncoderStats:
         inbox.close()
         out.close()
         ctx.destroy(linger=0)
+
+
+def tagged(run_dir: str) -> list[int]:
+    """Live processes carrying a deploy/ run's tag: every one up.sh started, their children,
+    and under `up.sh --ray` with a head of its own, every Ray process of that head."""
+    tag = f"MMSERVE_DEPLOY_RUN={run_dir}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and tag in open(f"/proc/{entry}/environ", "rb").read().split(b"\0"):
+                out.append(int(entry))
+        except OSError:
+            continue
+    return [pid for pid in out if _alive(pid)]
+
+
+def mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (a Ray session dir, say)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and text.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                out.append(int(entry))
+        except OSError:
+            continue
+    return [pid for pid in out if _alive(pid) and pid != os.getpid()]
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL these processes, one by one (a test's last resort after down.sh)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
