@@ -122,10 +122,13 @@ ray_up() {
     trap 'echo "up.sh: failed; stopping what started" >&2; "$DEPLOY_DIR/down.sh" --run-dir "$RUN_DIR" >&2' ERR
     if [ -z "$address" ]; then
         # Sized for the topology: one CPU slot per TP worker actor (the role actors take none:
-        # their processes are not Ray tasks); a GPU per encoder and per TP rank when there are.
+        # their processes are not Ray tasks).
         cpus=$(( TP > 1 ? TP : 1 ))
-        local need=$(( ENCODERS + TP ))
-        [ "$gpus" -gt "$need" ] && gpus="$need"
+        # All the GPUs here go to Ray (scale.sh may add encoders); a GPU machine needs one per
+        # encoder and per TP rank (the engine core takes none under --executor ray).
+        if [ "$gpus" -gt 0 ] && [ "$gpus" -lt $(( ENCODERS + TP )) ]; then
+            die "$ENCODERS encoders and TP=$TP need $(( ENCODERS + TP )) GPUs; this machine has $gpus"
+        fi
         ray_temp="$(mktemp -d "${TMPDIR:-/tmp}/mmray-XXXXXX")"  # short: Ray's socket paths
         if [ -z "${RAY_AUTH_MODE:-}" ]; then  # Ray's token auth, with a token of this run's own
             (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' \

@@ -156,6 +156,12 @@ class Deployment:
 
     def up(self) -> None:
         t, tp = self.t, int(self.t["tp"])
+        taken = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE and a["name"].startswith(self.prefix + "-")
+                 and a["name"] != self.registry.removeprefix("ray:")]
+        if taken:
+            sys.exit(f"a topology named {self.prefix!r} runs on this cluster already ({taken[0]}"
+                     ", ...): deploy/down.sh its run dir, or up.sh --name another")
         create_table(self.registry, NodeAffinitySchedulingStrategy(self.here, soft=False))
         with open(self.run_dir / "topology", "a") as f:
             f.write(f"engine={self.engine_addr}\nregistry={self.registry}\n")
@@ -191,11 +197,16 @@ class Deployment:
         handles = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
         in_row, want = 0, 4 * int(self.t["frontends"])
         while in_row < want:
-            for info in ray.get([h.info.remote() for h in handles], timeout=30):
+            try:
+                infos = ray.get([h.info.remote() for h in handles], timeout=5)
+            except ray.exceptions.GetTimeoutError:  # an actor not placed yet (resources)
+                infos, in_row = [], 0
+            for info in infos:
                 if info["restarts"]:
                     sys.exit(f"{info['name']} exited; see {info['log']}")
             if time.monotonic() > deadline:
-                sys.exit(f"not ready after {self.t['timeout']} s")
+                sys.exit(f"not ready after {self.t['timeout']} s" +
+                         ("" if infos else ": a role is not placed yet, see `ray status`"))
             in_row = in_row + 1 if _ready(self.t["url"], encoders) else 0
             time.sleep(0.05 if in_row else 0.5)
 
