@@ -9,7 +9,9 @@
 #
 # --config FILE: key=value lines (model, frontends, encoders, tp, port, host, device); flags given
 # after it win. --ray: every role is a detached, named Ray actor (deploy/ray_up.py) on the Ray
-# cluster at --address, else on a head that up.sh starts here (down.sh stops it again).
+# cluster at --address, else on a head that up.sh starts here (down.sh stops it again); with
+# --local every role binds loopback. The dashboard is on when Ray has it (ray[default]).
+
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 MODEL="" FRONTENDS=1 ENCODERS=1 TP=1 PORT=8000 HOST=127.0.0.1 DEVICE=auto TIMEOUT=300
@@ -46,7 +48,7 @@ while [ $# -gt 0 ]; do
         --device) DEVICE="$2"; shift ;;
         --run-dir) RUN_DIR="$2"; shift ;;
         --timeout) TIMEOUT="$2"; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) die "unknown flag $1 (see --help)" ;;
     esac
     shift

@@ -1,8 +1,9 @@
 """Issue 10, acceptance 2 on Ray: `deploy/up.sh --local --ray` with 2 frontends, 2 encoders and a
 TP=2 engine (`--executor ray`) on a Ray head of its own (CPU) serves the official openai client
 (text and images); every role is a named actor Ray lists; `scale.sh encoders +1` adds an actor
-whose encoder the frontends route to; a killed role process comes back; `down.sh` leaves no
-process (no mmserve role, no raylet / gcs_server of the head) and frees the port."""
+whose encoder the frontends route to; a killed role (its process, or its actor) comes back;
+`down.sh` leaves no process (no mmserve role, no raylet / gcs_server of the head) and frees the
+port."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import openai
 import pytest
 from cluster_utils import kill_all, mentioning, tagged, wait_encoders
 from llava_utils import image, png
-from server_utils import get
+from server_utils import alive, get
 
 from protocol.addresses import free_port
 
@@ -136,15 +137,33 @@ def test_scale_adds_an_encoder_actor_the_frontends_route_to(deployed):
     assert refused.returncode == 2 and "at least one encoder" in refused.stderr
 
 
-def test_a_killed_role_process_comes_back(deployed):
-    port, run_dir = deployed
-    before = roles(run_dir)["encoder-0"]
-    os.kill(before["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 120
-    while (now := roles(run_dir)["encoder-0"])["pid"] == before["pid"] or not now["running"]:
+def restarted(run_dir: Path, role: str, pid: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (now := roles(run_dir)[role])["pid"] == pid or not now["running"]:
         assert time.monotonic() < deadline, now
         time.sleep(0.5)
-    assert now["restarts"] == 1
+    return now
+
+
+def test_a_killed_role_comes_back(deployed):
+    port, run_dir = deployed
+    # Its process dies: the role actor starts it again.
+    before = roles(run_dir)["encoder-0"]
+    os.kill(before["pid"], signal.SIGKILL)
+    assert restarted(run_dir, "encoder-0", before["pid"])["restarts"] == 1
+    wait_encoders(f"http://127.0.0.1:{port}", 2, 120)
+    # The actor itself dies: Ray restarts it (max_restarts), and it starts a new process; the
+    # old one exits with its parent.
+    before = roles(run_dir)["encoder-1"]
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "ray.kill(ray.get_actor('mmserve-encoder-1', namespace='mmserve'), no_restart=False)")
+    subprocess.run([sys.executable, "-c", code, topology(run_dir)["ray_address"]],
+                   env=ray_env(run_dir), check=True, capture_output=True, timeout=120)
+    restarted(run_dir, "encoder-1", before["pid"])
+    deadline = time.monotonic() + 10
+    while alive(before["pid"]):
+        assert time.monotonic() < deadline, "the old encoder outlived its actor"
+        time.sleep(0.2)
     wait_encoders(f"http://127.0.0.1:{port}", 2, 120)
 
 
