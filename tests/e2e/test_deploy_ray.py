@@ -181,3 +181,61 @@ def test_down_leaves_no_process_and_frees_the_port(deployed):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def ray_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from ray.scripts.scripts import main; main()",
+                           *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A Ray head started by hand, as on a real cluster; its processes carry a tag of their own
+    (the targeted `ray stop --force` at the end)."""
+    head, temp = str(tmp_path / "head"), f"/tmp/mmray-test-{os.getpid()}"
+    os.makedirs(head)
+    (tmp_path / "token").write_text(os.urandom(32).hex())
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
+    try:
+        start = ray_cli("start", "--head", "--port", str(free_port()), "--num-cpus", "1",
+                        "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats",
+                        "--include-dashboard", "false", "--dashboard-port", str(free_port()),
+                        "--dashboard-agent-listen-port", str(free_port()),
+                        "--object-store-memory", str(100 << 20),
+                        env=dict(env, MMSERVE_DEPLOY_RUN=head))
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield Path(temp, "ray_current_cluster").read_text().strip(), env, head
+    finally:
+        kill_all(tagged(head) + mentioning(temp))
+        subprocess.run(["rm", "-rf", temp])
+
+
+def test_up_joins_a_cluster_at_address_and_down_leaves_it_up(cluster, tiny_llava, tmp_path):
+    address, env, head = cluster
+    run_dir, port = (tmp_path / "run").resolve(), free_port()
+    base = [str(DEPLOY / "up.sh"), "--ray", "--address", address, "--model", tiny_llava,
+            "--frontends", "1", "--encoders", "1", "--port", str(port), "--run-dir", str(run_dir)]
+    env = dict(env, PYTHON=sys.executable, MMSERVE_LOG_LEVEL="WARNING")
+    try:
+        up = subprocess.run(base, env=env, capture_output=True, text=True, timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        t = topology(run_dir)
+        assert t["started_head"] == "0" and t["ray_address"] == address
+        assert not t["engine"].startswith("tcp://127.0.0.1")  # the node's IP: multi-node ready
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                          max_retries=0)
+        url = "data:image/png;base64," + base64.b64encode(png(image(3))).decode()
+        pic = c.chat.completions.create(
+            model=c.models.list().data[0].id, max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}])
+        assert pic.choices[0].finish_reason in ("length", "stop")
+        again = subprocess.run(base, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and "already running" in again.stderr
+    finally:
+        down = subprocess.run([str(DEPLOY / "down.sh"), "--run-dir", str(run_dir)], env=env,
+                              capture_output=True, text=True, timeout=400)
+    assert down.returncode == 0, down.stderr
+    assert tagged(str(run_dir)) == []  # every role process is gone...
+    status = ray_cli("status", "--address", address, env=env)
+    assert status.returncode == 0 and "Active:" in status.stdout  # ...the cluster stays up
+    assert named_actors(run_dir) == {}  # and holds no actor of the topology
