@@ -1,6 +1,7 @@
 """deploy/ on Ray: every role of a topology as a detached, named Ray actor (namespace "mmserve").
 
-    python deploy/ray_up.py up|scale|down|status RUN_DIR [+N|-N]
+    python deploy/ray_up.py up|down|status RUN_DIR
+    python deploy/ray_up.py scale RUN_DIR +N|-N [TIMEOUT_S]
 
 up.sh, scale.sh and down.sh run this driver; it reads what they chose from RUN_DIR/topology.
 Each role actor (`Role`) runs the real `mmserve ROLE ...` process as its child, restarts it when
@@ -45,9 +46,12 @@ class Role:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: str, local: bool):
         self.name, self.argv, self.log, self.local = name, argv, log, local
+        # The child is a Ray driver of its own (the Ray registry, the ray executor), not a
+        # part of this actor's job.
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_JOB_ID"} | env
         self.stopping, self.restarts, self.proc = False, 0, None
         self.started = 0.0
+        self.lock = threading.Lock()  # stop() never races a restart
         self._start()
         threading.Thread(target=self._watch, name="role-watch", daemon=True).start()
 
@@ -71,9 +75,11 @@ class Role:
             # Back off when it dies right after starting (a bad flag would otherwise spin).
             time.sleep(min(30.0, 2.0 ** min(self.restarts, 5)) if
                        time.monotonic() - self.started < 30 else 0.5)
-            with open(self.log, "a") as out:
-                out.write(f"\n[{self.name}] exited with {code}; restart {self.restarts}\n")
-            if not self.stopping:
+            with self.lock:
+                if self.stopping:
+                    return
+                with open(self.log, "a") as out:
+                    out.write(f"\n[{self.name}] exited with {code}; restart {self.restarts}\n")
                 self._start()
 
     def info(self) -> dict:
@@ -82,7 +88,8 @@ class Role:
 
     def stop(self, grace_s: float) -> int | None:
         """SIGTERM the child's group (an encoder drains first), SIGKILL after ``grace_s``."""
-        self.stopping = True
+        with self.lock:
+            self.stopping = True
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.proc.pid, sig)
@@ -186,7 +193,8 @@ class Deployment:
         print(f"mmserve up: {t['url']}/v1  (model {t['model']}; {t['frontends']} frontends, "
               f"{t['encoders']} encoders, TP={tp}; Ray actors in namespace {NAMESPACE})")
         print(f"ray cluster: {t['ray_address']}   dashboard: "
-              + (f"http://{dashboard}" if dashboard else f"off ({t['dashboard_why']})")
+              + (f"http://{dashboard}" if dashboard else
+                 f"off ({t['dashboard_why'] if t['dashboard'] == '0' else 'none on the cluster'})")
               + f"   run dir: {self.run_dir}")
 
     def wait_ready(self, encoders: int, names: list[str]) -> None:
@@ -255,7 +263,10 @@ class Deployment:
             and a["name"] != self.registry.removeprefix("ray:")}
         for group in ("frontend-", "encoder-", "engine"):
             self.stop(sorted(n for n in names if n.startswith(f"{self.prefix}-{group}")))
-        remove(self.registry.removeprefix("ray:"))  # last: the encoders said goodbye to it
+        try:
+            remove(self.registry.removeprefix("ray:"))  # last: the encoders said goodbye to it
+        except ValueError:  # gone already
+            pass
 
     def status(self) -> None:
         for n in self.actors():
@@ -279,6 +290,8 @@ def main(argv: list[str]) -> None:
     if command == "up":
         d.up()
     elif command == "scale":
+        if len(argv) > 3:  # scale.sh --timeout
+            d.t["timeout"] = argv[3]
         d.scale(int(argv[2]))
     elif command == "down":
         d.down()

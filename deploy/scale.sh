@@ -34,7 +34,7 @@ running() {  # pid files of live encoders, oldest first
 }
 
 if [ "$(topology backend)" = ray ]; then  # encoder actors come and go (deploy/ray_up.py)
-    ray_driver scale "$DELTA"; exit
+    ray_driver scale "$DELTA" "$TIMEOUT"; exit
 fi
 HOST="$(topology host)"
 N="${DELTA:1}"
