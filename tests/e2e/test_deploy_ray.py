@@ -239,3 +239,19 @@ def test_up_joins_a_cluster_at_address_and_down_leaves_it_up(cluster, tiny_llava
     status = ray_cli("status", "--address", address, env=env)
     assert status.returncode == 0 and "Active:" in status.stdout  # ...the cluster stays up
     assert named_actors(run_dir) == {}  # and holds no actor of the topology
+
+
+def test_a_failed_up_stops_what_it_started(tiny_llava, tmp_path):
+    run_dir = tmp_path.resolve()
+    try:
+        up = script("up.sh", "--local", "--ray", "--model", tiny_llava, "--port", str(free_port()),
+                    "--timeout", "1", "--run-dir", str(run_dir))
+        assert up.returncode != 0 and "not ready after 1 s" in up.stderr, up.stderr
+        assert "up.sh: failed; stopping what started" in up.stderr
+        temp = topology(run_dir)["ray_temp"]
+        assert tagged(str(run_dir)) == [] and mentioning(temp) == []
+        assert not os.path.exists(temp)
+    finally:
+        script("down.sh", "--run-dir", str(run_dir))
+        temp = topology(run_dir).get("ray_temp") if (run_dir / "topology").exists() else None
+        kill_all(tagged(str(run_dir)) + (mentioning(temp) if temp else []))
