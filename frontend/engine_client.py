@@ -69,6 +69,7 @@ class EngineClient:
         self.step_running_s: float | None = None  # as of the latest beat, received at beat_at
         self.beat_at = 0.0
         self.streams: dict[str, asyncio.Queue] = {}
+        self.timers: dict[str, Any] = {}  # request id -> its metrics timer, while it streams
         self.ready_event = asyncio.Event()
         # Other peers (encoders) push to the same inbox; their messages go to this callback.
         self.other_messages: Callable[[Any], None] | None = None
@@ -123,6 +124,8 @@ class EngineClient:
         self.streams[req.request_id] = q
         finished = False
         timer = self.request_metrics.start(req) if self.request_metrics is not None else None
+        if timer is not None:
+            self.timers[req.request_id] = timer
         try:
             await self.sender.send(req)
             while True:
@@ -141,10 +144,18 @@ class EngineClient:
                     return
         finally:
             self.streams.pop(req.request_id, None)
+            self.timers.pop(req.request_id, None)
             if not finished:
                 if timer is not None:
                     timer.end("abort")
                 await self.abort([req.request_id])
+
+    def finish_early(self, request_id: str, reason: str) -> None:
+        """The consumer ends a stream itself for ``reason`` (a stop string: "stop"), so the
+        metrics count that reason, not the "abort" that closing the stream would record."""
+        timer = self.timers.get(request_id)
+        if timer is not None:
+            timer.end(reason)
 
     async def abort(self, request_ids: list[str]) -> None:
         if request_ids and self.ready is not None:

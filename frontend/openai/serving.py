@@ -217,6 +217,7 @@ class OpenAIServing:
                     async for out in stream:
                         queue.put_nowait((state, state.update(out)))
                         if state.finished:  # includes a stop string: closing aborts the rest
+                            self.client.finish_early(req.request_id, state.finish_reason or "stop")
                             break
             except Exception as e:
                 queue.put_nowait((state, e))

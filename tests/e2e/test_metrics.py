@@ -198,3 +198,22 @@ def test_every_role_serves_its_own_metrics(tiny_llava):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def test_a_stop_string_counts_as_stop(server):
+    """A request the frontend ends on a stop string is a `stop` success, not an `abort`."""
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=N, temperature=0,
+              extra_body={"ignore_eos": True})
+    text = client.completions.create(**kw).choices[0].text
+    assert len(text) >= 4, text  # greedy on the tiny model: a few characters to stop on
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    _, before = scrape(server.base + "/metrics")
+    r = client.completions.create(**kw, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    _, after = scrape(server.base + "/metrics")
+    for reason, want in (("stop", 1), ("abort", 0)):
+        grew = (total(after, "mmserve:request_success_total", finished_reason=reason)
+                - total(before, "mmserve:request_success_total", finished_reason=reason))
+        assert grew == want, reason
