@@ -206,7 +206,7 @@ run_stage video_ttft "${T_VIDEO_TTFT:-200}" 0 "python3 bench/video_ttft.py $D $T
 
 # -- summary: printed last ---------------------------------------------------------------------
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv
-python3 bench/common.py summary "$WORK" 2>&1 | tee "$WORK/summary.txt"
+python3 bench/suite_summary.py "$WORK" 2>&1 | tee "$WORK/summary.txt"
 for f in summary.txt summary.json summary.png; do [[ -f $WORK/$f ]] && cp "$WORK/$f" "$OUT/$f"; done
 pack
 echo "suite done in $(( $(date +%s) - T0 )) s; \$OUT: $(ls "$OUT" | tr '\n' ' ')"
