@@ -169,24 +169,33 @@ class Variant(NamedTuple):
     timed: list[list[dict]]
 
 
+def file_part(kind: str, path: Path) -> dict:
+    """A chat content part for a local file: ``kind`` "image_url" or "video_url"."""
+    return {"type": kind, kind: {"url": "file://" + str(path)}}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def expand(names: list[str], build: dict, warmup: int, n: int) -> list[Variant]:
+    """Each variant's warm-up and timed contents: ``build[name](i)`` for request i."""
+    return [Variant(v, [build[v](i) for i in range(warmup)],
+                    [build[v](i) for i in range(warmup, warmup + n)]) for v in names]
+
+
 def plan(names: list[str], images: list[Path], texts: list[str], warmup: int,
          n: int) -> list[Variant]:
     """Contents of every request; images[:warmup + n] are fresh ones, the last two repeated."""
-    def img(p: Path) -> dict:
-        return {"type": "image_url", "image_url": {"url": "file://" + str(p)}}
-
-    def txt(s: str) -> dict:
-        return {"type": "text", "text": s}
-
     texts_left = iter(texts)
+    img = lambda p: file_part("image_url", p)  # noqa: E731
     build = {
-        "image": lambda i: [img(images[i]), txt(next(texts_left))],
-        "text": lambda i: [txt(next(texts_left))],
-        "image_repeat": lambda i: [img(images[-2]), txt(next(texts_left))],
-        "image_repeat_text_first": lambda i: [txt(next(texts_left)), img(images[-1])],
+        "image": lambda i: [img(images[i]), text_part(next(texts_left))],
+        "text": lambda i: [text_part(next(texts_left))],
+        "image_repeat": lambda i: [img(images[-2]), text_part(next(texts_left))],
+        "image_repeat_text_first": lambda i: [text_part(next(texts_left)), img(images[-1])],
     }
-    return [Variant(v, [build[v](i) for i in range(warmup)],
-                    [build[v](i) for i in range(warmup, warmup + n)]) for v in names]
+    return expand(names, build, warmup, n)
 
 
 # -- server ----------------------------------------------------------------------------------------

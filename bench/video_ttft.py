@@ -55,7 +55,17 @@ import torch
 from common import REPO, env_record, resolve_device, save_random_bf16, scratch_dir, write_json
 from mm_server import served
 from qwen_tower import VISION_7B, VISION_TINY
-from ttft import SERVER_MODULES, Variant, check_imports, make_texts, print_header, run_all
+from ttft import (
+    SERVER_MODULES,
+    Variant,
+    check_imports,
+    expand,
+    file_part,
+    make_texts,
+    print_header,
+    run_all,
+    text_part,
+)
 
 # Patch cutting and M-RoPE time scale of Qwen2.5-VL-7B's vision config on the Hub.
 _CUTS = dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, tokens_per_second=2)
@@ -202,20 +212,14 @@ def expected_video(model_dir: str, clip: Path, num_frames: int | None) -> dict:
 def plan(names: list[str], clips: list[Path], texts: list[str], warmup: int,
          n: int) -> list[Variant]:
     """Contents of every request; clips[:warmup + n] are fresh ones, the last one repeated."""
-    def vid(p: Path) -> dict:
-        return {"type": "video_url", "video_url": {"url": "file://" + str(p)}}
-
-    def txt(s: str) -> dict:
-        return {"type": "text", "text": s}
-
     texts_left = iter(texts)
+    vid = lambda p: file_part("video_url", p)  # noqa: E731
     build = {
-        "video": lambda i: [vid(clips[i]), txt(next(texts_left))],
-        "text": lambda i: [txt(next(texts_left))],
-        "video_repeat": lambda i: [vid(clips[-1]), txt(next(texts_left))],
+        "video": lambda i: [vid(clips[i]), text_part(next(texts_left))],
+        "text": lambda i: [text_part(next(texts_left))],
+        "video_repeat": lambda i: [vid(clips[-1]), text_part(next(texts_left))],
     }
-    return [Variant(v, [build[v](i) for i in range(warmup)],
-                    [build[v](i) for i in range(warmup, warmup + n)]) for v in names]
+    return expand(names, build, warmup, n)
 
 
 # -- main ------------------------------------------------------------------------------------------
