@@ -15,6 +15,8 @@ from frontend.random_model import (
     build_tokenizer,
     is_norm_gain,
     save_random_model,
+    tiny_clip_vision,
+    tiny_text_kwargs,
 )
 
 # The released checkpoints' five canvases (1x2, 2x1, 2x2, 3x1, 1x3 tiles), at a 32 px tile.
@@ -48,17 +50,9 @@ def build_random_llava_next(
     build_tokenizer(out, chat_template=CHATML_MM_TEMPLATE)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     pinpoints = grid_pinpoints or TINY_PINPOINTS
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=3,
-        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
+    vision = tiny_clip_vision(vision_hidden, image_size, patch_size)
+    text = transformers.LlamaConfig(**tiny_text_kwargs(tok, text_hidden, num_layers),
+                                    tie_word_embeddings=False)
     config = transformers.LlavaNextConfig(
         vision_config=vision, text_config=text,
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),

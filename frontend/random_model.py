@@ -152,6 +152,25 @@ def build_random_checkpoint(
     return out
 
 
+def tiny_text_kwargs(tok, hidden: int, num_layers: int) -> dict:
+    """The tiny LM's config keywords every multimodal builder shares (4 heads over 2 KV heads,
+    so tensor parallelism at 2 splits every shard), with the tokenizer's special ids."""
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def tiny_clip_vision(hidden: int, image_size: int, patch_size: int):
+    """A 3-layer CLIP tower config (LLaVA-1.5 and LLaVA-NeXT builders)."""
+    import transformers
+
+    return transformers.CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+        projection_dim=hidden)
+
+
 def build_random_llava(
     out_dir: str | os.PathLike,
     *,
@@ -174,17 +193,8 @@ def build_random_llava(
     build_tokenizer(out, chat_template=CHATML_MM_TEMPLATE)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=3,
-        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    vision = tiny_clip_vision(vision_hidden, image_size, patch_size)
+    text = transformers.LlamaConfig(**tiny_text_kwargs(tok, text_hidden, num_layers))
     config = transformers.LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=image_token_id,
         vision_feature_select_strategy=select_strategy, vision_feature_layer=feature_layer,

@@ -14,6 +14,7 @@ from frontend.random_model import (
     build_tokenizer,
     is_norm_gain,
     save_random_model,
+    tiny_text_kwargs,
 )
 
 VIDEO_TOKEN = "<video>"
@@ -73,12 +74,8 @@ def build_random_llava_onevision(
         num_attention_heads=2, image_size=image_size, patch_size=patch_size,
         vision_use_head=False,
     )
-    text = transformers.Qwen2Config(
-        vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
+    text = transformers.Qwen2Config(**tiny_text_kwargs(tok, text_hidden, num_layers),
+                                    tie_word_embeddings=False)
     config = transformers.LlavaOnevisionConfig(
         vision_config=vision, text_config=text,
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
