@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 
+from encoder_worker.audio import decode_audio
 from encoder_worker.decode import decode_image
 from encoder_worker.graphs import TowerGraphs
-from encoder_worker.models.base import EncoderModel, Patches
+from encoder_worker.models.base import AudioFeatures, EncoderModel, Patches
 from encoder_worker.transfer import HostCopier, PixelUploader
 from encoder_worker.video import decode_video
 from protocol.geometry import ItemGeometry
 
-Inputs = torch.Tensor | Patches  # one item's model input: [3, H, W] float32, or patches (CPU)
+# One item's model input (CPU): [3, H, W] float32, patches, or an audio clip's features.
+Inputs = torch.Tensor | Patches | AudioFeatures
 
 
 class EncoderCore:
@@ -38,13 +40,18 @@ class EncoderCore:
 
     def prepare(self, data: bytes, kwargs: dict[str, Any],
                 geometry: dict[str, Any] | None = None, modality: str = "image") -> Inputs:
-        """Bytes of an image or a video -> the model's input, checked against the frontend's
+        """Bytes of an image, a video or an audio clip -> the model's input, checked against the
+        frontend's
         ``geometry`` (any thread). MediaError for what the user sent; ValueError when the roles
         disagree on geometry."""
         # The frontend's geometry is what the prompt was sized by (with the request's processor
         # settings): preprocess to it, then check the result makes that many rows.
         geo = None if geometry is None else ItemGeometry.from_meta(geometry)
-        if modality == "video":
+        if modality == "audio":
+            samples = decode_audio(data, self.model.sampling_rate,
+                                   None if geo is None else geo.num_samples)
+            inputs = self.model.preprocess_audio(samples, geo)
+        elif modality == "video":
             video = decode_video(
                 data, lambda total, fps: self.model.video_frames(total, fps, kwargs),
                 max_pixels=self.max_image_pixels)
@@ -91,7 +98,9 @@ def check_geometry(inputs: Inputs, geo: ItemGeometry) -> None:
     """The frontend sized the prompt by ``geo``: an input of another grid or size would make
     another number of embedding rows. A mismatch means the roles read the checkpoint's settings
     differently, so it is a ValueError (answered 500), not the user's fault."""
-    if isinstance(inputs, Patches):
+    if isinstance(inputs, AudioFeatures):
+        got, want = (inputs.num_tokens,), (geo.num_tokens,)
+    elif isinstance(inputs, Patches):
         got, want = inputs.grid_thw, geo.grid_thw
     else:
         got, want = tuple(inputs.shape[-2:]), geo.resized_hw

@@ -71,6 +71,7 @@ PART_HANDLERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     # What frontend.media.parse leaves where a media part was (it refuses client-sent ones).
     "image": lambda part, where: {"type": "image"},
     "video": lambda part, where: {"type": "video"},
+    "audio": lambda part, where: {"type": "audio"},
     "image_url": _unsupported_modality("image"),
     "input_image": _unsupported_modality("image"),
     "input_audio": _unsupported_modality("audio"),

@@ -13,13 +13,14 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_MEDIA_BYTES = 20 * 1024 * 1024
 # vLLM's default is "whatever the model supports"; a fixed small bound keeps one request's fetch,
 # probe and encoder work predictable. Raise it per deployment for many-image models.
-DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 8, "video": 1}
+DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 8, "video": 1, "audio": 4}
 MODALITIES = ("image", "video", "audio")
 CONTENT_FORMATS = ("auto", "string", "openai")
 # media_io_kwargs keys understood per modality; anything else is a typo that would silently
 # change nothing but the cache key.
 # video: frames sampled per video, either a count or a rate (transformers' num_frames / fps).
-_MEDIA_IO_KEYS = {"image": ("rgba_background_color",), "video": ("num_frames", "fps")}
+_MEDIA_IO_KEYS = {"image": ("rgba_background_color",), "video": ("num_frames", "fps"),
+                  "audio": ()}
 
 
 # Each field is a flag of `mmserve frontend` and (but those the launcher sets) `mmserve serve`
@@ -73,6 +74,12 @@ class FrontendConfig:
     max_video_frames: int = 18_000  # 10 minutes at 30 fps
     max_video_seconds: float = 600.0
     max_video_side: int = 8192
+    # Bounds on what an audio clip's header declares (frontend/media/audio.py), checked before
+    # any sample is decoded; clips with more channels than one are down-mixed to mono.
+    max_audio_seconds: float = 600.0
+    min_audio_sample_rate: int = 1000  # Hz
+    max_audio_sample_rate: int = 192_000  # Hz
+    max_audio_channels: int = 8
     # -- chat templates (see frontend/chat.py) --
     # How message content reaches the template: "string" (parts joined into one string, media as
     # the model's placeholder text), "openai" (a list of typed parts), or "auto" (read from the
@@ -158,6 +165,10 @@ class FrontendConfig:
             raise ValueError("max_image_pixels must be >= 1")
         if self.max_video_frames < 1 or self.max_video_side < 1 or not self.max_video_seconds > 0:
             raise ValueError("max_video_frames, max_video_side and max_video_seconds must be > 0")
+        if not self.max_audio_seconds > 0 or self.max_audio_channels < 1:
+            raise ValueError("max_audio_seconds and max_audio_channels must be > 0")
+        if not 1 <= self.min_audio_sample_rate <= self.max_audio_sample_rate:
+            raise ValueError("min_audio_sample_rate must be in 1..max_audio_sample_rate")
         limits = self.limit_mm_per_prompt
         if not isinstance(limits, dict):
             raise ValueError("limit_mm_per_prompt must be a dict like {'image': 8}")

@@ -42,6 +42,21 @@ def video_processor_config(folder: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def audio_processor_config(folder: str | Path) -> dict[str, Any] | None:
+    """Feature extractor settings (audio models): nested in processor_config.json under
+    "feature_extractor" (transformers 5), else flat in preprocessor_config.json."""
+    folder = Path(folder)
+    new = folder / "processor_config.json"
+    if new.is_file():
+        nested = json.loads(new.read_text(encoding="utf-8")).get("feature_extractor")
+        if isinstance(nested, dict):
+            return nested
+    old = folder / "preprocessor_config.json"
+    if old.is_file():
+        return json.loads(old.read_text(encoding="utf-8"))
+    return None
+
+
 def max_positions(folder: str | Path) -> int:
     """The language model's max_position_embeddings (multimodal configs nest it in text_config):
     the longest context the checkpoint was trained for."""

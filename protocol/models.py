@@ -16,7 +16,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ModelParts:
     # The LM (llm_worker). A dict maps the checkpoint's text_config.model_type to the class:
-    # multimodal checkpoints whose LM is a plain one (LLaVA over Llama, Mistral or Qwen2).
+    # multimodal checkpoints whose LM is a plain one (LLaVA over Llama, Mistral or Qwen2,
+    # Qwen2-Audio over Qwen2).
     decoder: str | dict[str, str]
     geometry: str | None = None  # protocol.geometry: what a media item becomes; None: text only
     placeholders: str | None = None  # frontend.models: the prompt's placeholder slice
@@ -47,6 +48,10 @@ MODELS: dict[str, ModelParts] = {
         _PLAIN_LMS, "protocol.geometry.llava_onevision:LlavaOnevisionGeometry",
         "frontend.models.llava_onevision:LlavaOnevisionPlaceholders",
         "encoder_worker.models.llava_onevision:LlavaOnevisionEncoder"),
+    "Qwen2AudioForConditionalGeneration": ModelParts(
+        _PLAIN_LMS, "protocol.geometry.qwen2_audio:Qwen2AudioGeometry",
+        "frontend.models.qwen2_audio:Qwen2AudioPlaceholders",
+        "encoder_worker.models.qwen2_audio:Qwen2AudioEncoder"),
     "LlavaNextForConditionalGeneration": ModelParts(
         _PLAIN_LMS, "protocol.geometry.llava_next:LlavaNextGeometry",
         "frontend.models.llava_next:LlavaNextPlaceholders",

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -27,6 +28,15 @@ class Patches(NamedTuple):
     image_hw: tuple[int, int] | None = None
 
 
+class AudioFeatures(NamedTuple):
+    """One audio clip's model input: its log-mel features (padded to the model's window, or cut
+    into windows) and how many embedding rows the clip makes."""
+
+    values: torch.Tensor  # [windows, n_mels, frames] float32, CPU
+    frames: tuple[int, ...]  # valid (non-padding) log-mel frames of each window
+    num_tokens: int  # embedding rows of the whole clip
+
+
 class EncoderModel(ABC):
     """Preprocessing + tower + projector of one architecture, loaded from an HF checkpoint.
 
@@ -39,7 +49,9 @@ class EncoderModel(ABC):
     within each item over the concatenated patches, so sizes need not match.
 
     ``modalities`` are the item kinds the model encodes; one with "video" implements
-    ``video_frames`` and ``preprocess_video`` (its frames go through the same tower).
+    ``video_frames`` and ``preprocess_video`` (its frames go through the same tower); one with
+    "audio" sets ``sampling_rate`` and implements ``preprocess_audio`` (and ``encode_packed``
+    over `AudioFeatures`; an audio-only model refuses images in ``preprocess``).
     """
 
     modalities: tuple[str, ...] = ("image",)
@@ -47,6 +59,7 @@ class EncoderModel(ABC):
     hidden_size: int  # width of the LM input embeddings it produces
     dtype: torch.dtype  # of the embeddings it produces (user-supplied ones are cast to it)
     device: torch.device  # where ``encode`` runs (the server uploads each batch there first)
+    sampling_rate: int = 0  # Hz clips are resampled to (audio models)
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor | Patches:
@@ -77,6 +90,11 @@ class EncoderModel(ABC):
     def preprocess_video_to(self, video: Video, geometry: ItemGeometry) -> torch.Tensor | Patches:
         """``preprocess_video`` to the item's geometry (as ``preprocess_to``)."""
         return self.preprocess_video(video)
+
+    def preprocess_audio(self, samples: np.ndarray, geometry: ItemGeometry | None
+                         ) -> AudioFeatures:
+        """A decoded mono clip ([samples] float32 at ``sampling_rate``) -> its features."""
+        raise NotImplementedError
 
     @abstractmethod
     def num_tokens(self, width: int, height: int) -> int:

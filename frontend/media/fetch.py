@@ -8,7 +8,8 @@ Every URL is untrusted input, so this is the frontend's SSRF boundary:
   connector's resolver, so the socket connects to exactly the addresses that were checked: a DNS
   answer that changes between check and connect (rebinding) cannot slip a private address in.
   Residual risk: a listed domain is trusted completely, whatever it resolves to.
-- data: only ``data:<image or video>/<subtype>;base64,<payload>``, of the part's modality.
+- data: only ``data:<image, video or audio>/<subtype>;base64,<payload>``, of the part's
+  modality.
 - file: only under ``allowed_local_media_path``, after following every symlink.
 Bodies are capped at ``max_media_bytes`` while they stream, never after.
 """
@@ -111,7 +112,8 @@ class MediaFetcher:
         self.local_root = os.path.realpath(local) if local is not None else None
         # Per modality: a video is larger than an image and may take longer to arrive.
         self.timeouts_s = {"image": env.image_fetch_timeout_s(),
-                           "video": env.video_fetch_timeout_s()}
+                           "video": env.video_fetch_timeout_s(),
+                           "audio": env.audio_fetch_timeout_s()}
         self._inner_resolver = resolver  # tests inject a fake DNS; None: the system resolver
         self._session: aiohttp.ClientSession | None = None
 
@@ -229,6 +231,11 @@ class MediaFetcher:
         if "base64" not in fields[1:]:
             raise RequestError(f"data URL must be base64 encoded (data:{modality}/...;base64,"
                                "...)", param)
+        return await self.fetch_base64(payload, param, modality)
+
+    async def fetch_base64(self, payload: str, param: str, modality: str) -> bytes:
+        """The bytes of a base64 ``payload`` (a data URL's, or input_audio's data), capped at
+        ``max_bytes``; RequestError naming ``param`` for bad base64 or too many bytes."""
         # base64 carries 3 bytes per 4 characters: refuse oversized payloads before decoding.
         if len(payload) // 4 * 3 > self.max_bytes + 3:
             raise RequestError(f"{modality} is larger than {self.max_bytes} bytes", param)
@@ -302,4 +309,4 @@ def _b64decode(payload: str, param: str) -> bytes:
         # validate=True: refuse stray characters instead of silently skipping them.
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("data URL payload is not valid base64", param) from None
+        raise RequestError("the payload is not valid base64", param) from None

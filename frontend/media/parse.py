@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from frontend.config import DEFAULT_LIMIT_MM_PER_PROMPT, FrontendConfig
 from frontend.errors import RequestError
+from frontend.media import audio as audio_media
 from frontend.media.probe import probe_image, to_pil_image
 from frontend.media.video import frames_to_video, limits_of, probe_video
 from frontend.models import MediaPlaceholders, require_image_support, require_modality
@@ -34,13 +35,14 @@ MAX_UUID_CHARS = 256
 # Past this many bytes, hashing/probing/decoding moves to a worker thread (event loop stays free).
 _THREAD_BYTES = 1 << 20
 TEXT_PARTS = ("text",)
-_OTHER_MEDIA = {"input_audio": "audio", "audio_url": "audio"}
 
 
 class MediaRef(NamedTuple):
-    modality: str  # "image" | "video"
-    kind: str  # "url" | "uuid" | "embeds" | "pil"
-    value: Any  # URL string, base64 string, PIL image; None for "uuid"
+    modality: str  # "image" | "video" | "audio"
+    kind: str  # "url" | "uuid" | "embeds" | "pil" | "frames" | "b64" | "clip"
+    # URL string, base64 string, PIL image, video frames, (base64, format) of input_audio,
+    # (array, rate) of an offline clip; None for "uuid"
+    value: Any
     uuid: str | None
     param: str  # JSON path of the part's payload, for error messages
 
@@ -109,6 +111,34 @@ def _video_url(part: dict[str, Any], where: str) -> MediaRef:
     return _media_url(part, where, "video_url", "video")
 
 
+def _audio_url(part: dict[str, Any], where: str) -> MediaRef:
+    return _media_url(part, where, "audio_url", "audio")
+
+
+def _input_audio(part: dict[str, Any], where: str) -> MediaRef:
+    """OpenAI's ``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}``;
+    null + a uuid reuses a clip already sent."""
+    param = f"{where}.input_audio"
+    if "input_audio" not in part:
+        raise RequestError(f"{param} is required", param)
+    value, uuid = part["input_audio"], _uuid(part, where)
+    if value is None:
+        if uuid is None:
+            raise RequestError(f"{param} is null: give a uuid to reuse a cached audio", param)
+        return MediaRef("audio", "uuid", None, uuid, param)
+    if not isinstance(value, dict):
+        raise RequestError(f"{param} must be an object with data (base64) and format", param)
+    unknown = set(value) - {"data", "format"}
+    if unknown:
+        raise RequestError(f"{param}.{sorted(map(str, unknown))[0]} is not a known field",
+                           f"{param}.{sorted(map(str, unknown))[0]}")
+    data = value.get("data")
+    if not isinstance(data, str) or not data:
+        raise RequestError(f"{param}.data must be a non-empty base64 string", f"{param}.data")
+    fmt = audio_media.parse_format(value.get("format"), f"{param}.format")
+    return MediaRef("audio", "b64", (data, fmt), uuid, param)
+
+
 def _image_embeds(part: dict[str, Any], where: str) -> MediaRef:
     param = f"{where}.image_embeds"
     value, uuid = part.get("image_embeds"), _uuid(part, where)
@@ -152,6 +182,8 @@ PART_PARSERS: dict[str, Callable[[dict[str, Any], str], MediaRef]] = {
     "image_embeds": _image_embeds,
     "image_pil": _image_pil,
     "video_url": _video_url,
+    "audio_url": _audio_url,
+    "input_audio": _input_audio,
 }
 
 
@@ -182,9 +214,6 @@ def parse_media(messages: Any, limit_mm_per_prompt: dict[str, int]) -> ParsedMes
                 continue
             parser = PART_PARSERS.get(kind)
             if parser is None:
-                if kind in _OTHER_MEDIA:
-                    raise RequestError(f"{where}: {_OTHER_MEDIA[kind]} input is not supported "
-                                       "by this server", f"{where}.type")
                 raise RequestError(f"{where}.type: unknown content part type {kind!r}",
                                    f"{where}.type")
             ref = parser(part, where)
@@ -242,7 +271,7 @@ async def resolve(refs: list[MediaRef], fetcher: MediaFetcher,
     """Fetch/load every ref concurrently; the first failure cancels the rest and is raised."""
     if not refs:
         return []
-    model = require_image_support(placeholders, refs[0].param)
+    model = require_image_support(placeholders, refs[0].param, refs[0].modality)
     for r in refs:
         require_modality(model, r.modality, r.param)
     images = sum(r.modality == "image" for r in refs)  # some models size by the prompt's count
@@ -285,6 +314,12 @@ async def _resolve_one(ref: MediaRef, fetcher: MediaFetcher, model: MediaPlaceho
         data = await asyncio.to_thread(_encode_png, ref.value, ref.param, config.max_image_pixels)
     elif ref.kind == "frames":
         data = await asyncio.to_thread(frames_to_video, ref.value, ref.param, limits_of(config))
+    elif ref.kind == "clip":
+        data = await asyncio.to_thread(audio_media.clip_to_wav, ref.value, ref.param,
+                                       audio_media.limits_of(config), config.max_media_bytes)
+    elif ref.kind == "b64":
+        data = await fetcher.fetch_base64(ref.value[0], f"{ref.param}.data", "audio")
+        audio_media.check_format(data, ref.value[1], f"{ref.param}.format")
     else:
         data = await fetcher.fetch(ref.value, ref.param, ref.modality)
     if len(data) > _THREAD_BYTES or ref.modality == "video":
@@ -313,6 +348,13 @@ def _probe_and_key(data: bytes, ref: MediaRef, kwargs: dict[str, Any], config: F
         meta = {"width": video.width, "height": video.height,
                 "format": video.format, "codec": video.codec, "num_frames": video.num_frames,
                 "fps": video.fps, "geometry": geometry.to_meta()}
+    elif ref.modality == "audio":
+        param = f"{ref.param}.data" if ref.kind == "b64" else ref.param
+        clip = audio_media.probe_audio(data, param, audio_media.limits_of(config))
+        geometry = model.audio_geometry(clip.num_samples, clip.sample_rate, param)
+        meta = {"sample_rate": clip.sample_rate, "channels": clip.channels,
+                "samples": clip.num_samples, "format": clip.format, "codec": clip.codec,
+                "geometry": geometry.to_meta()}
     else:
         info = probe_image(data, ref.param, config.max_image_pixels)
         geometry = model.image_geometry(info.width, info.height, ref.param, images_in_prompt)

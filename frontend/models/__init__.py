@@ -19,14 +19,16 @@ from protocol.models import MODELS
 class MediaPlaceholders(ABC):
     """Placeholder arithmetic of one multimodal architecture (pure: no weights, no tokenizer).
 
-    Each image token in the rendered prompt stands for one image item, in order, and each
-    video token (models with a ``video_token_id``) for one video item; ``expand`` widens it to
+    Each image token in the rendered prompt stands for one image item, in order, each video
+    token (models with a ``video_token_id``) for one video item and each audio token (models
+    with an ``audio_token_id``) for one audio clip; ``expand`` widens it to
     that item's feature count. The counts come from the architecture's geometry
     (`protocol.geometry`), which the encoder and the decoder read from the item's metadata.
     """
 
-    image_token_id: int
+    image_token_id: int | None  # None: the model takes no images (an audio-only model)
     video_token_id: int | None = None  # None: the model takes no video
+    audio_token_id: int | None = None  # None: the model takes no audio
     hidden_size: int  # of the embeddings that replace the placeholders (the LM's hidden size)
     geometry: MediaGeometry
 
@@ -58,6 +60,14 @@ class MediaPlaceholders(ABC):
         except ValueError as e:
             raise RequestError(str(e), param) from None
 
+    def audio_geometry(self, num_samples: int, sample_rate: int, param: str) -> ItemGeometry:
+        """What a clip of this length and rate (its header's) becomes; 400 naming ``param``
+        for a clip the model refuses."""
+        try:
+            return self.geometry.audio(num_samples, sample_rate)
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+
     def with_processor_kwargs(self, kwargs: dict[str, Any] | None,
                               param: str = "mm_processor_kwargs") -> MediaPlaceholders:
         """This slice under ``mm_processor_kwargs``: a copy whose geometry applies them (self
@@ -75,10 +85,16 @@ class MediaPlaceholders(ABC):
     @property
     def modalities(self) -> tuple[str, ...]:
         """The media kinds this model's prompts can hold."""
-        return ("image", "video") if self.video_token_id is not None else ("image",)
+        tokens = (("image", self.image_token_id), ("video", self.video_token_id),
+                  ("audio", self.audio_token_id))
+        return tuple(kind for kind, tok in tokens if tok is not None)
 
     def token_id(self, modality: str) -> int:
-        return self.video_token_id if modality == "video" else self.image_token_id
+        tok = {"image": self.image_token_id, "video": self.video_token_id,
+               "audio": self.audio_token_id}.get(modality)
+        if tok is None:
+            raise ValueError(f"this model has no {modality} placeholder token")
+        return tok
 
     def num_image_tokens(self, width: int, height: int) -> int:
         """Placeholder tokens for one image of this size."""
@@ -163,10 +179,8 @@ def placeholder_texts(placeholders: MediaPlaceholders | None, tokenizer: Any) ->
     where a media part was), e.g. {"image": "<image>"}; empty for a text-only model."""
     if placeholders is None:
         return {}
-    texts = {"image": placeholders.placeholder_text(tokenizer)}
-    if "video" in placeholders.modalities:
-        texts["video"] = placeholders.placeholder_text(tokenizer, "video")
-    return texts
+    return {kind: placeholders.placeholder_text(tokenizer, kind)
+            for kind in placeholders.modalities}
 
 
 def with_processor_kwargs(placeholders: MediaPlaceholders | None, kwargs: dict[str, Any] | None,
@@ -191,10 +205,11 @@ def _check_kwargs(kwargs: Any, param: str) -> bool:
     return bool(kwargs)
 
 
-def require_image_support(placeholders: MediaPlaceholders | None, param: str) -> MediaPlaceholders:
+def require_image_support(placeholders: MediaPlaceholders | None, param: str,
+                          modality: str = "image") -> MediaPlaceholders:
     """400 for a media part sent to a text-only model."""
     if placeholders is None:
-        raise RequestError("this model does not accept image input", param)
+        raise RequestError(f"this model does not accept {modality} input", param)
     return placeholders
 
 

@@ -6,7 +6,8 @@ The engine core's embedding cache doubles as the store here, so `multi_modal_uui
 
 In-memory video frames are encoded losslessly (`frontend.media.video.frames_to_video`) and then
 take the fetched-video path: one key, probe and decode path for both, and all the given frames
-are kept (they are taken as already sampled).
+are kept (they are taken as already sampled). In-memory audio clips ``(array, sampling_rate)``
+likewise become float32 WAV bytes (`frontend.media.audio.clip_to_wav`).
 """
 
 from __future__ import annotations
@@ -68,16 +69,55 @@ class OfflineMedia:
 
     def from_multi_modal_data(self, data: Any, uuids: Any, param: str,
                               processor_kwargs: Any = None) -> list[ResolvedItem]:
-        """``{"image": ..., "video": ...}`` of one prompt -> items (images, then videos; the
-        prompt's placeholders say where each goes), checked like vLLM's, processed under the
-        prompt's ``processor_kwargs`` (its mm_processor_kwargs). See `_image_data` and
-        `_video_data` for the values each takes."""
+        """``{"image": ..., "video": ..., "audio": ...}`` of one prompt -> items (images, then
+        videos, then audio; the prompt's placeholders say where each goes), checked like
+        vLLM's, processed under the prompt's ``processor_kwargs`` (its mm_processor_kwargs).
+        See `_image_data`, `_video_data` and `_audio_data` for the values each takes."""
         where_data = f"{param}.multi_modal_data"
         model = with_processor_kwargs(self.placeholders, processor_kwargs,
                                       f"{param}.mm_processor_kwargs")
         _check_modalities(data, "multi_modal_data", "{'image': ...}", where_data)
         return (self._image_data(data.get("image"), uuids, param, model)
-                + self._video_data(data.get("video"), uuids, param, model))
+                + self._video_data(data.get("video"), uuids, param, model)
+                + self._audio_data(data.get("audio"), uuids, param, model))
+
+    def _audio_data(self, clips: Any, uuids: Any, param: str,
+                    sized_by: MediaPlaceholders | None) -> list[ResolvedItem]:
+        """A clip is ``(array, sampling_rate)`` (the array [samples] or [channels, samples],
+        floating point), a [feature, hidden] embedding tensor, or None (reuse the item of its
+        uuid); several clips are a list of those."""
+        where_data = f"{param}.multi_modal_data"
+        if clips is None:
+            self._check_uuids(uuids, 0, param, "audio")
+            return []
+        model = require_modality(self.placeholders, "audio", where_data)
+        several = isinstance(clips, list) or (isinstance(clips, tuple) and not _is_clip(clips))
+        items = list(clips) if several else [clips]
+        limit = mm_limit(self.config.limit_mm_per_prompt, "audio")
+        if len(items) > limit:
+            raise RequestError(f"at most {limit} audio(s) may be provided in one prompt, got "
+                               f"{len(items)}", where_data)
+        ids = self._check_uuids(uuids, len(items), param, "audio")
+        refs, embeds_at = [], {}
+        for i, (item, uid) in enumerate(zip(items, ids)):
+            where = f"{where_data}.audio[{i}]" if several else f"{where_data}.audio"
+            if item is None:
+                if not uid:
+                    raise RequestError("a None audio needs its uuid (to reuse a cached item)",
+                                       where)
+                refs.append(MediaRef("audio", "uuid", None, uid, where))
+            elif _is_embeds(item):
+                embeds_at[i] = embeds_item(MediaRef("audio", "embeds", item, uid, where), model,
+                                           self.config.max_media_bytes)
+                refs.append(None)
+            elif _is_clip(item):
+                refs.append(MediaRef("audio", "clip", item, uid, where))
+            else:
+                raise RequestError("an audio clip must be a tuple (array, sampling_rate), a "
+                                   "[feature, hidden] embedding tensor or None, got "
+                                   f"{type(item).__name__}", where)
+        resolved = iter(self._resolve([r for r in refs if r is not None], sized_by))
+        return [embeds_at[i] if r is None else next(resolved) for i, r in enumerate(refs)]
 
     def _video_data(self, videos: Any, uuids: Any, param: str,
                     sized_by: MediaPlaceholders | None) -> list[ResolvedItem]:
@@ -282,6 +322,13 @@ def _is_video(item: Any) -> bool:
             or isinstance(item, (list, tuple)))
 
 
+def _is_clip(item: Any) -> bool:
+    """One offline clip: (array or tensor, sampling rate)."""
+    return (isinstance(item, (tuple, list)) and len(item) == 2
+            and isinstance(item[0], (np.ndarray, torch.Tensor))
+            and isinstance(item[1], (int, float, np.integer)) and not isinstance(item[1], bool))
+
+
 def _is_embeds(item: Any) -> bool:
     return isinstance(item, torch.Tensor) and item.ndim == 2  # [feature, hidden]
 
@@ -293,10 +340,10 @@ def _not_an_image(item: Any) -> str:
 
 
 def _check_modalities(value: Any, name: str, example: str, where: str) -> None:
-    """A dict keyed by modalities this build serves (images and videos)."""
+    """A dict keyed by modalities this build serves (images, videos and audio)."""
     if not isinstance(value, dict):
         raise RequestError(f"{name} must be a dict like {example}", where)
-    unknown = set(value) - {"image", "video"}
+    unknown = set(value) - {"image", "video", "audio"}
     if unknown:
         raise RequestError(f"unsupported modalities {sorted(map(str, unknown))} "
-                           "(supported: image, video)", where)
+                           "(supported: image, video, audio)", where)

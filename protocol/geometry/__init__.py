@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol.checkpoint import image_processor_config, video_processor_config
+from protocol.checkpoint import (
+    audio_processor_config,
+    image_processor_config,
+    video_processor_config,
+)
 from protocol.models import column
 
 if TYPE_CHECKING:
@@ -36,6 +40,9 @@ class ItemGeometry:
     # A preprocessing variant the geometry chose, which the encoder follows and the cache key
     # includes (LLaVA-OneVision: "base", an image of a multi-image prompt gets its base tile).
     variant: str | None = None
+    # An audio clip's length in samples at the model's rate, from its header: the encoder fits
+    # the decoded, resampled clip to it (a header's count and a decode can differ by a frame).
+    num_samples: int | None = None
 
     def to_meta(self) -> dict[str, Any]:
         """The form that travels in message metadata (msgspec-encodable); an image's meta has
@@ -48,15 +55,18 @@ class ItemGeometry:
             meta["seconds_per_grid_t"] = self.seconds_per_grid_t
         if self.variant is not None:
             meta["variant"] = self.variant
+        if self.num_samples is not None:
+            meta["num_samples"] = self.num_samples
         return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ItemGeometry:
         grid, hw = meta.get("grid_thw"), meta.get("resized_hw")
         seconds = meta.get("seconds_per_grid_t")
+        samples = meta.get("num_samples")
         return cls(int(meta["num_tokens"]), tuple(grid) if grid else None,
                    tuple(hw) if hw else None, None if seconds is None else float(seconds),
-                   meta.get("variant"))
+                   meta.get("variant"), None if samples is None else int(samples))
 
 
 class ProcessorKwargError(ValueError):
@@ -82,6 +92,8 @@ class MediaGeometry:
 
     fixed_image: ItemGeometry | None = None
     takes_video: bool = False
+    # Audio models implement ``audio``; their settings are the feature extractor's.
+    takes_audio: bool = False
     # The decoder places an item's rows by its grid (M-RoPE): embeddings need theirs.
     positions_need_grid: bool = False
     # The rate videos are sampled at, set by mm_processor_kwargs' fps; None: the server's
@@ -129,6 +141,11 @@ class MediaGeometry:
         frames per second (after frame sampling), become; ValueError as ``image``."""
         raise ValueError("this model does not accept video input")
 
+    def audio(self, num_samples: int, sample_rate: int) -> ItemGeometry:
+        """What a clip of ``num_samples`` samples (per channel) at ``sample_rate`` Hz, as its
+        header declares them, becomes; ValueError as ``image``."""
+        raise ValueError("this model does not accept audio input")
+
 
 GEOMETRY: dict[str, str] = column("geometry")  # the geometry column of protocol/models.py
 
@@ -142,6 +159,8 @@ def load_geometry(model_dir: str | Path) -> MediaGeometry | None:
         if arch in GEOMETRY:
             module, name = GEOMETRY[arch].split(":")
             cls = getattr(importlib.import_module(module), name)
+            if cls.takes_audio:  # the feature extractor's settings
+                return cls(config, audio_processor_config(folder) or {})
             if cls.takes_video:  # its own video settings, where the checkpoint has them
                 return cls(config, image_processor_config(folder) or {},
                            video_processor_config(folder))

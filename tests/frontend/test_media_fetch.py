@@ -363,7 +363,7 @@ def test_media_config_defaults_and_normalization(tmp_path):
     assert cfg.media_io_kwargs == {"image": {"rgba_background_color": [1, 2, 3]}}
     default = _config(tmp_path)
     assert default.max_media_bytes == 20 * 1024 * 1024 and default.max_image_pixels == 50_000_000
-    assert default.limit_mm_per_prompt == {"image": 8, "video": 1} and default.allowed_local_media_path is None
+    assert default.limit_mm_per_prompt == {"image": 8, "video": 1, "audio": 4} and default.allowed_local_media_path is None
     assert default.limit_mm_per_prompt is not _config(tmp_path).limit_mm_per_prompt
 
 

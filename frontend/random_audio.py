@@ -1,0 +1,85 @@
+"""Tiny random audio-language checkpoints in the Hugging Face layout, offline, for parity tests:
+Qwen2-Audio (transformers' own classes, saved with ``save_pretrained``) and Ultravox (its
+published config keys and weight names; no transformers class exists for it).
+
+Weights are drawn with std 0.15 and norm gains from N(1, 0.15) and the LM head is untied, so the
+answer depends on the audio. The audio window is shortened (``chunk_length`` seconds, with the
+tower's ``max_source_positions`` to match) so a CPU forward is quick.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from frontend.random_model import build_tokenizer, save_random_model, tiny_text_kwargs
+
+AUDIO_TOKENS = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+# Qwen2-Audio's own template: each clip is "Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>\n".
+QWEN2_AUDIO_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'audio' %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "{{ 'Audio ' + audio_count.value|string + ': <|audio_bos|><|AUDIO|><|audio_eos|>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _audio_tokenizer(out: Path):
+    import transformers
+
+    build_tokenizer(out, chat_template=QWEN2_AUDIO_TEMPLATE)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok.add_tokens(AUDIO_TOKENS, special_tokens=True)
+    tok.save_pretrained(out)
+    return tok
+
+
+def _is_gain(name: str) -> bool:
+    return name.endswith(("norm.weight", "layer_norm.weight", "ln_pre.weight", "ln_mid.weight",
+                          "ln_post.weight"))
+
+
+def build_random_qwen2_audio(
+    out_dir: str | os.PathLike,
+    *,
+    num_mel_bins: int = 32,
+    chunk_length: int = 4,
+    audio_hidden: int = 32,
+    audio_layers: int = 2,
+    audio_heads: int = 2,
+    text_hidden: int = 64,
+    num_layers: int = 2,
+    std: float = 0.15,
+    seed: int = 0,
+) -> Path:
+    """A tiny random `Qwen2AudioForConditionalGeneration` with its tokenizer (the audio tokens the
+    config names), Qwen2-Audio's chat template and a `WhisperFeatureExtractor` config with a
+    ``chunk_length`` s window (the tower's positions cover it: 50 per second)."""
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _audio_tokenizer(out)
+    audio = transformers.Qwen2AudioEncoderConfig(
+        num_mel_bins=num_mel_bins, encoder_layers=audio_layers,
+        encoder_attention_heads=audio_heads, encoder_ffn_dim=2 * audio_hidden,
+        d_model=audio_hidden, max_source_positions=chunk_length * 50)
+    text = transformers.Qwen2Config(**tiny_text_kwargs(tok, text_hidden, num_layers),
+                                    tie_word_embeddings=False)
+    config = transformers.Qwen2AudioConfig(
+        audio_config=audio, text_config=text,
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"), tie_word_embeddings=False)
+    save_random_model(transformers.Qwen2AudioForConditionalGeneration, config, out, std=std,
+                      seed=seed, norm_gain=_is_gain, eos_token_id=tok.eos_token_id)
+    features = transformers.WhisperFeatureExtractor(
+        feature_size=num_mel_bins, chunk_length=chunk_length, return_attention_mask=True)
+    features.save_pretrained(out)
+    return out
