@@ -14,7 +14,7 @@
 #
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
-#   STAGES ["env ckpt pytest kernels decode_triton decode_cublas decode_eager decode_tp parity profile
+#   STAGES ["env ckpt pytest kernels decode_triton decode_cublas decode_unfused decode_eager decode_tp parity profile
 #            encoder ttft decode_reference peer qwen_tower video_ttft"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
@@ -22,7 +22,9 @@
 #   DECODE_BATCHES ["1 8 32 64"] DECODE_CONTEXTS ["128 700 2048"] DECODE_STEPS [32]
 #   REF_BATCHES ["1 8 32 64"] REF_CONTEXTS ["128 700"] REF_STEPS [8]
 #   CUBLAS_BATCHES ["1 8"] CUBLAS_CONTEXTS ["128 700"] T_DECODE_CUBLAS [80]: graphs + Triton
-#   kernels with the projections on cuBLAS (MMSERVE_REFERENCE_OPS=linear), the GEMV's A/B
+#   kernels with the projections on cuBLAS (MMSERVE_REFERENCE_OPS=linear), the GEMV's A/B;
+#   T_DECODE_UNFUSED [80]: decode_unfused, same batches with the fused GEMV prologues and RoPE +
+#   KV write off (each op its own kernel), the fusions' A/B
 #   TP_BATCHES ["1 8 64"] T_DECODE_TP [150]: decode_tp, TP=2 over the mp executor (NCCL, eager:
 #   graphs are off under TP), beside decode_eager's TP=1; needs 2 GPUs (nvidia-h200-x2)
 #   EAGER_BATCHES ["1 8 64"] EAGER_CONTEXTS ["128"] (Triton kernels, --enforce-eager) T_DECODE_EAGER [80]
@@ -62,7 +64,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_unfused decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -175,6 +177,10 @@ run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --bat
 run_stage decode_cublas "${T_DECODE_CUBLAS:-80}" 30 "MMSERVE_KERNELS=triton \
     MMSERVE_REFERENCE_OPS=linear $DEC --batch $CUBLAS_BATCHES --context $CUBLAS_CONTEXTS \
     --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ --out $WORK/decode_cublas.json"
+run_stage decode_unfused "${T_DECODE_UNFUSED:-80}" 30 "MMSERVE_KERNELS=triton \
+    MMSERVE_REFERENCE_OPS=norm_linear,silu_mul_linear,rope_write_kv $DEC --batch $CUBLAS_BATCHES \
+    --context $CUBLAS_CONTEXTS --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ \
+    --out $WORK/decode_unfused.json"
 run_stage decode_eager "${T_DECODE_EAGER:-80}" 30 "MMSERVE_KERNELS=triton $DEC --enforce-eager \
     --batch $EAGER_BATCHES --context $EAGER_CONTEXTS --steps $REF_STEPS --prefill-reps 1 \
     --budget-s @BUDGET@ --out $WORK/decode_eager.json"

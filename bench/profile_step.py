@@ -54,7 +54,8 @@ class StageTimer:
 
 def _family(kernel: str) -> str:
     k = kernel.lower()
-    for key, fam in (("paged_attention", "attention"), ("reduce_splits", "attention"),
+    for key, fam in (("rope_write_kv", "rope+write_kv"),
+                     ("paged_attention", "attention"), ("reduce_splits", "attention"),
                      ("rms_norm", "rms_norm"), ("rope", "rope"), ("silu", "silu_and_mul"),
                      ("write_kv", "write_kv"), ("gemm", "gemm"), ("gemv", "gemm"),
                      ("cutlass", "gemm"), ("sm90", "gemm"), ("nvjet", "gemm"),
@@ -111,13 +112,15 @@ def profile_point(core: EngineCore, st: dict, bw: float, batch: int, ctx: int,
         torch.cuda.synchronize()
         gpu_ms = start.elapsed_time(end) / steps
     kernels = _eager_kernels(core, runner)
+    launches = kernels.pop("launches")
     core.abort(ids)
     core.step()
     kv = batch * (ctx + steps) * st["kv_bytes_per_token"]
     roof_ms = (st["weight_bytes_per_step"] + kv) / bw * 1e3
     return {"batch": batch, "context": ctx, "graph_size": size, "step_ms": step_ms,
             "gpu_ms": gpu_ms, "host_overhead_ms": step_ms - gpu_ms if gpu_ms else None,
-            "roofline_ms": roof_ms, "stages_ms": stages, "eager_kernels_ms": kernels}
+            "roofline_ms": roof_ms, "stages_ms": stages, "eager_kernels_ms": kernels,
+            "eager_launches": launches}
 
 
 def profile_prefill(core: EngineCore, st: dict, tokens: int, reps: int = 5) -> dict:
@@ -153,28 +156,32 @@ def profile_prefill(core: EngineCore, st: dict, tokens: int, reps: int = 5) -> d
         core.add_request(GenerateRequest(
             rid, next(prompts), Sampling(max_tokens=1, temperature=0.0, ignore_eos=True), [2], ""))
         kernels = _profiled_kernels(core.step)
+        launches = kernels.pop("launches")
         while rid in core.scheduler.requests:
             core.step()
     finally:
         runner.mixed = mixed
     return {"tokens": tokens, "graph_step_ms": graph if used_graph else None,
             "eager_step_ms": eager, "eager_cuda_ms": sum(kernels.values()),
-            "eager_kernels_ms": kernels}
+            "eager_kernels_ms": kernels, "eager_launches": launches}
 
 
 def _profiled_kernels(step) -> dict[str, float]:
-    """CUDA time per kernel family of one call of `step`."""
+    """CUDA time per kernel family of one call of `step`, and under "launches" the number of
+    kernels it ran."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     fam: dict[str, float] = defaultdict(float)
+    launches = 0
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t and ev.key and not ev.key.startswith(("cudaLaunch", "cuLaunch", "ProfilerStep")):
             fam[_family(ev.key)] += t / 1e3
-    return dict(sorted(fam.items(), key=lambda kv: -kv[1]))
+            launches += ev.count
+    return {**dict(sorted(fam.items(), key=lambda kv: -kv[1])), "launches": launches}
 
 
 def _eager_kernels(core: EngineCore, runner) -> dict[str, float]:
@@ -220,7 +227,7 @@ def main() -> None:
               f"{row['host_overhead_ms'] or 0:.2f} ms, roofline {row['roofline_ms']:.2f} ms")
         print("  host stages (ms/step): " + ", ".join(
             f"{k} {v:.3f}" for k, v in row["stages_ms"].items()))
-        print("  eager step, CUDA ms by kernel family: " + ", ".join(
+        print(f"  eager step, {row['eager_launches']} kernels, CUDA ms by family: " + ", ".join(
             f"{k} {v:.2f}" for k, v in row["eager_kernels_ms"].items()))
     res["prefill"] = []
     for n in args.prefill:

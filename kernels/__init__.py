@@ -17,13 +17,20 @@ from typing import Any
 from kernels.reference import (
     apply_rope,
     linear,
+    norm_linear,
+    norm_linear_of,
     paged_attention,
     rms_norm,
+    rope_write_kv,
+    rope_write_kv_of,
     silu_and_mul,
+    silu_mul_linear,
+    silu_mul_linear_of,
     write_kv_cache,
 )
 
-OPS = ("rms_norm", "silu_and_mul", "apply_rope", "write_kv_cache", "paged_attention", "linear")
+OPS = ("rms_norm", "silu_and_mul", "apply_rope", "write_kv_cache", "paged_attention", "linear",
+       "norm_linear", "silu_mul_linear", "rope_write_kv")
 
 # op -> "module:function" of its Triton kernel (same signature as the reference).
 TRITON: dict[str, str] = {
@@ -35,6 +42,19 @@ TRITON: dict[str, str] = {
     # A GEMV for decode's few rows (<= 16; more go to cuBLAS): 3-8% faster than cuBLAS's M=1
     # path at every 7B projection on the H200 (bench/gemv_sweep.py).
     "linear": "kernels.triton_gemv:linear",
+    # The same GEMV with the op before it in its prologue: one launch instead of two per layer.
+    "norm_linear": "kernels.triton_gemv:norm_linear",
+    "silu_mul_linear": "kernels.triton_gemv:silu_mul_linear",
+    "rope_write_kv": "kernels.triton_ops:rope_write_kv",
+}
+
+# fused op -> (the ops it fuses, how to compose them). When the fused kernel is off, or any of
+# its parts is kept on the reference, the op is its parts, each resolved for the device on its
+# own: MMSERVE_REFERENCE_OPS=linear still means "projections on cuBLAS, norms in Triton".
+FUSED: dict[str, tuple[tuple[str, ...], Callable[..., Callable[..., Any]]]] = {
+    "norm_linear": (("rms_norm", "linear"), norm_linear_of),
+    "silu_mul_linear": (("silu_and_mul", "linear"), silu_mul_linear_of),
+    "rope_write_kv": (("apply_rope", "write_kv_cache"), rope_write_kv_of),
 }
 
 
@@ -58,8 +78,12 @@ def get(name: str, device: Any) -> Callable[..., Any]:
     if name not in OPS:
         raise KeyError(f"unknown kernel {name!r} (known: {', '.join(OPS)})")
     path = TRITON.get(name)
-    if path is None or not use_triton(device, name):
-        return globals()[name]
+    parts, compose = FUSED.get(name, ((), None))
+    if path is None or not all(use_triton(device, op) for op in (name, *parts)):
+        resolved = [get(op, device) for op in parts]
+        if compose is None or all(fn is globals()[op] for fn, op in zip(resolved, parts)):
+            return globals()[name]
+        return compose(*resolved)
     module, fn = path.split(":")
     return getattr(importlib.import_module(module), fn)
 
@@ -77,5 +101,6 @@ class DeviceOp:
         return self.fn(x, *args)
 
 
-__all__ = ["OPS", "TRITON", "DeviceOp", "apply_rope", "get", "linear", "paged_attention", "rms_norm",
-           "silu_and_mul", "use_triton", "write_kv_cache"]
+__all__ = ["FUSED", "OPS", "TRITON", "DeviceOp", "apply_rope", "get", "linear", "norm_linear",
+           "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul", "silu_mul_linear",
+           "use_triton", "write_kv_cache"]

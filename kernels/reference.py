@@ -115,6 +115,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def norm_linear_of(rms_norm_op, linear_op):
+    """`norm_linear` composed of an rms_norm and a linear implementation (the reference's own, or
+    the resolved kernels of a device when the fused one is switched off)."""
+
+    def norm_linear(
+        x: torch.Tensor,  # [num_tokens, hidden]
+        residual: torch.Tensor | None,  # [num_tokens, hidden]
+        norm_weight: torch.Tensor,  # [hidden]
+        eps: float,
+        weight: torch.Tensor,  # [N, hidden]
+        bias: torch.Tensor | None = None,  # [N]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear(rms_norm(x + residual)), x + residual): a decoder layer's norm and the
+        projection after it. Without a residual the stream is x itself."""
+        if residual is None:
+            return linear_op(rms_norm_op(x, norm_weight, eps), weight, bias), x
+        normed, residual = rms_norm_op(x, norm_weight, eps, residual)
+        return linear_op(normed, weight, bias), residual
+
+    return norm_linear
+
+
+def silu_mul_linear_of(silu_and_mul_op, linear_op):
+    """`silu_mul_linear` composed of a silu_and_mul and a linear implementation."""
+
+    def silu_mul_linear(
+        x: torch.Tensor,  # [num_tokens, 2 * d]: the merged [gate | up]
+        weight: torch.Tensor,  # [N, d]
+        bias: torch.Tensor | None = None,  # [N]
+    ) -> torch.Tensor:  # [num_tokens, N]
+        """linear(silu(gate) * up): the MLP's activation and its down projection."""
+        return linear_op(silu_and_mul_op(x), weight, bias)
+
+    return silu_mul_linear
+
+
+norm_linear = norm_linear_of(rms_norm, linear)
+silu_mul_linear = silu_mul_linear_of(silu_and_mul, linear)
+
+
 def apply_rope(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -127,6 +167,29 @@ def apply_rope(
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+def rope_write_kv_of(apply_rope_op, write_kv_cache_op):
+    """`rope_write_kv` composed of an apply_rope and a write_kv_cache implementation."""
+
+    def rope_write_kv(
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        positions: torch.Tensor,  # [num_tokens] int64
+        cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos | sin
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [num_tokens] int64; <0 = skip
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """RoPE on q and k, the rotated k and v written to the cache; returns the rotated q."""
+        q, k = apply_rope_op(q, k, positions, cos_sin_cache)
+        write_kv_cache_op(k, v, kv_cache, slot_mapping)
+        return q
+
+    return rope_write_kv
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)  # [T, H, D // 2] each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+rope_write_kv = rope_write_kv_of(apply_rope, write_kv_cache)

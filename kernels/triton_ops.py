@@ -1,5 +1,5 @@
 """Triton kernels for the decoder's elementwise hot path: fused residual-add + RMSNorm,
-SiLU-and-mul, neox RoPE and the paged KV-cache write.
+SiLU-and-mul, neox RoPE, the paged KV-cache write, and RoPE fused with that write.
 
 Each wrapper has exactly the signature and return convention of its torch reference in
 `kernels.reference`, whose docstrings define the semantics, and rounds where the reference rounds
@@ -158,6 +158,19 @@ def _rotate_heads(
 
 
 @triton.jit
+def _cos_sin(pos_ptr, cache_ptr, tok, stride_pos, stride_cache,
+             HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token `tok`'s cos and sin rows, [1, BLOCK_D] fp32 each (the reference rotates in fp32
+    whatever the cache dtype)."""
+    pos = tl.load(pos_ptr + tok * stride_pos).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    cache_row = cache_ptr + pos * stride_cache
+    cos = tl.load(cache_row + d, mask=d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cache_row + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -170,12 +183,7 @@ def _rope_kernel(
     # shared by Hq + Hkv heads (GQA or not). Head counts are constexpr (fixed per model, one
     # compile) so the head loop unrolls.
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok * stride_pos).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
-    cache_row = cache_ptr + pos * stride_cache
-    # The reference rotates in fp32 whatever the cache dtype.
-    cos = tl.load(cache_row + d, mask=d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cache_row + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, tok, stride_pos, stride_cache, HALF, BLOCK_D)
     _rotate_heads(
         q_ptr + tok * stride_qt, q_out_ptr + tok * stride_q_out_t,
         stride_qh, stride_q_out_h, cos, sin, NUM_Q_HEADS, HALF, BLOCK_H, BLOCK_D,
@@ -272,3 +280,75 @@ def write_kv_cache(
         BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=_tile_warps(block_h * block_d),
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE + KV-cache write
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, table_ptr, cache_ptr, slot_ptr, block_size,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_q_out_t, stride_q_out_h, stride_pos, stride_table, stride_slot,
+    stride_c_kv, stride_c_block, stride_c_off, stride_c_h,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_KH: tl.constexpr, BLOCK_HD: tl.constexpr,
+):  # fmt: skip
+    # One program per token: q is rotated into q_out, k is rotated straight into its cache slot
+    # and v copied beside it, so the rotated k never goes through memory on its own.
+    tok = tl.program_id(0).to(tl.int64)
+    cos, sin = _cos_sin(pos_ptr, table_ptr, tok, stride_pos, stride_table, HALF, BLOCK_D)
+    _rotate_heads(
+        q_ptr + tok * stride_qt, q_out_ptr + tok * stride_q_out_t,
+        stride_qh, stride_q_out_h, cos, sin, NUM_Q_HEADS, HALF, BLOCK_H, BLOCK_D,
+    )  # fmt: skip
+    slot = tl.load(slot_ptr + tok * stride_slot).to(tl.int64)
+    if slot >= 0:  # negative: a padding token, whose q is rotated but whose K/V is not kept
+        dst = cache_ptr + (slot // block_size) * stride_c_block + (slot % block_size) * stride_c_off
+        _rotate_heads(
+            k_ptr + tok * stride_kt, dst, stride_kh, stride_c_h, cos, sin,
+            NUM_K_HEADS, HALF, BLOCK_H, BLOCK_D,
+        )  # fmt: skip
+        h = tl.arange(0, BLOCK_KH)[:, None]
+        d = tl.arange(0, BLOCK_HD)[None, :]
+        mask = (h < NUM_K_HEADS) & (d < HEAD_DIM)
+        v = tl.load(v_ptr + tok * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(dst + stride_c_kv + h * stride_c_h + d, v.to(cache_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def rope_write_kv(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [num_tokens] int64 (int32 works too)
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos | sin
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; <0 = skip
+) -> torch.Tensor:
+    """`kernels.reference.rope_write_kv` in one kernel: returns the rotated q (new, contiguous)
+    and writes the rotated k and v into the cache in place."""
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("rope_write_kv: kv_cache's head_dim must be unit-stride")
+    head_dim = q.shape[-1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    num_tokens = q.shape[0]
+    if num_tokens > 0:
+        q, k, v, table = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(cos_sin_cache)
+        half = head_dim // 2
+        block_h = min(triton.next_power_of_2(max(q.shape[1], k.shape[1])), 16)
+        block_kh, block_hd = triton.next_power_of_2(k.shape[1]), triton.next_power_of_2(head_dim)
+        _rope_write_kv_kernel[(num_tokens,)](
+            q, k, v, q_out, positions, table, kv_cache, slot_mapping, kv_cache.shape[2],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q_out.stride(0), q_out.stride(1), positions.stride(0), table.stride(0),
+            slot_mapping.stride(0),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_DIM=head_dim, HALF=half,
+            BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half),
+            BLOCK_KH=block_kh, BLOCK_HD=block_hd,
+            num_warps=_tile_warps(block_h * triton.next_power_of_2(half)),
+        )  # fmt: skip
+    return q_out

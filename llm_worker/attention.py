@@ -63,11 +63,14 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Causal attention of each sequence's new tokens over its whole cached context.
 
         The new tokens are the last q_len of each sequence's seq_len tokens; their K/V are
-        written at `meta.slot_mapping` before attending, so they see themselves.
+        written at `meta.slot_mapping` before attending, so they see themselves. With ``rope``
+        (a `RotaryEmbedding.step`: positions and cos | sin table) q and k arrive unrotated and
+        are rotated on the way in: the Triton backend does it in the K/V write's kernel.
         """
 
 
@@ -82,13 +85,18 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        reference.write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        if rope is None:
+            reference.write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        else:
+            query = reference.rope_write_kv(query, key, value, *rope, kv_cache, meta.slot_mapping)
         return reference.paged_attention(query, kv_cache, meta, scale)
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """The Triton paged-attention kernel (CUDA serving), after the dispatched K/V writer.
+    """The Triton paged-attention kernel (CUDA serving), after the dispatched K/V writer (with
+    RoPE fused into it when the layer hands the rotation over).
 
     Reads only the device fields of the metadata, so a decode step can be CUDA-graph captured.
     Implementations are resolved on the first forward, when the device is known, so building the
@@ -97,6 +105,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._write_kv: Callable[..., None] | None = None
+        self._rope_write_kv: Callable[..., torch.Tensor] | None = None
         self._attend: Callable[..., torch.Tensor] | None = None
 
     def forward(
@@ -107,13 +116,18 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self._write_kv is None or self._attend is None:
+        if self._write_kv is None or self._rope_write_kv is None or self._attend is None:
             self._write_kv = kernels.get("write_kv_cache", kv_cache.device)
+            self._rope_write_kv = kernels.get("rope_write_kv", kv_cache.device)
             # Always the Triton kernel: choosing this backend is choosing it (CPU: interpreter).
             module, fn = kernels.TRITON["paged_attention"].split(":")
             self._attend = getattr(importlib.import_module(module), fn)
-        self._write_kv(key, value, kv_cache, meta.slot_mapping)
+        if rope is None:
+            self._write_kv(key, value, kv_cache, meta.slot_mapping)
+        else:
+            query = self._rope_write_kv(query, key, value, *rope, kv_cache, meta.slot_mapping)
         return self._attend(query, kv_cache, meta, scale, num_splits=meta.num_splits)
 
     @staticmethod

@@ -5,7 +5,8 @@ the input features and all-reduces the partial sums. Pairing them (qkv/gate_up -
 one all-reduce per block. With tp_size == 1 nothing touches torch.distributed.
 
 The matmul is the `linear` kernel: on CUDA a Triton GEMV for decode's few rows (it reads the
-weight faster than cuBLAS's M=1 path), cuBLAS for everything larger.
+weight faster than cuBLAS's M=1 path), cuBLAS for everything larger. `forward_normed` and
+`forward_gated` take the op before the projection into the same kernel (RMSNorm, SiLU-and-mul).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
         self._linear = kernels.DeviceOp("linear")
+        self._norm_linear = kernels.DeviceOp("norm_linear")
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None
@@ -69,6 +71,13 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out / tp]
         return self._linear(x, self.weight, self.bias)
+
+    def forward_normed(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual), `norm` an `RMSNorm`: one `norm_linear`,
+        which for decode's few rows is a single GEMV with the add and the norm in its prologue.
+        Without a residual the stream is x."""
+        return self._norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -179,6 +188,7 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
         self._linear = kernels.DeviceOp("linear")
+        self._silu_mul_linear = kernels.DeviceOp("silu_mul_linear")
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None
@@ -190,9 +200,17 @@ class RowParallelLinear(nn.Module):
         default_weight_loader(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
+        return self._reduced(self._linear, x)
+
+    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 in / tp] -> [T, out]
+        """self(silu(gate) * up) from the merged [gate | up] shard: one `silu_mul_linear`, which
+        for decode's few rows applies the activation in the GEMV's prologue."""
+        return self._reduced(self._silu_mul_linear, gate_up)
+
+    def _reduced(self, op, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return self._linear(x, self.weight, self.bias)
-        out = self._linear(x, self.weight)
+            return op(x, self.weight, self.bias)
+        out = op(x, self.weight)
         dist.all_reduce(out)
         # Bias after the reduce, else it would be counted tp_size times.
         return out if self.bias is None else out + self.bias

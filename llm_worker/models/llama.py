@@ -45,7 +45,7 @@ _FOREIGN = ("vision_tower.", "multi_modal_projector.", "visual.", "audio_tower."
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg, head_dim: int, rotary_emb: RotaryEmbedding, attn_backend, tp, bias):
+    def __init__(self, cfg, head_dim: int, attn_backend, tp, bias):
         super().__init__()
         tp_rank, tp_size = tp
         qkv_bias, o_bias = bias
@@ -57,16 +57,18 @@ class LlamaAttention(nn.Module):
             cfg.num_attention_heads * head_dim, cfg.hidden_size,
             bias=o_bias, tp_rank=tp_rank, tp_size=tp_size,
         )  # fmt: skip
-        self.rotary_emb = rotary_emb  # shared by all layers: one cache, not num_layers copies
         self.attn_backend = attn_backend
         self.scale = head_dim**-0.5
 
-    def forward(self, rope, hidden, kv_cache, meta) -> torch.Tensor:
-        """``rope``: this step's `RotaryEmbedding.step`, built once for all layers."""
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # [T, Hq, D], [T, Hkv, D] x2
-        q, k = self.rotary_emb.apply(rope, q, k)
-        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.flatten(1))  # [T, hidden]
+    def forward(self, rope, norm, hidden, residual, kv_cache, meta):
+        """Attention over norm(hidden + residual): (output [T, hidden], the new residual).
+        ``rope``: this step's `RotaryEmbedding.step`, built once for all layers and applied by
+        the attention backend; ``norm`` runs inside the qkv projection."""
+        qkv, residual = self.qkv_proj.forward_normed(norm, hidden, residual)
+        q, k, v = self.qkv_proj.split(qkv)  # [T, Hq, D], [T, Hkv, D] x2
+        # The backend rotates q and k as it writes K/V: one kernel for RoPE and the write.
+        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, rope)  # [T, Hq, D]
+        return self.o_proj(out.flatten(1)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -80,29 +82,30 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             i, cfg.hidden_size, bias=bias, tp_rank=tp_rank, tp_size=tp_size
         )
-        self.act_fn = get_act_and_mul(cfg.hidden_act)
+        get_act_and_mul(cfg.hidden_act)  # refuses what is not SiLU, the one the down proj fuses
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, norm, hidden, residual):
+        """The MLP over norm(hidden + residual): (output [T, hidden], the new residual). The
+        norm runs inside gate_up, SiLU-and-mul inside down."""
+        gate_up, residual = self.gate_up_proj.forward_normed(norm, hidden, residual)
+        return self.down_proj.forward_gated(gate_up), residual
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, head_dim, rotary_emb, attn_backend, tp, attn_bias, mlp_bias):
+    def __init__(self, cfg, head_dim, attn_backend, tp, attn_bias, mlp_bias):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, head_dim, rotary_emb, attn_backend, tp, attn_bias)
+        self.self_attn = LlamaAttention(cfg, head_dim, attn_backend, tp, attn_bias)
         self.mlp = LlamaMLP(cfg, tp, mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, rope, hidden, residual, kv_cache, meta):
-        # The residual stream rides along the fused add+norm (vLLM style): one pass, not two.
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(rope, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # The residual stream rides along the fused add + norm (vLLM style), and each norm runs
+        # inside the projection after it: for decode, one GEMV instead of a norm and a GEMV.
+        hidden, residual = self.self_attn(
+            rope, self.input_layernorm, hidden, residual, kv_cache, meta
+        )
+        return self.mlp(self.post_attention_layernorm, hidden, residual)
 
 
 class LlamaModel(nn.Module):
@@ -112,9 +115,10 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, tp_rank=tp_rank, tp_size=tp_size
         )
+        # One cos/sin cache for all layers; each step's table is built once (`step`).
         self.rotary_emb = RotaryEmbedding(cfg, head_dim, max_position)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, head_dim, self.rotary_emb, attn_backend, tp, attn_bias, mlp_bias)
+            LlamaDecoderLayer(cfg, head_dim, attn_backend, tp, attn_bias, mlp_bias)
             for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

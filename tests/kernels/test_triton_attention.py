@@ -193,11 +193,22 @@ def test_interp_triton_backend_writes_then_attends(interp, monkeypatch):
         query_start_loc_cpu=ref_meta.query_start_loc_cpu, seq_lens_cpu=ref_meta.seq_lens_cpu,
         max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
     )
-    cache_ref = kv_cache.clone()
-    got = ATTENTION_BACKENDS["triton"]().forward(query, key, value, kv_cache, full, 0.125)
+    cache_ref, cache_rope, cache_rope_ref = kv_cache.clone(), kv_cache.clone(), kv_cache.clone()
+    backend = ATTENTION_BACKENDS["triton"]()
+    got = backend.forward(query, key, value, kv_cache, full, 0.125)
     expected = TorchAttentionBackend().forward(query, key, value, cache_ref, full, 0.125)
     torch.testing.assert_close(kv_cache, cache_ref, rtol=0, atol=0)
     torch.testing.assert_close(got, expected, **FP32_TOL)
+    # With the rotation handed over: q and k rotated on the way in (the fused writer).
+    rope = (torch.tensor([p for s, n in zip(seq_lens, q_lens) for p in range(s - n, s)]),
+            torch.randn(max(seq_lens), 64))
+    got = backend.forward(query, key, value, cache_rope, full, 0.125, rope)
+    q_rot, k_rot = reference.apply_rope(query, key, *rope)
+    reference.write_kv_cache(k_rot, value, cache_rope_ref, full.slot_mapping)
+    torch.testing.assert_close(cache_rope, cache_rope_ref, rtol=0, atol=0)
+    torch.testing.assert_close(got, reference.paged_attention(q_rot, cache_rope_ref, full, 0.125),
+                               **FP32_TOL)
+    assert not torch.equal(cache_rope, kv_cache)  # the rotation changed what was written
 
 
 # -- GPU, compiled ------------------------------------------------------------------------------

@@ -253,6 +253,53 @@ def test_write_kv_cache(
 
 
 # ---------------------------------------------------------------------------------------------
+# rope_write_kv (RoPE fused with the KV-cache write)
+
+
+@pytest.mark.parametrize(
+    ("device", "num_tokens", "num_heads", "num_kv_heads", "head_dim", "block_size"),
+    cases(
+        cpu=[(6, 4, 2, 64, 2), (5, 4, 1, 80, 4), (3, 2, 2, 96, 1)],
+        gpu=[(300, 32, 8, 128, 16), (65, 32, 32, 80, 16), (1, 32, 32, 128, 16),
+             (129, 16, 2, 96, 32)],
+    ),
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_write_kv(triton_ops, gen, device, num_tokens, num_heads, num_kv_heads, head_dim,
+                       block_size, dtype):  # fmt: skip
+    """One kernel: the rotated q out, the rotated k and v in their cache slots, padding tokens
+    (slot -1) rotated but not written, every other slot untouched."""
+    max_position, num_slots = 64, 2 * num_tokens + block_size
+    num_blocks = -(-num_slots // block_size)
+    num_slots = num_blocks * block_size
+    qkv = _randn(gen, num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype,
+                 device=device)  # the qkv projection's output, split into strided views
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))
+    positions = torch.randint(max_position, (num_tokens,), generator=gen).to(device)
+    table = _randn(gen, max_position, head_dim, device=device)
+    slots = torch.randperm(num_slots, generator=gen)[:num_tokens]
+    slots[1::3] = -1
+    slots = slots.to(device)
+    cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"),
+                       dtype=dtype, device=device)  # fmt: skip
+    want_cache = cache.clone()
+
+    q_out, made = _poisoned(triton_ops.rope_write_kv, q, k, v, positions, table, cache, slots)
+    _assert_outputs_are([q_out], made)
+    q_want = reference.rope_write_kv(q, k, v, positions, table, want_cache, slots)
+    _close(q_out, q_want)
+    written = torch.zeros(num_slots, dtype=torch.bool, device=device)
+    written[slots[slots >= 0]] = True
+    flat, want_flat = cache.view(2, num_slots, -1), want_cache.view(2, num_slots, -1)
+    assert flat[:, ~written].isnan().all(), "a padding token or an unused slot was written"
+    assert not flat[:, written].isnan().any(), "a token's slot was left unwritten"
+    _close(flat[0, written], want_flat[0, written])  # rotated k
+    torch.testing.assert_close(flat[1, written], want_flat[1, written], rtol=0, atol=0)  # v
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch and layers
 
 
