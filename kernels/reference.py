@@ -109,10 +109,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
     return F.silu(x[..., :d]) * x[..., d:]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:  # [..., K] @ [N, K]^T (+ [N]) -> [..., N]
-    """A projection as nn.Linear computes it (cuBLAS on CUDA)."""
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection as nn.Linear computes it (cuBLAS on CUDA): [..., K] @ [N, K]^T (+ [N]),
+    then `+ residual` [..., N] when given (the residual stream's add after o_proj / down)."""
+    out = F.linear(x, weight, bias)
+    return out if residual is None else out + residual
 
 
 def norm_linear_of(rms_norm_op, linear_op):
@@ -121,18 +123,13 @@ def norm_linear_of(rms_norm_op, linear_op):
 
     def norm_linear(
         x: torch.Tensor,  # [num_tokens, hidden]
-        residual: torch.Tensor | None,  # [num_tokens, hidden]
         norm_weight: torch.Tensor,  # [hidden]
         eps: float,
         weight: torch.Tensor,  # [N, hidden]
         bias: torch.Tensor | None = None,  # [N]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(linear(rms_norm(x + residual)), x + residual): a decoder layer's norm and the
-        projection after it. Without a residual the stream is x itself."""
-        if residual is None:
-            return linear_op(rms_norm_op(x, norm_weight, eps), weight, bias), x
-        normed, residual = rms_norm_op(x, norm_weight, eps, residual)
-        return linear_op(normed, weight, bias), residual
+    ) -> torch.Tensor:  # [num_tokens, N]
+        """linear(rms_norm(x)): a decoder layer's norm and the projection after it."""
+        return linear_op(rms_norm_op(x, norm_weight, eps), weight, bias)
 
     return norm_linear
 
@@ -144,9 +141,10 @@ def silu_mul_linear_of(silu_and_mul_op, linear_op):
         x: torch.Tensor,  # [num_tokens, 2 * d]: the merged [gate | up]
         weight: torch.Tensor,  # [N, d]
         bias: torch.Tensor | None = None,  # [N]
+        residual: torch.Tensor | None = None,  # [num_tokens, N]
     ) -> torch.Tensor:  # [num_tokens, N]
-        """linear(silu(gate) * up): the MLP's activation and its down projection."""
-        return linear_op(silu_and_mul_op(x), weight, bias)
+        """linear(silu(gate) * up) (+ residual): the MLP's activation and down projection."""
+        return linear_op(silu_and_mul_op(x), weight, bias, residual)
 
     return silu_mul_linear
 

@@ -12,21 +12,20 @@ hands anything larger to `F.linear` (cuBLAS is compute-bound there and hard to b
 can be passed per call so `bench/gemv_sweep.py` can time a grid of them against cuBLAS.
 
 The same kernel also runs the op before a projection in its prologue, as each K tile of x loads:
-`norm_linear` (residual add + RMSNorm, then the qkv or gate_up projection) and `silu_mul_linear`
-(SiLU-and-mul of the merged gate_up output, then the down projection). At batch 1 those small
-ops are 96 launch-bound kernels per 7B step; fused, x's extra reads are a few KB per program
-against the 32+ KB of weights it streams.
+`norm_linear` (RMSNorm, then the qkv or gate_up projection) and `silu_mul_linear` (SiLU-and-mul
+of the merged gate_up output, then the down projection); and the residual stream's add in its
+epilogue (`residual=` of o_proj and down). At batch 1 those small ops are 96 launch-bound
+kernels per 7B step; fused, x's extra reads are a few KB per program against the 32+ KB of
+weights it streams.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import triton_ops
-from kernels.reference import norm_linear_of, silu_mul_linear_of
+from kernels import reference, triton_ops
 
 MAX_ROWS = 16  # x's rows live in one tl.dot tile (its smallest M)
 
@@ -37,13 +36,15 @@ PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, res_ptr, g_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
-    M, N, K, stride_xm, stride_rm, stride_wn, stride_om, stride_rom, eps,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    x_ptr, g_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N, K,
+    stride_xm, stride_wn, stride_rm, stride_om, eps,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands: the interpreter multiplies bf16 as raw bits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32)
 ):  # fmt: skip
+    # The loop body stays loads, elementwise math and the dot (no stores, no branches), so
+    # Triton can still pipeline the weight loads; the residual add waits for the epilogue.
     pid = tl.program_id(0)
     rn = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rn * stride passes 2**31
     rm = tl.arange(0, 16)
@@ -60,13 +61,6 @@ def _gemv_kernel(
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_rows + k[None, :], mask=x_ok, other=0.0)
         if PROLOGUE == 1:  # RMSNorm: every program normalizes the few rows it needs itself
-            if HAS_RESIDUAL:
-                r = tl.load(res_ptr + rm[:, None] * stride_rm + k[None, :], mask=x_ok, other=0.0)
-                # Rounded to the stream dtype before its statistics, as the reference adds.
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
-                # Program 0 writes the new residual stream (to its own buffer: no race).
-                if pid == 0:
-                    tl.store(res_out_ptr + rm[:, None] * stride_rom + k[None, :], x, mask=x_ok)
             xf = x.to(tl.float32)
             sum_sq += tl.sum(xf * xf, axis=1)
             # The gain now, the row's 1/rms after the dot (a per-row scalar commutes with it).
@@ -85,8 +79,14 @@ def _gemv_kernel(
         acc *= tl.rsqrt(sum_sq / K + eps)[:, None]  # masked columns and rows added zeros
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:  # the residual stream's add, in the epilogue: out = residual + x W^T
+        # Rounded first, as the reference adds the rounded projection to the stream.
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=y_ok,
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=y_ok)
 
 
 def default_config(n: int, k: int, element_size: int = 2) -> dict[str, int]:
@@ -103,16 +103,17 @@ def default_config(n: int, k: int, element_size: int = 2) -> dict[str, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: dict[str, int] | None = None) -> torch.Tensor:
-    """[M, K] @ [N, K]^T (+ [N]) -> [M, N] in x's dtype, M <= MAX_ROWS, fp32 accumulation."""
-    return _launch(PLAIN, x, weight, bias, config)[0]
+         config: dict[str, int] | None = None, residual: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """[M, K] @ [N, K]^T (+ [N]) (+ residual [M, N]) -> [M, N] in x's dtype, M <= MAX_ROWS,
+    fp32 accumulation."""
+    return _launch(PLAIN, x, weight, bias, config, residual)
 
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             config: dict[str, int] | None, residual: torch.Tensor | None = None,
-            norm_weight: torch.Tensor | None = None, eps: float = 0.0
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One GEMV over x's rows after `prologue`: (out, the new residual stream or None)."""
+            norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """One GEMV over x's rows after `prologue`, with the residual added in the epilogue."""
     m = x.shape[0]
     n, k = weight.shape
     if m > MAX_ROWS:
@@ -121,24 +122,25 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    if residual is not None and residual.stride(-1) != 1:
-        residual = residual.contiguous()
+    if residual is not None:
+        residual = residual.reshape(m, n)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
     cfg = config or default_config(n, k, x.element_size())
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    res_out = None if residual is None else torch.empty(m, k, dtype=x.dtype, device=x.device)
-    res, ro = (x, out) if residual is None else (residual, res_out)  # unread / unwritten then
+    res = out if residual is None else residual  # unread without HAS_RESIDUAL
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemv_kernel[grid](
-        x, res, norm_weight if norm_weight is not None else weight,
-        weight, bias if bias is not None else weight, out, ro, m, n, k,
-        x.stride(0), res.stride(0), weight.stride(0), out.stride(0), ro.stride(0), eps,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        x, norm_weight if norm_weight is not None else weight, weight,
+        bias if bias is not None else weight, res, out, m, n, k,
+        x.stride(0), weight.stride(0), res.stride(0), out.stride(0), eps,
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         DOT_FP32=x.device.type != "cuda",
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or x.device.type != "cuda" else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    return out, res_out
+    return out
 
 
 def _few_rows(x: torch.Tensor) -> torch.Tensor | None:
@@ -147,38 +149,48 @@ def _few_rows(x: torch.Tensor) -> torch.Tensor | None:
     return rows if 0 < rows.shape[0] <= MAX_ROWS else None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """`F.linear` with the GEMV for <= 16 rows; any leading dims."""
+def _cublas(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernels.reference.linear` with the residual as the GEMM's C operand (one cuBLAS call)."""
+    if residual is None or bias is not None or x.dim() != 2:
+        return reference.linear(x, weight, bias, residual)
+    return torch.addmm(residual, x, weight.t())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernels.reference.linear` with the GEMV (residual add in its epilogue) for <= 16 rows,
+    cuBLAS above; any leading dims."""
     rows = _few_rows(x)
     if rows is None:
-        return F.linear(x, weight, bias)
-    return gemv(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return _cublas(x, weight, bias, residual)
+    return gemv(rows, weight, bias, residual=residual).view(*x.shape[:-1], weight.shape[0])
 
 
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.reference.norm_linear`: for <= 16 rows one GEMV that adds the residual and
-    normalizes in its prologue (no RMSNorm launch, no normed tensor); else the Triton RMSNorm and
-    `F.linear`. The 1/rms scales the fp32 accumulator instead of each normed value, so bf16
-    results differ from the reference by rounding order only. [T, hidden] inputs."""
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, config: dict[str, int] | None = None
+                ) -> torch.Tensor:
+    """`kernels.reference.norm_linear`: for <= 16 rows one GEMV that normalizes x in its
+    prologue (no RMSNorm launch, no normed tensor); else the Triton RMSNorm and cuBLAS. The
+    1/rms scales the fp32 accumulator instead of each normed value, so bf16 results differ from
+    the reference by rounding order only. [T, hidden] inputs."""
     rows = _few_rows(x)
     if rows is None or x.dim() != 2:
-        return _norm_then_linear(x, residual, norm_weight, eps, weight, bias)
-    out, res_out = _launch(RMS_NORM, rows, weight, bias, config, residual, norm_weight, eps)
-    return out, (x if res_out is None else res_out)
+        return _norm_then_linear(x, norm_weight, eps, weight, bias)
+    return _launch(RMS_NORM, rows, weight, bias, config, None, norm_weight, eps)
 
 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    config: dict[str, int] | None = None) -> torch.Tensor:
+                    residual: torch.Tensor | None = None, config: dict[str, int] | None = None
+                    ) -> torch.Tensor:
     """`kernels.reference.silu_mul_linear`: for <= 16 rows one GEMV that applies SiLU-and-mul
-    to the merged [gate | up] as it loads it; else the Triton SiLU-and-mul and `F.linear`."""
+    to the merged [gate | up] as it loads it (and adds the residual in its epilogue); else the
+    Triton SiLU-and-mul and cuBLAS."""
     rows = _few_rows(x)
     if rows is None or x.dim() != 2:
-        return _silu_then_linear(x, weight, bias)
-    return _launch(SILU_MUL, rows, weight, bias, config)[0]
+        return _silu_then_linear(x, weight, bias, residual)
+    return _launch(SILU_MUL, rows, weight, bias, config, residual)
 
 
-_norm_then_linear = norm_linear_of(triton_ops.rms_norm, F.linear)
-_silu_then_linear = silu_mul_linear_of(triton_ops.silu_and_mul, F.linear)
+_norm_then_linear = reference.norm_linear_of(triton_ops.rms_norm, _cublas)
+_silu_then_linear = reference.silu_mul_linear_of(triton_ops.silu_and_mul, _cublas)

@@ -6,7 +6,8 @@ one all-reduce per block. With tp_size == 1 nothing touches torch.distributed.
 
 The matmul is the `linear` kernel: on CUDA a Triton GEMV for decode's few rows (it reads the
 weight faster than cuBLAS's M=1 path), cuBLAS for everything larger. `forward_normed` and
-`forward_gated` take the op before the projection into the same kernel (RMSNorm, SiLU-and-mul).
+`forward_gated` take the op before the projection into the same kernel (RMSNorm, SiLU-and-mul),
+and the row-parallel layers' ``residual`` the residual stream's add after it.
 """
 
 from __future__ import annotations
@@ -72,12 +73,10 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out / tp]
         return self._linear(x, self.weight, self.bias)
 
-    def forward_normed(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(norm(x + residual)), x + residual), `norm` an `RMSNorm`: one `norm_linear`,
-        which for decode's few rows is a single GEMV with the add and the norm in its prologue.
-        Without a residual the stream is x."""
-        return self._norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+    def forward_normed(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """self(norm(x)), `norm` an `RMSNorm`: one `norm_linear`, which for decode's few rows
+        is a single GEMV with the norm in its prologue."""
+        return self._norm_linear(x, norm.weight, norm.eps, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -199,18 +198,24 @@ class RowParallelLinear(nn.Module):
             loaded_weight = loaded_weight[:, self.tp_rank * n : (self.tp_rank + 1) * n]
         default_weight_loader(param, loaded_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
-        return self._reduced(self._linear, x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, in / tp] -> [T, out], plus ``residual`` [T, out] when given (the residual
+        stream's add, in the GEMV's epilogue for decode's few rows)."""
+        return self._reduced(self._linear, x, residual)
 
-    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 in / tp] -> [T, out]
-        """self(silu(gate) * up) from the merged [gate | up] shard: one `silu_mul_linear`, which
-        for decode's few rows applies the activation in the GEMV's prologue."""
-        return self._reduced(self._silu_mul_linear, gate_up)
+    def forward_gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor:  # [T, 2 in / tp] -> [T, out]
+        """self(silu(gate) * up) (+ residual) from the merged [gate | up] shard: one
+        `silu_mul_linear`, which for decode's few rows applies the activation in the GEMV's
+        prologue."""
+        return self._reduced(self._silu_mul_linear, gate_up, residual)
 
-    def _reduced(self, op, x: torch.Tensor) -> torch.Tensor:
+    def _reduced(self, op, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if self.tp_size == 1:
-            return op(x, self.weight, self.bias)
+            return op(x, self.weight, self.bias, residual)
         out = op(x, self.weight)
         dist.all_reduce(out)
-        # Bias after the reduce, else it would be counted tp_size times.
-        return out if self.bias is None else out + self.bias
+        # Bias and residual after the reduce, else they would be counted tp_size times.
+        if self.bias is not None:
+            out = out + self.bias
+        return out if residual is None else out + residual

@@ -60,15 +60,14 @@ class LlamaAttention(nn.Module):
         self.attn_backend = attn_backend
         self.scale = head_dim**-0.5
 
-    def forward(self, rope, norm, hidden, residual, kv_cache, meta):
-        """Attention over norm(hidden + residual): (output [T, hidden], the new residual).
-        ``rope``: this step's `RotaryEmbedding.step`, built once for all layers and applied by
-        the attention backend; ``norm`` runs inside the qkv projection."""
-        qkv, residual = self.qkv_proj.forward_normed(norm, hidden, residual)
-        q, k, v = self.qkv_proj.split(qkv)  # [T, Hq, D], [T, Hkv, D] x2
+    def forward(self, rope, norm, hidden, kv_cache, meta) -> torch.Tensor:
+        """hidden + attention(norm(hidden)), [T, hidden]. ``rope``: this step's
+        `RotaryEmbedding.step`, built once for all layers and applied by the attention backend;
+        ``norm`` runs inside the qkv projection, the residual add inside o_proj."""
+        q, k, v = self.qkv_proj.split(self.qkv_proj.forward_normed(norm, hidden))
         # The backend rotates q and k as it writes K/V: one kernel for RoPE and the write.
         out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, rope)  # [T, Hq, D]
-        return self.o_proj(out.flatten(1)), residual
+        return self.o_proj(out.flatten(1), residual=hidden)
 
 
 class LlamaMLP(nn.Module):
@@ -84,11 +83,11 @@ class LlamaMLP(nn.Module):
         )
         get_act_and_mul(cfg.hidden_act)  # refuses what is not SiLU, the one the down proj fuses
 
-    def forward(self, norm, hidden, residual):
-        """The MLP over norm(hidden + residual): (output [T, hidden], the new residual). The
-        norm runs inside gate_up, SiLU-and-mul inside down."""
-        gate_up, residual = self.gate_up_proj.forward_normed(norm, hidden, residual)
-        return self.down_proj.forward_gated(gate_up), residual
+    def forward(self, norm, hidden) -> torch.Tensor:
+        """hidden + mlp(norm(hidden)), [T, hidden]: the norm runs inside gate_up, SiLU-and-mul
+        and the residual add inside down."""
+        gate_up = self.gate_up_proj.forward_normed(norm, hidden)
+        return self.down_proj.forward_gated(gate_up, residual=hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -99,13 +98,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, rope, hidden, residual, kv_cache, meta):
-        # The residual stream rides along the fused add + norm (vLLM style), and each norm runs
-        # inside the projection after it: for decode, one GEMV instead of a norm and a GEMV.
-        hidden, residual = self.self_attn(
-            rope, self.input_layernorm, hidden, residual, kv_cache, meta
-        )
-        return self.mlp(self.post_attention_layernorm, hidden, residual)
+    def forward(self, rope, hidden, kv_cache, meta) -> torch.Tensor:
+        # `hidden` is the residual stream itself. Each norm runs inside the projection after
+        # it and each residual add inside the one before it: for decode, per layer, four GEMVs,
+        # the RoPE + KV write and the attention, and nothing else.
+        hidden = self.self_attn(rope, self.input_layernorm, hidden, kv_cache, meta)
+        return self.mlp(self.post_attention_layernorm, hidden)
 
 
 class LlamaModel(nn.Module):
@@ -124,12 +122,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, hidden, kv_caches, meta) -> torch.Tensor:
-        residual = None
         rope = self.rotary_emb.step(positions)  # once per step (M-RoPE gathers its table here)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+            hidden = layer(rope, hidden, kv_cache, meta)
+        return self.norm(hidden)
 
 
 class LlamaForCausalLM(nn.Module):

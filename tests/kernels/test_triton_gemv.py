@@ -117,7 +117,7 @@ def test_parallel_linears_run_the_gemv(gemv_mod, request, device, monkeypatch):
 @pytest.mark.parametrize(("device",), cases(cpu=[()], gpu=[()]))
 def test_parallel_linears_run_the_fused_gemv(gemv_mod, request, device, monkeypatch):
     """forward_normed / forward_gated run the fused GEMV for few rows, with the reference's
-    answer: the norm (and residual add) and the activation happen inside the projection."""
+    answer: the norm, the activation and the residual add happen inside the projections."""
     from kernels import reference
     from llm_worker.layers.linear import MergedColumnParallelLinear, RowParallelLinear
     from llm_worker.layers.norm import RMSNorm
@@ -134,12 +134,12 @@ def test_parallel_linears_run_the_fused_gemv(gemv_mod, request, device, monkeypa
     gate_up.weight.data = _inputs(request, device, 1, 40, 72, torch.float32, False)[1]
     down.weight.data = _inputs(request, device, 1, 72, 20, torch.float32, False)[1]
     norm.weight.data = 1 + 0.15 * torch.randn(72, device=device)
-    x, res = torch.randn(3, 72, device=device), torch.randn(3, 72, device=device)
-    h, new_res = gate_up.forward_normed(norm, x, res)
-    want_h, want_res = reference.norm_linear(x, res, norm.weight, 1e-6, gate_up.weight)
-    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(new_res, want_res)
-    torch.testing.assert_close(down.forward_gated(h), reference.silu_mul_linear(h, down.weight),
+    x = torch.randn(3, 72, device=device)
+    h = gate_up.forward_normed(norm, x)
+    torch.testing.assert_close(h, reference.norm_linear(x, norm.weight, 1e-6, gate_up.weight),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(down.forward_gated(h, residual=x),
+                               reference.silu_mul_linear(h, down.weight, None, x),
                                rtol=1e-5, atol=1e-5)
     assert prologues == [gemv_mod.RMS_NORM, gemv_mod.SILU_MUL]
 
@@ -153,37 +153,47 @@ def _poisoned(fn):
         return fn(), made
 
 
-@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize(
     ("device", "m", "n", "k"),
     cases(cpu=[(1, 40, 96), (3, 17, 130), (16, 33, 64)],
           gpu=[(1, 12288, 4096), (8, 22016, 4096), (16, 4000, 1000)]),
 )
-def test_norm_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype, residual):
-    """Add + RMSNorm in the GEMV's prologue: the projection of the normed rows and the new
-    residual stream, both from fresh buffers (NaN-poisoned here), against the reference."""
+def test_norm_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype):
+    """RMSNorm in the GEMV's prologue: the projection of the normed rows, from a fresh
+    (NaN-poisoned) buffer, against the reference."""
     from kernels import reference
 
     x, w, b = _inputs(request, device, m, n, k, dtype, True)
     gen = torch.Generator().manual_seed(7)
-    res = torch.randn(m, k, generator=gen).to(device, dtype) if residual else None
     gain = (1 + 0.15 * torch.randn(k, generator=gen)).to(device, dtype)
-    (out, res_out), made = _poisoned(
-        lambda: gemv_mod.norm_linear(x, res, gain, 1e-6, w, b,
-                                     config=SMALL if INTERPRETED else None))
-    assert len(made) == (2 if residual else 1) and out.data_ptr() == made[0].data_ptr()
-    up = lambda t: None if t is None else t.float()  # noqa: E731
-    want, want_res = reference.norm_linear(up(x), up(res), gain.float(), 1e-6, w.float(), b.float())
+    out, made = _poisoned(lambda: gemv_mod.norm_linear(x, gain, 1e-6, w, b,
+                                                       config=SMALL if INTERPRETED else None))
+    assert len(made) == 1 and out.data_ptr() == made[0].data_ptr()
+    want = reference.norm_linear(x.float(), gain.float(), 1e-6, w.float(), b.float())
     rtol, atol = TOL[dtype]
     scale = max(1.0, want.abs().max().item()) if dtype == torch.float32 else 1.0
     torch.testing.assert_close(out, want.to(dtype), rtol=rtol, atol=atol * 3 * scale)
-    if residual:
-        # The rounded sum: exact in fp32; bf16 within an ulp (the interpreter's cast truncates).
-        exact = dtype == torch.float32
-        torch.testing.assert_close(res_out, x + res, rtol=0 if exact else 1e-2, atol=0)
-    else:
-        assert res_out is x
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize(
+    ("device", "m", "n", "k"),
+    cases(cpu=[(1, 40, 96), (5, 17, 130)], gpu=[(1, 4096, 4096), (8, 4096, 11008)]),
+)
+def test_residual_add_in_the_epilogue(gemv_mod, request, device, m, n, k, dtype):
+    """linear(..., residual=r) = r + x W^T (+ b), the rounded projection added to the stream."""
+    from kernels import reference
+
+    x, w, b = _inputs(request, device, m, n, k, dtype, True)
+    res = torch.randn(m, n, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    out, made = _poisoned(lambda: gemv_mod.gemv(x, w, b, config=SMALL if INTERPRETED else None,
+                                                residual=res))
+    assert len(made) == 1 and out.data_ptr() == made[0].data_ptr()
+    want = reference.linear(x.float(), w.float(), b.float()).to(dtype) + res
+    rtol, atol = TOL[dtype]
+    scale = max(1.0, want.abs().max().item()) if dtype == torch.float32 else 1.0
+    torch.testing.assert_close(out, want, rtol=rtol, atol=atol * 3 * scale)
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
@@ -192,15 +202,17 @@ def test_norm_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype
     cases(cpu=[(1, 40, 96), (5, 17, 130)], gpu=[(1, 4096, 11008), (8, 4096, 11008)]),
 )
 def test_silu_mul_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype):
-    """SiLU-and-mul of the merged [gate | up] in the prologue of the down projection."""
+    """SiLU-and-mul of the merged [gate | up] in the prologue of the down projection, the
+    residual add in its epilogue."""
     from kernels import reference
 
     gate_up, w, b = _inputs(request, device, m, n, 2 * k, dtype, True)
     w = w[:, :k].contiguous()
+    res = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(device, dtype)
     out, made = _poisoned(lambda: gemv_mod.silu_mul_linear(
-        gate_up, w, b, config=SMALL if INTERPRETED else None))
+        gate_up, w, b, res, config=SMALL if INTERPRETED else None))
     assert len(made) == 1 and out.data_ptr() == made[0].data_ptr()
-    want = reference.silu_mul_linear(gate_up.float(), w.float(), b.float())
+    want = reference.silu_mul_linear(gate_up.float(), w.float(), b.float(), res.float())
     rtol, atol = TOL[dtype]
     scale = max(1.0, want.abs().max().item()) if dtype == torch.float32 else 1.0
     torch.testing.assert_close(out, want.to(dtype), rtol=rtol, atol=atol * 3 * scale)
@@ -213,13 +225,15 @@ def test_fused_ops_hand_many_rows_to_their_parts(gemv_mod, request, device, monk
 
     monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **kw: pytest.fail("GEMV took 17 rows"))
     x, w, b = _inputs(request, device, 17, 8, 16, torch.float32, True)
-    res, gain = torch.randn_like(x), torch.rand(16, device=device) + 0.5
-    for got, want in zip(gemv_mod.norm_linear(x, res, gain, 1e-6, w, b),
-                         reference.norm_linear(x, res, gain, 1e-6, w, b), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gain, res = torch.rand(16, device=device) + 0.5, torch.randn(17, 8, device=device)
+    torch.testing.assert_close(gemv_mod.norm_linear(x, gain, 1e-6, w, b),
+                               reference.norm_linear(x, gain, 1e-6, w, b), rtol=1e-5, atol=1e-5)
     gate_up = torch.randn(17, 16, device=device)
-    torch.testing.assert_close(gemv_mod.silu_mul_linear(gate_up, w[:, :8]),
-                               reference.silu_mul_linear(gate_up, w[:, :8]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gemv_mod.silu_mul_linear(gate_up, w[:, :8], None, res),
+                               reference.silu_mul_linear(gate_up, w[:, :8], None, res),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gemv_mod.linear(x, w, None, res), F.linear(x, w) + res,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_fused_ops_dispatch(monkeypatch):
@@ -247,15 +261,14 @@ def test_fused_ops_dispatch(monkeypatch):
     spy(ops, "silu_and_mul", "triton silu", reference.silu_and_mul)
     spy(gemv_mod, "linear", "gemv", reference.linear)
     spy(kernels, "linear", "cublas", reference.linear)
-    x, res, w, gain = torch.randn(2, 8), torch.randn(2, 8), torch.randn(4, 8), torch.ones(8)
+    x, w, gain = torch.randn(2, 8), torch.randn(4, 8), torch.ones(8)
     for switch, want in [("linear", ["triton norm", "cublas", "triton silu", "cublas"]),
                          ("norm_linear,silu_mul_linear",
                           ["triton norm", "gemv", "triton silu", "gemv"])]:
         monkeypatch.setenv("MMSERVE_REFERENCE_OPS", switch)
         del seen[:]
-        got = kernels.get("norm_linear", "cpu")(x, res, gain, 1e-6, w)
-        for a, b in zip(got, reference.norm_linear(x, res, gain, 1e-6, w), strict=True):
-            torch.testing.assert_close(a, b)
+        got = kernels.get("norm_linear", "cpu")(x, gain, 1e-6, w)
+        torch.testing.assert_close(got, reference.norm_linear(x, gain, 1e-6, w))
         got = kernels.get("silu_mul_linear", "cpu")(x, w[:, :4])
         torch.testing.assert_close(got, reference.silu_mul_linear(x, w[:, :4]))
         assert seen == want, switch
