@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         from protocol.procs import exit_with_parent
 
         exit_with_parent()
+    if isinstance(getattr(args, "model", None), str):
+        # Roles read the checkpoint through AutoConfig; Ultravox's config is not in it.
+        from protocol.models import register_config
+
+        register_config(args.model)
     try:
         # Every flag and the checkpoint itself (architecture, lengths) are checked here, before
         # any process starts or any weight loads: a mistake is one line and exit code 2.

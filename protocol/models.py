@@ -52,11 +52,42 @@ MODELS: dict[str, ModelParts] = {
         _PLAIN_LMS, "protocol.geometry.qwen2_audio:Qwen2AudioGeometry",
         "frontend.models.qwen2_audio:Qwen2AudioPlaceholders",
         "encoder_worker.models.qwen2_audio:Qwen2AudioEncoder"),
+    # Ultravox's published config (no transformers class: see
+    # encoder_worker/models/ultravox_config.py); its LM is a plain one, by text_config.
+    "UltravoxModel": ModelParts(
+        _PLAIN_LMS, "protocol.geometry.ultravox:UltravoxGeometry",
+        "frontend.models.ultravox:UltravoxPlaceholders",
+        "encoder_worker.models.ultravox:UltravoxEncoder"),
     "LlavaNextForConditionalGeneration": ModelParts(
         _PLAIN_LMS, "protocol.geometry.llava_next:LlavaNextGeometry",
         "frontend.models.llava_next:LlavaNextPlaceholders",
         "encoder_worker.models.llava_next:LlavaNextEncoder"),
 }
+
+
+# model_type -> "module:function" registering a config class transformers does not ship with
+# AutoConfig (the checkpoints' own is remote code, never run). Every role that reads such a
+# checkpoint through AutoConfig calls `register_config` first.
+EXTRA_CONFIGS: dict[str, str] = {
+    "ultravox": "encoder_worker.models.ultravox_config:register_config",
+}
+
+
+def register_config(model_dir: str) -> None:
+    """Register the config class of the checkpoint in ``model_dir`` with transformers'
+    AutoConfig when transformers has none (imports it only then)."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "config.json"
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config: the role's own checks say so
+    if model_type in EXTRA_CONFIGS:
+        module, name = EXTRA_CONFIGS[model_type].split(":")
+        getattr(importlib.import_module(module), name)()
 
 
 def column(part: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from frontend.media.parse import expand_items
 from frontend.outputs import RequestOutput, SequenceState
 from frontend.sampling_params import SamplingParams
 from frontend.tokenizer import load_tokenizer
+from protocol.models import register_config
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -69,6 +70,7 @@ class LLM:
             model = str(default_model()[0])
         self.model = model
         self.max_logprobs = max_logprobs
+        register_config(model)  # e.g. Ultravox: a config transformers does not ship
         self.engine = EngineCore(engine_config(model, engine_kwargs))
         device, dtype = self.engine.config.device, self.engine.config.dtype
         self.tokenizer = load_tokenizer(tokenizer or model)
