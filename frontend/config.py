@@ -75,11 +75,11 @@ class FrontendConfig:
     max_video_seconds: float = 600.0
     max_video_side: int = 8192
     # Bounds on what an audio clip's header declares (frontend/media/audio.py), checked before
-    # any sample is decoded; clips with more channels than one are down-mixed to mono.
-    max_audio_seconds: float = 600.0
-    min_audio_sample_rate: int = 1000  # Hz
-    max_audio_sample_rate: int = 192_000  # Hz
-    max_audio_channels: int = 8
+    # any sample is decoded; a clip's bytes are bounded by max_media_bytes like an image's.
+    max_audio_seconds: float = 600.0  # longest clip, in seconds
+    min_audio_sample_rate: int = 1000  # lowest sample rate a clip may have (Hz)
+    max_audio_sample_rate: int = 192_000  # highest sample rate a clip may have (Hz)
+    max_audio_channels: int = 8  # most channels a clip may have (they are down-mixed to mono)
     # -- chat templates (see frontend/chat.py) --
     # How message content reaches the template: "string" (parts joined into one string, media as
     # the model's placeholder text), "openai" (a list of typed parts), or "auto" (read from the
