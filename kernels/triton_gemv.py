@@ -54,20 +54,37 @@ def _gemv_kernel(
     x_rows = x_ptr + rm[:, None] * stride_xm  # [16, 1]
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     sum_sq = tl.zeros((16,), dtype=tl.float32)
+    # A prologue reads x's tile into registers, where Triton's pipelining of the dot's own
+    # loads no longer reaches it: the next tile (and its gain or up half) is loaded one
+    # iteration ahead by hand, so the loop never waits on x's latency.
+    x_ok = m_ok[:, None] & (rk < K)[None, :]
+    if PROLOGUE != 0:
+        x_next = tl.load(x_rows + rk[None, :], mask=x_ok, other=0.0)
+    if PROLOGUE == 1:
+        g_next = tl.load(g_ptr + rk, mask=rk < K, other=0.0)
+    if PROLOGUE == 2:
+        up_next = tl.load(x_rows + K + rk[None, :], mask=x_ok, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
-        x_ok = m_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_rows + k[None, :], mask=x_ok, other=0.0)
+        if PROLOGUE == 0:  # x straight into the dot, where Triton pipelines its load itself
+            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            x = x_next
+            kn = k + BLOCK_K
+            xn_ok = m_ok[:, None] & (kn < K)[None, :]
+            x_next = tl.load(x_rows + kn[None, :], mask=xn_ok, other=0.0)
         if PROLOGUE == 1:  # RMSNorm: every program normalizes the few rows it needs itself
+            g = g_next
+            g_next = tl.load(g_ptr + kn, mask=kn < K, other=0.0)
             xf = x.to(tl.float32)
             sum_sq += tl.sum(xf * xf, axis=1)
             # The gain now, the row's 1/rms after the dot (a per-row scalar commutes with it).
-            g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            x = (xf * g[None, :]).to(x.dtype)
+            x = (xf * g.to(tl.float32)[None, :]).to(x.dtype)
         if PROLOGUE == 2:  # SiLU-and-mul: x is the merged [gate | up], K = d columns each
-            up = tl.load(x_rows + K + k[None, :], mask=x_ok, other=0.0)
+            up = up_next
+            up_next = tl.load(x_rows + K + kn[None, :], mask=xn_ok, other=0.0)
             gate = x.to(tl.float32)
             # Rounded where the reference rounds: silu(gate), then the product.
             act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
@@ -89,17 +106,21 @@ def _gemv_kernel(
              mask=y_ok)
 
 
-def default_config(n: int, k: int, element_size: int = 2) -> dict[str, int]:
+def default_config(n: int, k: int, element_size: int = 2, prologue: int = PLAIN
+                   ) -> dict[str, int]:
     """BLOCK_N / BLOCK_K / warps / stages for an [n, k] weight: the fastest of
-    bench/gemv_sweep.py's grid at the 7B projections on the H200 (bf16, 1 and 8 rows). fp32 gets
-    short tiles and two stages, which fit shared memory (not a tuned path)."""
+    bench/gemv_sweep.py's grid at the 7B projections on the H200 (bf16, 1 and 8 rows; the
+    prologues from its --fused sweep). fp32 gets short tiles and two stages, which fit shared
+    memory (not a tuned path)."""
     if element_size > 2:
         return {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
     if n > 16384:
         return {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
     if n > 8192:
-        return {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4}
+        return {"BLOCK_N": 32, "BLOCK_K": 256 if prologue == RMS_NORM else 128, "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4,
+            "num_stages": 3 if prologue == SILU_MUL else 4}
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -126,7 +147,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         residual = residual.reshape(m, n)
         if residual.stride(-1) != 1:
             residual = residual.contiguous()
-    cfg = config or default_config(n, k, x.element_size())
+    cfg = config or default_config(n, k, x.element_size(), prologue)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual  # unread without HAS_RESIDUAL
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
