@@ -88,3 +88,14 @@ def test_parse_audio_parts_and_limit():
     bad = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav", "x": 1}}
     refused(lambda: parse_media([{"role": "user", "content": [bad]}], {}),
             "messages[0].content[0].input_audio.x", "not a known field")
+
+
+def test_audio_fetch_timeout_from_the_environment(monkeypatch, tmp_path):
+    from frontend.config import FrontendConfig
+    from frontend.media.fetch import MediaFetcher
+
+    monkeypatch.delenv("MMSERVE_AUDIO_FETCH_TIMEOUT", raising=False)
+    monkeypatch.delenv("VLLM_AUDIO_FETCH_TIMEOUT", raising=False)
+    assert MediaFetcher(FrontendConfig(model=str(tmp_path))).timeouts_s["audio"] == 10.0
+    monkeypatch.setenv("MMSERVE_AUDIO_FETCH_TIMEOUT", "2.5")
+    assert MediaFetcher(FrontendConfig(model=str(tmp_path))).timeouts_s["audio"] == 2.5
