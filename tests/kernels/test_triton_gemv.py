@@ -128,6 +128,7 @@ def test_parallel_linears_run_the_fused_gemv(gemv_mod, request, device, monkeypa
         monkeypatch.setattr(gemv_mod, "default_config", lambda *shape: SMALL)
     prologues, real = [], gemv_mod._launch
     monkeypatch.setattr(gemv_mod, "_launch", lambda p, *a, **kw: prologues.append(p) or real(p, *a, **kw))
+    monkeypatch.setattr(gemv_mod, "FUSED_MAX_ROWS", gemv_mod.MAX_ROWS)
     with torch.device(device):
         norm, gate_up = RMSNorm(72, 1e-6), MergedColumnParallelLinear(72, [20, 20])
         down = RowParallelLinear(20, 72)
@@ -142,6 +143,12 @@ def test_parallel_linears_run_the_fused_gemv(gemv_mod, request, device, monkeypa
                                reference.silu_mul_linear(h, down.weight, None, x),
                                rtol=1e-5, atol=1e-5)
     assert prologues == [gemv_mod.RMS_NORM, gemv_mod.SILU_MUL]
+    # By default only one row runs fused; more go through the norm / activation kernel first.
+    monkeypatch.setattr(gemv_mod, "FUSED_MAX_ROWS", 1)
+    del prologues[:]
+    torch.testing.assert_close(gate_up.forward_normed(norm, x), h)
+    torch.testing.assert_close(gate_up.forward_normed(norm, x[:1]), h[:1], rtol=1e-5, atol=1e-5)
+    assert prologues == [gemv_mod.PLAIN, gemv_mod.RMS_NORM]
 
 
 def _poisoned(fn):
@@ -159,10 +166,13 @@ def _poisoned(fn):
     cases(cpu=[(1, 40, 96), (3, 17, 130), (16, 33, 64)],
           gpu=[(1, 12288, 4096), (8, 22016, 4096), (16, 4000, 1000)]),
 )
-def test_norm_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype):
+def test_norm_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype, monkeypatch):
     """RMSNorm in the GEMV's prologue: the projection of the normed rows, from a fresh
-    (NaN-poisoned) buffer, against the reference."""
+    (NaN-poisoned) buffer, against the reference. Every row count the kernel takes, though by
+    default only one row runs fused."""
     from kernels import reference
+
+    monkeypatch.setattr(gemv_mod, "FUSED_MAX_ROWS", gemv_mod.MAX_ROWS)
 
     x, w, b = _inputs(request, device, m, n, k, dtype, True)
     gen = torch.Generator().manual_seed(7)
@@ -201,11 +211,13 @@ def test_residual_add_in_the_epilogue(gemv_mod, request, device, m, n, k, dtype)
     ("device", "m", "n", "k"),
     cases(cpu=[(1, 40, 96), (5, 17, 130)], gpu=[(1, 4096, 11008), (8, 4096, 11008)]),
 )
-def test_silu_mul_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype):
+def test_silu_mul_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype,
+                                           monkeypatch):
     """SiLU-and-mul of the merged [gate | up] in the prologue of the down projection, the
     residual add in its epilogue."""
     from kernels import reference
 
+    monkeypatch.setattr(gemv_mod, "FUSED_MAX_ROWS", gemv_mod.MAX_ROWS)
     gate_up, w, b = _inputs(request, device, m, n, 2 * k, dtype, True)
     w = w[:, :k].contiguous()
     res = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(device, dtype)
