@@ -87,9 +87,15 @@ class Qwen2AudioEncoder(EncoderModel):
 
     @torch.inference_mode()
     def encode_packed(self, items: list[AudioFeatures]) -> list[torch.Tensor]:
-        features = torch.cat([it.values for it in items]).to(self.device)  # [B, mels, frames]
         frames = [f for it in items for f in it.frames]
-        rows = self.tower(features, frames)  # [B, window / 4, hidden]
+        # A clip's tokens pool conv rows below its valid count R, each of which reads frames up
+        # to 2R and attends to keys below R only: the window past 2R + 1 frames of the longest
+        # clip changes none of them, so the tower runs on that prefix (a 10 s clip: a third of
+        # the 30 s window's rows, a sixth of its attention), not on the whole window.
+        longest = max(WhisperEncoder.rows_of_frames(f) for f in frames)
+        cut = min(items[0].values.shape[-1], 2 * longest + 1)
+        features = torch.cat([it.values[..., :cut] for it in items]).to(self.device)
+        rows = self.tower(features, frames)  # [B, ~cut / 4, hidden]
         return [rows[i, :it.num_tokens] for i, it in enumerate(items)]
 
 
