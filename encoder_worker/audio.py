@@ -19,8 +19,11 @@ import numpy as np
 from encoder_worker.decode import MediaError
 from protocol.audio import open_audio, read_header
 
-# The encoder's own bounds on what a header declares; the frontend's defaults are within them.
+# The encoder's own bounds on what a header declares; the frontend's defaults (600 s at up to
+# 192 kHz, 8 channels) are within them. MAX_SAMPLES bounds the decoded clip's memory (512 MB
+# of mono float32) whatever its rate.
 MAX_SECONDS = 3600.0
+MAX_SAMPLES = 128_000_000
 MAX_CHANNELS = 64
 RATE_RANGE = (1, 768_000)
 # A decode may differ from its header by this much (seconds + fraction of the clip) and still
@@ -41,9 +44,10 @@ def decode_audio(data: bytes, target_rate: int, num_samples: int | None = None, 
             raise ValueError(f"audio has {info.channels} channels, more than {MAX_CHANNELS}")
         if info.num_samples < 1:
             raise ValueError("audio is empty: its header declares no samples")
-        if info.seconds > max_seconds:
-            raise ValueError(f"audio is too long: {info.seconds:.1f} s is more than the limit "
-                             f"of {max_seconds:g} s")
+        if info.seconds > max_seconds or info.num_samples > MAX_SAMPLES:
+            raise ValueError(f"audio is too long: {info.seconds:.1f} s at {info.sample_rate} Hz "
+                             f"is more than the limit of {max_seconds:g} s or {MAX_SAMPLES} "
+                             "samples")
     except ValueError as e:
         raise MediaError(str(e)) from None
     rate = info.sample_rate

@@ -2,8 +2,9 @@
 (`protocol.geometry.ultravox`), sized from the probed header.
 
 Prompts hold ``<|audio|>`` where a clip goes; the tokenizer must have it as the token of the
-config's ``audio_token_index`` (vLLM reserves that id for it the same way), which is widened to
-the clip's run.
+config's ``audio_token_index``, which is widened to the clip's run. (The released checkpoints'
+Llama tokenizers have no such token: vLLM substitutes the id for the text itself, which this
+slice does not do yet.)
 """
 
 from __future__ import annotations
@@ -35,3 +36,7 @@ class UltravoxPlaceholders(MediaPlaceholders):
         folder = Path(model_dir)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         return cls(config, UltravoxGeometry(config, audio_processor_config(folder) or {}))
+
+    def placeholder_text(self, tokenizer: Any, modality: str = "audio") -> str:
+        """What a string-content template gets for one clip: Ultravox's ``<|audio|>``."""
+        return "<|audio|>"
