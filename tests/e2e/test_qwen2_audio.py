@@ -241,3 +241,16 @@ def test_http_parity_and_bad_audio(ckpt, hf, tmp_path):
     finally:
         srv.stop()
         host.stop()
+
+
+def test_chat_string_content_format_places_the_clip(llm, hf):
+    """A string-content template gets each clip as Qwen2-Audio's placeholder text
+    (``<|audio_bos|><|AUDIO|><|audio_eos|>``), ahead of the text, as vLLM places it."""
+    x = clip(11, 1.0)
+    content = [{"type": "text", "text": "What is it?"},
+               {"type": "input_audio", "input_audio": {
+                   "data": base64.b64encode(float_wav(x[:, None], 16_000)).decode(),
+                   "format": "wav"}}]
+    got = tokens(llm.chat([{"role": "user", "content": content}], GREEDY,
+                          chat_template_content_format="string"))
+    assert got == [hf.greedy(prompt(f"{AUDIO}\nWhat is it?"), [x], N)]
