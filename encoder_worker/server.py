@@ -150,8 +150,10 @@ class EncoderProc:
         elif isinstance(msg, UserEmbeds):
             self._on_encode(msg.msg, msg)
         elif isinstance(msg, ItemLookup):
-            found = self.geometry.get(msg.key) if msg.key in self.store else None
-            self.io.send(msg.reply_to, ItemFound(msg.lookup_id, msg.key, found))
+            held = msg.key in self.store
+            self.io.send(msg.reply_to, ItemFound(msg.lookup_id, msg.key,
+                                                 self.geometry.get(msg.key) if held else None,
+                                                 held))
         elif isinstance(msg, Shutdown):
             self.running = False
         else:

@@ -60,7 +60,8 @@ class RegistryView(_Handshake):
 
 
 class ItemLookup(_Data):
-    """Frontend -> the encoder that owns ``key``: do you hold it, and sized how?"""
+    """Frontend -> an encoder (the one that owns ``key``, or after a miss there every other live
+    one): do you hold it, and sized how?"""
 
     lookup_id: str
     key: str
@@ -68,12 +69,13 @@ class ItemLookup(_Data):
 
 
 class ItemFound(_Data):
-    """Encoder -> frontend: ``geometry`` the item was encoded with (`ItemGeometry.to_meta()`),
-    or None when the item is not in its store."""
+    """Encoder -> frontend: whether the item is in its store (``held``) and the ``geometry`` it
+    was encoded with (`ItemGeometry.to_meta()`; None for a model whose items have none)."""
 
     lookup_id: str
     key: str
     geometry: dict[str, Any] | None = None
+    held: bool = False
 
 
 REGISTRY_MESSAGE_TYPES: dict[MsgType, type[msgspec.Struct]] = {

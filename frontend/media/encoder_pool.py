@@ -146,7 +146,7 @@ class EncoderPool:
         elif isinstance(msg, ItemFound):
             fut = self.lookups.get(msg.lookup_id)
             if fut is not None and not fut.done():
-                fut.set_result(msg.geometry)
+                fut.set_result(msg)
         elif isinstance(msg, EncodeDone):
             item = self.inflight.pop((msg.request_id, msg.key), None)
             if item is None or item.future.done():
@@ -159,17 +159,36 @@ class EncoderPool:
                 item.future.set_exception(EngineUnavailable(msg.message))
 
     async def encode(self, req: EncodeRequest, buffers: Sequence[Any] = ()) -> EncodeDone:
-        """Send one item to its owner and wait for EncodeDone (re-sent if the owner dies)."""
+        """Send one item to its owner and wait for EncodeDone (re-sent if the owner dies).
+
+        A uuid named alone that its owner does not hold is looked for on the other live
+        encoders before the 400 stands: a pool change moves keys, not stores, so the encoder
+        that had the key when the item was sent still holds it."""
         live = self.live()
         while not live:  # every link may be blipping at once: wait out the grace, then 503
             if self._out_of_grace():
                 raise EngineUnavailable("no encoder is available")
             await asyncio.sleep(TICK_S)
             live = self.live()
+        owner = rendezvous(req.key, live)
+        try:
+            return await self._encode_at(req, buffers, owner)
+        except RequestError:
+            if req.data is not None or req.embeds is not None:
+                raise
+            found = await self._find(req.key, [a for a in self.live() if a != owner])
+            if found is None:
+                raise
+            log.info("%s: %s is not at its owner %s; %s holds it", req.request_id, req.key,
+                     owner, found[0])
+            return await self._encode_at(req, buffers, found[0])
+
+    async def _encode_at(self, req: EncodeRequest, buffers: Sequence[Any], addr: str
+                         ) -> EncodeDone:
         item = _InFlight(req, buffers)
         self.inflight[(req.request_id, req.key)] = item
         try:
-            await self._send_to(item, rendezvous(req.key, live))
+            await self._send_to(item, addr)
             done = await item.future
             self.delivered[(req.request_id, req.key)] = item
             return done
@@ -177,22 +196,50 @@ class EncoderPool:
             self.inflight.pop((req.request_id, req.key), None)
 
     async def lookup(self, key: str) -> dict[str, Any] | None:
-        """The geometry of an item in its owner's store (a uuid another frontend resolved), or
-        None when no live encoder holds it or none answers in time."""
+        """The geometry of an item in a live encoder's store (a uuid another frontend resolved):
+        its owner is asked first, then, on a miss, every other live encoder. None when nobody
+        holds it or nobody answers in time."""
         live = self.live()
         if not live:
             return None
-        lookup_id = uuid.uuid4().hex
-        self.lookups[lookup_id] = fut = asyncio.get_running_loop().create_future()
+        owner = rendezvous(key, live)
+        found = await self._find(key, [owner])
+        if found is None:
+            found = await self._find(key, [a for a in live if a != owner])
+        return None if found is None else found[1]
+
+    async def _find(self, key: str, addrs: Sequence[str]
+                    ) -> tuple[str, dict[str, Any] | None] | None:
+        """(address, geometry) of the first of ``addrs`` to say it holds ``key``, asked all at
+        once; None when none does or none answers within LOOKUP_TIMEOUT_S."""
+        asked: dict[str, str] = {}  # lookup id -> address
+        loop = asyncio.get_running_loop()
         try:
-            owner = self.encoders[rendezvous(key, live)]
-            await owner.sender.send(ItemLookup(lookup_id, key, self.reply_to))
-            return await asyncio.wait_for(fut, LOOKUP_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            log.warning("no answer to the lookup of %s in %.0f s", key, LOOKUP_TIMEOUT_S)
+            for addr in addrs:
+                enc = self.encoders.get(addr)
+                if enc is None:
+                    continue
+                lookup_id = uuid.uuid4().hex
+                asked[lookup_id] = addr
+                self.lookups[lookup_id] = loop.create_future()
+                await enc.sender.send(ItemLookup(lookup_id, key, self.reply_to))
+            pending = {self.lookups[i] for i in asked}
+            deadline = loop.time() + LOOKUP_TIMEOUT_S
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=deadline - loop.time(),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    log.warning("no answer to the lookup of %s in %.0f s", key,
+                                LOOKUP_TIMEOUT_S)
+                    return None
+                for fut in done:
+                    found: ItemFound = fut.result()
+                    if found.held:
+                        return asked[found.lookup_id], found.geometry
             return None
         finally:
-            self.lookups.pop(lookup_id, None)
+            for lookup_id in asked:
+                self.lookups.pop(lookup_id, None)
 
     def settle(self, request_id: str) -> None:
         """The request is over: its items need no re-delivery any more."""

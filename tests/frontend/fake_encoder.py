@@ -16,7 +16,8 @@ from protocol.sockets import Receiver, Sender
 
 class FakeEncoder:
     """Beats to every frontend that said Hello; answers each EncodeRequest after ``delay_s``
-    (and ItemLookup from ``held``), recording the keys it was sent."""
+    (a uuid sent alone: 200 only if ``held`` has it, else 400, as a real store miss) and
+    ItemLookup from ``held``, recording the keys it was sent."""
 
     def __init__(self, delay_s: float = 0.0, held: dict | None = None):
         self.addr, self.id, self.delay_s = tcp(), f"fake-{time.monotonic_ns()}", delay_s
@@ -42,11 +43,17 @@ class FakeEncoder:
                 pending.append((time.monotonic() + self.delay_s, msg))
             elif isinstance(msg, ItemLookup):
                 out.setdefault(msg.reply_to, Sender(self.ctx, msg.reply_to)).send(
-                    ItemFound(msg.lookup_id, msg.key, self.held.get(msg.key)))
+                    ItemFound(msg.lookup_id, msg.key, self.held.get(msg.key),
+                              msg.key in self.held))
             now = time.monotonic()
             for due, req in [p for p in pending if p[0] <= now]:
                 pending.remove((due, req))
-                out[req.reply_to].send(EncodeDone(req.key, req.request_id, 200))
+                alone = req.data is None and req.embeds is None
+                if alone and req.key not in self.held:
+                    out[req.reply_to].send(EncodeDone(req.key, req.request_id, 400,
+                                                      "not in this store"))
+                else:
+                    out[req.reply_to].send(EncodeDone(req.key, req.request_id, 200))
             if now - last_beat > 0.05:
                 for s in out.values():
                     s.send(EncoderHeartbeat(self.id, time.time(), EncoderStats(), self.addr))

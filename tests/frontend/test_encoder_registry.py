@@ -163,3 +163,38 @@ def test_lookup_asks_the_owner_and_times_out_cleanly(registry):
         with_pool(registry, [holder.addr], body)
     finally:
         holder.kill()
+
+
+def test_a_uuid_alone_is_found_where_it_was_encoded_after_the_pool_changed(registry):
+    """A pool change moves keys, not stores: a uuid named alone whose owner is now a newcomer is
+    served by the encoder that holds it; one that nobody holds is still the owner's 400."""
+    from frontend.errors import RequestError
+
+    geometry = {"num_tokens": 4}
+    first, joined = FakeEncoder(held={}), FakeEncoder()
+    keys = [f"uuid:k{i}" for i in range(40)]
+    key = next(k for k in keys if rendezvous(k, [first.addr, joined.addr]) == joined.addr)
+    first.held[key] = geometry
+
+    async def body(pool: EncoderPool) -> None:
+        await until(lambda: sorted(pool.live()) == sorted([first.addr, joined.addr]))
+        alone = EncodeRequest(key, "image", None, {}, ["tcp://127.0.0.1:1"], pool.reply_to,
+                              "r-alone")
+        assert (await pool.encode(alone)).status == 200
+        assert joined.keys == [key] and first.keys == [key]  # asked its owner, served by first
+        assert await pool.lookup(key) == geometry  # the geometry lookup looks past the owner too
+        nobody = next(k for k in keys if k != key and
+                      rendezvous(k, [first.addr, joined.addr]) == joined.addr)
+        with pytest.raises(RequestError, match="not in this store"):
+            await pool.encode(EncodeRequest(nobody, "image", None, {}, ["tcp://127.0.0.1:1"],
+                                            pool.reply_to, "r-nobody"))
+        assert nobody not in first.keys  # looked up there, never sent
+        with_data = EncodeRequest(nobody, "image", b"x", {}, ["tcp://127.0.0.1:1"],
+                                  pool.reply_to, "r-data")
+        assert (await pool.encode(with_data)).status == 200  # data: its owner encodes it
+
+    try:
+        with_pool(registry, [first.addr, joined.addr], body)
+    finally:
+        first.kill()
+        joined.kill()
