@@ -51,6 +51,9 @@ class LLMWorkerConfig:
         "choices": PLACEMENTS, "help": "executor ray: how the group's bundles are placed"})
     attention_backend: str = field(default="auto", metadata={
         "choices": ATTENTION_BACKENDS, "help": "auto: triton where it runs, else torch"})
+    # mp / ray: a TP worker silent this long (no heartbeat: stopped or wedged) while the engine
+    # waits on a step fails the group, as a dead one does; 0: only the collective timeout
+    tp_worker_timeout_s: float = 30.0
     seed: int = 0
 
     def __post_init__(self) -> None:

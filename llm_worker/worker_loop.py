@@ -7,7 +7,8 @@ between executors is only how the process is launched and given its device.
 
 The exchange: the worker loads its shard and sends `WorkerInfo`; `InitKVCache` -> `WorkerAck`;
 then each `SchedulerOutput` -> rank 0's `ModelRunnerOutput` (the other ranks answer nothing);
-`Shutdown` ends the loop. A worker that fails sends `WorkerAck(error=...)` and exits.
+`Shutdown` ends the loop. A worker that fails sends `WorkerAck(error=...)` and exits. A thread
+beside the loop sends `WorkerBeat` all along, so the engine tells a hung worker from a busy one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +29,14 @@ from protocol.codec import ProtocolError
 from protocol.messages import Shutdown
 from protocol.procs import exit_with_parent, setup_logging
 from protocol.sockets import Receiver, Sender
-from protocol.step import InitKVCache, SchedulerOutput, WorkerAck, WorkerInfo
+from protocol.step import (
+    WORKER_BEAT_S,
+    InitKVCache,
+    SchedulerOutput,
+    WorkerAck,
+    WorkerBeat,
+    WorkerInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +67,27 @@ class WorkerLoop:
         raise ProtocolError(f"a worker does not take {type(msg).__name__}")
 
 
+def _beat(ctx: zmq.Context, reply_addr: str, rank: int, stop: threading.Event) -> None:
+    """The heartbeat thread: its own socket (ZeroMQ sockets stay on one thread)."""
+    beats = Sender(ctx, reply_addr, bind=False)
+    try:
+        while not stop.wait(WORKER_BEAT_S):
+            beats.send(WorkerBeat(rank=rank))
+    finally:
+        beats.close(linger_ms=0)
+
+
 def serve_worker(config: LLMWorkerConfig, rank: int, dist_init_method: str | None,
                  step_addr: str, reply_addr: str) -> None:
     """Run one worker until Shutdown: connect to the engine's step fan-out (``step_addr``) and
-    reply socket (``reply_addr``), load the shard, then serve steps."""
+    reply socket (``reply_addr``), load the shard, then serve steps, beating from a thread."""
     ctx = zmq.Context()
     steps = Receiver(ctx, step_addr, bind=False)
     replies = Sender(ctx, reply_addr, bind=False)
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(ctx, reply_addr, rank, stop), daemon=True,
+                            name=f"tp{rank}-beat")
+    beat.start()
     worker = None
     try:
         worker = Worker(config, rank, dist_init_method)
@@ -83,6 +106,8 @@ def serve_worker(config: LLMWorkerConfig, rank: int, dist_init_method: str | Non
         replies.send(WorkerAck(rank=rank, error=f"{type(e).__name__}: {e}"))
         raise
     finally:
+        stop.set()
+        beat.join()
         if worker is not None:
             worker.shutdown()
         steps.close()

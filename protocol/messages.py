@@ -34,6 +34,7 @@ class MsgType(enum.IntEnum):
     WORKER_INFO = 15
     INIT_KV_CACHE = 16
     WORKER_ACK = 17
+    WORKER_BEAT = 18
     # The encoder pool's registry, and finding an item in an encoder's store (protocol/registry.py).
     REGISTRY_BEAT = 32
     REGISTRY_LEAVE = 33

@@ -113,10 +113,20 @@ class WorkerAck(_Handshake):
     error: str = ""
 
 
+class WorkerBeat(_Handshake):
+    """Worker -> engine, from a thread beside the step loop, every `WORKER_BEAT_S`: the process
+    still runs. A long step keeps beating (busy); a stopped or wedged process does not (hung)."""
+
+    rank: int
+
+
+WORKER_BEAT_S = 0.5
+
 STEP_MESSAGE_TYPES: dict[MsgType, type[msgspec.Struct]] = {
     MsgType.SCHEDULER_OUTPUT: SchedulerOutput,
     MsgType.RUNNER_OUTPUT: ModelRunnerOutput,
     MsgType.WORKER_INFO: WorkerInfo,
     MsgType.INIT_KV_CACHE: InitKVCache,
     MsgType.WORKER_ACK: WorkerAck,
+    MsgType.WORKER_BEAT: WorkerBeat,
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -24,7 +25,14 @@ from llm_worker.executor import Executor, ExecutorError
 from protocol.addresses import LOOPBACK, tcp
 from protocol.messages import Shutdown
 from protocol.sockets import Fanout, Receiver
-from protocol.step import InitKVCache, ModelRunnerOutput, SchedulerOutput, WorkerAck, WorkerInfo
+from protocol.step import (
+    InitKVCache,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    WorkerAck,
+    WorkerBeat,
+    WorkerInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +90,7 @@ class WorkerGroupExecutor(Executor):
 
     def execute(self, out: SchedulerOutput, frames: Sequence[Any] = ()) -> ModelRunnerOutput:
         self._send(out, frames)
-        (result,) = self._wait(ModelRunnerOutput, 1)
+        (result,) = self._wait(ModelRunnerOutput, 1, self.config.tp_worker_timeout_s)
         return result
 
     @property
@@ -119,17 +127,30 @@ class WorkerGroupExecutor(Executor):
         if not self.steps.send(msg, frames):
             self._fail(self._dead_worker() or "a TP worker stopped taking messages")
 
-    def _wait(self, kind: type, n: int) -> list[Any]:
-        """The next ``n`` replies, each a ``kind``; fails the group as soon as a worker dies."""
+    def _wait(self, kind: type, n: int, silent_s: float = 0.0) -> list[Any]:
+        """The next ``n`` replies, each a ``kind``; fails the group as soon as a worker dies,
+        or, with ``silent_s``, sends no `WorkerBeat` for that long (stopped or wedged, where a
+        rank waiting on it in a collective would wait for the collective timeout). Loading and
+        warm-up wait without it: an import or a compile may hold a worker's GIL for seconds."""
         got: list[Any] = []
+        timeout = silent_s
+        heard = dict.fromkeys(range(self.tp), time.monotonic())  # rank -> last sign of life
         while len(got) < n:
             item = self.replies.recv(timeout_ms=POLL_MS)
-            if item is None:
+            now = time.monotonic()
+            if item is None or isinstance(item[0], WorkerBeat):
+                if item is not None:
+                    heard[item[0].rank] = now
                 dead = self._dead_worker()
                 if dead is not None:
                     self._fail(dead)
+                silent = [r for r, t in heard.items() if now - t > timeout]
+                if timeout > 0 and silent:
+                    self._fail(f"TP worker {silent[0]} sent no heartbeat for "
+                               f"{now - heard[silent[0]]:.0f} s: hung")
                 continue
             msg = item[0]
+            heard[getattr(msg, "rank", 0)] = now
             if isinstance(msg, WorkerAck) and msg.error:
                 self._fail(f"TP worker {msg.rank} failed: {msg.error}")
             if not isinstance(msg, kind):

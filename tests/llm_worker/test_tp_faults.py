@@ -204,3 +204,31 @@ def test_a_dead_worker_is_noticed_without_any_reply(tiny_llama, executor, why):
             group.execute(step)
     finally:
         group.shutdown()
+
+
+@pytest.mark.slow
+def test_a_hung_worker_fails_its_group_after_the_worker_timeout(tiny_llama):
+    """A stopped worker (SIGSTOP: alive to its parent, so no death to see) leaves rank 0 inside
+    a collective. Its heartbeats stop, so the group fails after tp_worker_timeout_s instead of
+    the 10-minute collective timeout; the request gets a 500 and a new group takes over."""
+    import dataclasses
+
+    config = dataclasses.replace(_tp2(tiny_llama, "mp"), tp_worker_timeout_s=3.0)
+    with _serving(config) as (proc, inbox, to_engine):
+        group = proc.core.executor
+        to_engine.send(GenerateRequest("r", [1, 2, 3], LONG, [], inbox.addr))
+        assert _next(inbox, TokenOutputs, "r", 30) is not None  # decoding is under way
+        time.sleep(4.0)  # longer than the timeout: a busy group is not a hung one
+        assert proc.core.executor is group and group.error is None
+        os.kill(group.procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        err = _next(inbox, ErrorMsg, "r", 15)
+        assert err is not None and err.status == 500
+        assert 3.0 <= time.monotonic() - stopped < 8
+        assert "no heartbeat" in (group.error or "")
+        assert _all_stopped(group)  # the stopped process is killed with the rest
+        assert _beat_where(inbox, lambda s: s.executor_healthy and s.executor_restarts == 1,
+                           RESTART_S) is not None
+        to_engine.send(GenerateRequest("r2", PROMPT, SHORT, [], inbox.addr))
+        tokens = _tokens(inbox, "r2", 30)
+        assert tokens is not None and len(tokens) == SHORT.max_tokens
