@@ -123,6 +123,23 @@ def fused_point(triton_gemv, triton_ops, do_bench, m: int, name: str, n: int, k:
     return row
 
 
+def _line(row: dict) -> str:
+    """One printed line per swept point (fused or plain)."""
+    best, dflt = row["best"], row["default"]
+    m, name = row["rows"], row["proj"]
+    us = lambda c: c["us"] if c else float("nan")  # noqa: E731
+    if "fused_op" in row:
+        return (f"M={m:2d} {name:8s} {row['fused_op']:16s} plain gemv "
+                f"{row['plain_gemv']['us']:6.1f} us  unfused {row['unfused']['us']:6.1f} us  "
+                f"fused default {us(dflt):6.1f} us  best {us(best):6.1f} us "
+                f"{best['config'] if best else ''}")
+    if best is None:
+        return f"M={m} {name}: no config ran"
+    return (f"M={m:2d} {name:8s} [{row['N']}x{row['K']}]  cublas {row['cublas']['us']:7.1f} us "
+            f"({row['cublas']['pct_bw']:3.0f}%)  gemv default {us(dflt):7.1f} us  best "
+            f"{best['us']:7.1f} us ({best['pct_bw']:3.0f}%) {best['config']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
@@ -148,23 +165,11 @@ def main() -> None:
             break
         if args.fused:
             row = fused_point(triton_gemv, triton_ops, do_bench, m, name, n, k, bw, gen)
-            res["rows"].append(row)
-            write_json(args.out, res)
-            best, dflt = row["best"], row["default"]
-            print(f"M={m:2d} {name:8s} {row['fused_op']:16s} plain gemv "
-                  f"{row['plain_gemv']['us']:6.1f} us  unfused {row['unfused']['us']:6.1f} us  "
-                  f"fused default {dflt['us'] if dflt else float('nan'):6.1f} us  best "
-                  f"{best['us'] if best else float('nan'):6.1f} us "
-                  f"{best['config'] if best else ''}")
-            continue
-        row = sweep_point(triton_gemv, do_bench, m, name, n, k, bw, gen)
+        else:
+            row = sweep_point(triton_gemv, do_bench, m, name, n, k, bw, gen)
         res["rows"].append(row)
         write_json(args.out, res)
-        best, dflt = row["best"], row["default"]
-        print(f"M={m:2d} {name:8s} [{n}x{k}]  cublas {row['cublas']['us']:7.1f} us "
-              f"({row['cublas']['pct_bw']:3.0f}%)  gemv default "
-              f"{dflt['us'] if dflt else float('nan'):7.1f} us  best {best['us']:7.1f} us "
-              f"({best['pct_bw']:3.0f}%) {best['config']}" if best else f"M={m} {name}: no config ran")
+        print(_line(row))
     for m in args.rows:
         rows = [r for r in res["rows"] if r["rows"] == m and r["best"]]
         if len(rows) == len(PROJECTIONS) and args.fused:
