@@ -27,6 +27,7 @@ from llm_worker.config import LLMWorkerConfig
 from llm_worker.worker import Worker
 from protocol.codec import ProtocolError
 from protocol.messages import Shutdown
+from protocol.models import register_config
 from protocol.procs import exit_with_parent, setup_logging
 from protocol.sockets import Receiver, Sender
 from protocol.step import (
@@ -120,6 +121,7 @@ def run_spec(spec: dict) -> None:
     rendezvous, step_addr, reply_addr, log_level. The launcher (an `mp` parent, a Ray actor)
     has already given this process its GPU, if any, as CUDA_VISIBLE_DEVICES."""
     setup_logging(f"tp{spec['rank']}", spec.get("log_level", "INFO"))
+    register_config(spec["config"]["model"])  # a fresh process: e.g. Ultravox's config class
     serve_worker(LLMWorkerConfig(**spec["config"]), spec["rank"], spec["rendezvous"],
                  spec["step_addr"], spec["reply_addr"])
 

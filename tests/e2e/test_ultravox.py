@@ -198,6 +198,20 @@ def test_lm_matches_llama_and_answers_depend_on_the_audio(llm, enc, ckpt, weight
 
 
 @pytest.mark.slow
+def test_tensor_parallel_workers_load_the_checkpoint(llm, ckpt):
+    """TP workers are fresh processes: they register Ultravox's config class themselves, and
+    TP=2 answers as TP=1 does."""
+    x = clip(5, 2.5)
+    p = {"prompt": prompt("Hear <|audio|> now"), "multi_modal_data": {"audio": (x, 16_000)}}
+    want = llm.generate(p, GREEDY)[0].outputs[0].token_ids
+    tp2 = LLM(ckpt, tensor_parallel_size=2, executor="mp", max_num_batched_tokens=32)
+    try:
+        assert tp2.generate(p, GREEDY)[0].outputs[0].token_ids == want
+    finally:
+        tp2.engine.shutdown()
+
+
+@pytest.mark.slow
 def test_answers_are_deterministic_and_stable_across_runs(llm, ckpt):
     x = clip(4, 3.1, 44_100)
     p = {"prompt": prompt("Hear <|audio|> now"), "multi_modal_data": {"audio": (x, 44_100)}}
