@@ -65,8 +65,9 @@ class InputProcessor:
                               else load_eos_token_ids(model_path, tokenizer))
 
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True,
-                 param: str = "prompt") -> list[int]:
-        """Token ids of a text prompt (with the tokenizer's bos etc.), or checked given ids."""
+                 param: str = "prompt", mm_items: list[MMItem] | None = None) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's bos etc.), or checked given ids
+        (``mm_items``: the expanded media items in them)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("the prompt is empty", param)
@@ -74,14 +75,20 @@ class InputProcessor:
             ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         else:
             ids = list(prompt)
-        self.check_token_ids(ids, param)
+        self.check_token_ids(ids, param, mm_items)
         return ids
 
-    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
+    def check_token_ids(self, ids: list[int], param: str = "prompt",
+                        mm_items: list[MMItem] | None = None) -> None:
+        """Every id in the vocabulary, except at a media item's positions: those rows are its
+        embeddings, and a placeholder id may lie past the vocabulary (Ultravox's
+        ``audio_token_index``)."""
         if not ids:
             raise RequestError("the prompt is empty", param)
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+        spans = [(m.offset, m.offset + m.length) for m in mm_items or ()]
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (
+                    t >= self.vocab_size and not any(a <= i < b for a, b in spans)):
                 raise RequestError(
                     f"token id {t!r} is out of vocabulary (must be in [0, {self.vocab_size}))",
                     param,
@@ -124,7 +131,7 @@ class InputProcessor:
     ) -> list[GenerateRequest]:
         """One GenerateRequest per choice, ids ``f"{request_id}-{i}"``; ``param`` names the
         prompt field in errors ("prompt" or "messages")."""
-        ids = self.tokenize(prompt, add_special_tokens, param)
+        ids = self.tokenize(prompt, add_special_tokens, param, mm_items)
         max_tokens = self.resolve_max_tokens(len(ids), params, param)
         for t in params.stop_token_ids or []:
             if t >= self.vocab_size:

@@ -105,6 +105,7 @@ def build_random_ultravox(
     num_layers: int = 2,
     std: float = 0.15,
     seed: int = 0,
+    audio_token_in_vocab: bool = True,
 ) -> Path:
     """A tiny random Ultravox checkpoint in the published layout: config.json with Ultravox's
     keys (``audio_config`` a Whisper config, ``text_config`` a Llama one, ``stack_factor``,
@@ -113,7 +114,12 @@ def build_random_ultravox(
     ``audio_tower.*`` (transformers' WhisperEncoder names), ``multi_modal_projector.*`` and
     ``language_model.*``, the tokenizer (``<|audio|>`` is the audio token) and a
     `WhisperFeatureExtractor` config. The Whisper window is ``window_seconds`` (50 positions
-    per second), so a few seconds of audio make several chunks."""
+    per second), so a few seconds of audio make several chunks.
+
+    ``audio_token_in_vocab=False`` is the released checkpoints' layout: the tokenizer has no
+    ``<|audio|>`` token and ``audio_token_index`` is the LM's vocab size, one past its last id.
+    The weights are the default build's with the audio token's embedding and LM-head rows cut
+    off, so both layouts answer alike wherever the in-vocab one never samples that token."""
     import json
 
     import torch
@@ -125,8 +131,11 @@ def build_random_ultravox(
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out, chat_template=ULTRAVOX_TEMPLATE)
     tok = transformers.AutoTokenizer.from_pretrained(out)
+    text_vocab = len(tok)  # the released layout's LM vocabulary: no audio token
     tok.add_tokens(["<|audio|>"], special_tokens=True)
-    tok.save_pretrained(out)
+    audio_token_index = tok.convert_tokens_to_ids("<|audio|>")
+    if audio_token_in_vocab:
+        tok.save_pretrained(out)
     audio = transformers.WhisperConfig(
         num_mel_bins=num_mel_bins, d_model=audio_hidden, encoder_layers=audio_layers,
         encoder_attention_heads=audio_heads, encoder_ffn_dim=2 * audio_hidden,
@@ -148,6 +157,10 @@ def build_random_ultravox(
     for name, shape in shapes.items():
         weights[f"multi_modal_projector.{name}"] = torch.empty(shape).normal_(
             1.0 if name.startswith("ln_") else 0.0, std)
+    if not audio_token_in_vocab:  # the same draws, less the audio token's rows
+        for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+            weights[name] = weights[name][:text_vocab]
+        text.vocab_size = text_vocab
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     audio_dict = {k: v for k, v in audio.to_dict().items() if not k.startswith("_")}
@@ -157,11 +170,11 @@ def build_random_ultravox(
         "audio_config": audio_dict, "text_config": text_dict,
         "audio_model_id": "openai/whisper-large-v3-turbo",
         "text_model_id": "meta-llama/Llama-3.2-1B-Instruct",
-        "audio_token_index": tok.convert_tokens_to_ids("<|audio|>"),
+        "audio_token_index": audio_token_index,
         "hidden_size": projector_hidden, "stack_factor": stack_factor,
         "projector_act": "swiglu", "projector_ln_mid": True, "norm_init": 0.4,
         "ignore_index": -100, "initializer_range": 0.02, "pad_token_id": tok.pad_token_id,
-        "vocab_size": len(tok), "torch_dtype": "float32",
+        "vocab_size": text.vocab_size, "torch_dtype": "float32",
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(

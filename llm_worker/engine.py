@@ -126,11 +126,20 @@ class EngineCore:
             return "prompt is empty"
         if n >= self.max_model_len:
             return f"prompt has {n} tokens; the maximum context length is {self.max_model_len}"
-        if any(t < 0 or t >= self.vocab_size for t in msg.prompt_token_ids):
-            return f"prompt token ids must be in [0, {self.vocab_size})"
         if msg.sampling.max_tokens < 1:
             return "max_tokens must be >= 1"
-        return self._validate_mm(msg)
+        return self._validate_mm(msg) or self._validate_ids(msg)
+
+    def _validate_ids(self, msg: GenerateRequest) -> str | None:
+        """Ids in the vocabulary, except at media positions (mm items checked first): those
+        rows are the items' embeddings, and a placeholder id may lie past the vocabulary
+        (Ultravox's audio_token_index); the runner never looks them up."""
+        spans = [(m.offset, m.offset + m.length) for m in msg.mm_items]
+        for i, t in enumerate(msg.prompt_token_ids):
+            if t < 0 or (t >= self.vocab_size and not any(a <= i < b for a, b in spans)):
+                return (f"prompt token ids must be in [0, {self.vocab_size}) outside media "
+                        "items")
+        return None
 
     def add_request(self, msg: GenerateRequest) -> str | None:
         """Queue a request; returns an error message instead when it can't be served."""

@@ -248,7 +248,7 @@ class ModelRunner:
         meta = self.attn_backend.build_metadata(bufs, batch)
         embeds = None
         if batch.splices:
-            embeds = self.model.embed_tokens(bufs.input_ids[:t])  # [t, hidden]
+            embeds = self._lookup(bufs.input_ids[:t])  # [t, hidden]
             self._embed(batch, embeds, lookup=False)
         hidden = self.model(bufs.input_ids[:t], bufs.positions[:t], self.kv_caches, meta,
                             inputs_embeds=embeds)
@@ -260,9 +260,16 @@ class ModelRunner:
         """Token embeddings of the step into `out` [num_tokens, hidden], media embeddings
         spliced over their placeholder rows."""
         if lookup:
-            out.copy_(self.model.embed_tokens(self.inputs.input_ids[: out.shape[0]]))
+            out.copy_(self._lookup(self.inputs.input_ids[: out.shape[0]]))
         for dst, key, src, count in batch.splices:
             out[dst : dst + count] = self.embeddings[key][src : src + count]
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, hidden] of ``ids`` [T]. A media placeholder id may lie past the
+        vocabulary (Ultravox's audio_token_index; the engine lets such ids through only at
+        media positions): those rows read the last id's embedding, which the splice then
+        overwrites, instead of indexing out of range (a device assert on CUDA)."""
+        return self.model.embed_tokens(ids.clamp(max=self.vocab_size - 1))
 
     def _sample(self, batch: StepBatch, logits: torch.Tensor) -> ModelRunnerOutput:
         if not batch.sample_rows:

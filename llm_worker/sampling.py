@@ -103,7 +103,8 @@ class Sampler:
                 ids = torch.tensor(r.output_ids, device=logits.device)
                 counts[i].index_add_(0, ids, torch.ones(len(ids), device=logits.device))
             if r.params.repetition_penalty != 1.0 and r.prompt_ids:
-                seen[i, torch.tensor(r.prompt_ids, device=logits.device)] = True
+                ids = torch.tensor(r.prompt_ids, device=logits.device)
+                seen[i, ids[ids < v]] = True  # a media placeholder id may lie past the vocab
         seen |= counts > 0
         rep = self._col(_REP)
         # HF/vLLM rule: divide positive logits, multiply negative ones, for tokens already seen.

@@ -46,9 +46,9 @@ class MediaInputs:
         items = await resolve(parsed.refs, self.fetcher, model, self.config, self.seen)
         return parsed.messages, items
 
-    def expand(self, prompt_ids: list[int], items: list[ResolvedItem],
+    def expand(self, prompt_ids: list[int], items: list[ResolvedItem], tokenizer: Any,
                param: str = "messages") -> tuple[list[int], list[MMItem]]:
-        return expand_items(self.placeholders, prompt_ids, items, param)
+        return expand_items(self.placeholders, prompt_ids, items, param, tokenizer)
 
     async def dispatch(self, request_id: str, items: list[ResolvedItem], deliver_to: str,
                        reply_to: str) -> None:

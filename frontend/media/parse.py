@@ -461,15 +461,20 @@ def _encode_png(value: Any, param: str, max_pixels: int) -> bytes:
 # -- expand -------------------------------------------------------------------------------------
 
 def expand_items(placeholders: MediaPlaceholders | None, prompt_ids: list[int],
-                 items: list[ResolvedItem], param: str) -> tuple[list[int], list[MMItem]]:
-    """Each item's placeholder token becomes its run of embedding positions -> wire mm items."""
+                 items: list[ResolvedItem], param: str,
+                 tokenizer: Any = None) -> tuple[list[int], list[MMItem]]:
+    """Each item's placeholder token becomes its run of embedding positions -> wire mm items.
+    With the ``tokenizer``, a placeholder it has no token for is found as text first
+    (`MediaPlaceholders.substitute_text_placeholders`)."""
     if not items:
         return prompt_ids, []
     model = require_image_support(placeholders, param)
     for it in items:
         require_modality(model, it.modality, it.param)
-    ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param,
-                              [it.modality for it in items])
+    kinds = [it.modality for it in items]
+    if tokenizer is not None:
+        prompt_ids = model.substitute_text_placeholders(prompt_ids, tokenizer, kinds)
+    ids, spans = model.expand(prompt_ids, [it.num_tokens for it in items], param, kinds)
     mm = [MMItem(it.key, it.modality, off, n, _item_meta(it.meta))
           for it, (off, n) in zip(items, spans)]
     return ids, sorted(mm, key=lambda m: m.offset)  # images and videos in prompt order

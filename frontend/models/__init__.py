@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,43 @@ class MediaPlaceholders(ABC):
         """What a string-content chat template gets where a media part was."""
         return tokenizer.convert_ids_to_tokens(self.token_id(modality))
 
+    def text_placeholders(self, tokenizer: Any) -> dict[str, int]:
+        """placeholder text -> its id, for each placeholder the tokenizer has no single token
+        for: the prompt then spells it as ordinary tokens (Ultravox's ``<|audio|>`` in Llama
+        3's vocabulary, whose ``audio_token_index`` is one past the last id). Empty when every
+        placeholder is a token of its own (the slice's `placeholder_text` must then be
+        plain text for the id)."""
+        return {self.placeholder_text(tokenizer, kind): self.token_id(kind)
+                for kind in self.modalities if self.token_id(kind) >= len(tokenizer)}
+
+    def substitute_text_placeholders(self, prompt_ids: list[int], tokenizer: Any,
+                                     kinds: list[str]) -> list[int]:
+        """The prompt with each placeholder written as text (`text_placeholders`) turned into
+        its id, so `expand` can widen it; ``kinds``: the modalities of the request's items.
+
+        The text is found in the decoded prompt, not as one fixed run of ids: BPE merges across
+        its edges (Llama 3 spells " <|audio|>" as " <|", "audio", "|>"). Each stretch between two
+        placeholders is encoded again on its own, which is how a tokenizer that has the
+        placeholder as a special token splits the text around it. Ids already equal to a
+        placeholder id stay where they are (a client may send them)."""
+        texts = {t: i for t, i in self.text_placeholders(tokenizer).items()
+                 if any(self.token_id(k) == i for k in set(kinds))}
+        if not texts:
+            return prompt_ids
+        pattern = re.compile("|".join(re.escape(t) for t in texts))
+        placeholder_ids = set(texts.values())
+        out: list[int] = []
+        run: list[int] = []
+        for t in [*prompt_ids, None]:
+            if t is not None and t not in placeholder_ids:
+                run.append(t)
+                continue
+            out.extend(_substitute(run, tokenizer, pattern, texts))
+            run = []
+            if t is not None:
+                out.append(t)
+        return out
+
     def expand(self, prompt_ids: list[int], item_tokens: list[int], param: str,
                modalities: list[str] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
         """Replace the k-th placeholder token of each modality by the k-th item of that
@@ -147,6 +185,31 @@ class MediaPlaceholders(ABC):
             else:
                 out.append(t)
         return out, ranges
+
+
+def _substitute(ids: list[int], tokenizer: Any, pattern: re.Pattern,
+                texts: dict[str, int]) -> list[int]:
+    """``ids`` (no placeholder id among them) with each match of ``pattern`` in their text
+    replaced by its placeholder id; ``ids`` themselves when there is none, or when one is no
+    token id (the caller's check answers that with a 400)."""
+    n = len(tokenizer)
+    if not ids or not all(type(t) is int and 0 <= t < n for t in ids):
+        return ids
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    out: list[int] = []
+    pos = 0
+    for m in pattern.finditer(text):
+        out.extend(_encode(tokenizer, text[pos:m.start()]))
+        out.append(texts[m.group()])
+        pos = m.end()
+    if pos == 0:
+        return ids
+    out.extend(_encode(tokenizer, text[pos:]))
+    return out
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
 # HF architecture -> "module:class" of its slice (protocol/models.py's placeholders column), or

@@ -1,10 +1,12 @@
 """Ultravox, frontend slice: each clip's placeholder count depends on its duration
 (`protocol.geometry.ultravox`), sized from the probed header.
 
-Prompts hold ``<|audio|>`` where a clip goes; the tokenizer must have it as the token of the
-config's ``audio_token_index``, which is widened to the clip's run. (The released checkpoints'
-Llama tokenizers have no such token: vLLM substitutes the id for the text itself, which this
-slice does not do yet.)
+Prompts hold ``<|audio|>`` where a clip goes; it becomes the config's ``audio_token_index``,
+widened to the clip's run. A tokenizer may have it as that id's token (the tiny checkpoint's
+default), or not at all: the released checkpoints' Llama 3 tokenizers spell it as ordinary
+tokens and their ``audio_token_index`` is one past the vocabulary, so the text is found in the
+prompt and the id substituted for it (`MediaPlaceholders.substitute_text_placeholders`, as
+vLLM does); the decoder never looks that id up (`llm_worker.runner`).
 """
 
 from __future__ import annotations

@@ -198,9 +198,12 @@ class LLM:
                 rid = str(next(self._ids))
                 mm_items = []
                 if media:
-                    ids = self.processor.tokenize(prompt, add_special_tokens)
+                    # Given ids are checked once expanded: a placeholder id may lie past the
+                    # vocabulary (Ultravox's audio_token_index), valid only at its items.
+                    ids = (self.processor.tokenize(prompt, add_special_tokens)
+                           if isinstance(prompt, str) else list(prompt))
                     prompt, mm_items = expand_items(self.media.placeholders, ids, media,
-                                                    "prompt")
+                                                    "prompt", self.tokenizer)
                     self.media.provide(self.engine, media)
                 reqs = self.processor.process(rid, prompt, sp, mm_items=mm_items,
                                               add_special_tokens=add_special_tokens)

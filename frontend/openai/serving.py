@@ -275,7 +275,7 @@ class OpenAIServing:
                 chat_template_kwargs=req.chat_template_kwargs,
                 chat_template=req.chat_template,
             )
-            ids, mm_items = self.media.expand(rendered.prompt_token_ids, items)
+            ids, mm_items = self.media.expand(rendered.prompt_token_ids, items, self.tokenizer)
             return processor.process(rid, ids, params, self.client.reply_to, param="messages",
                                      mm_items=mm_items)
 

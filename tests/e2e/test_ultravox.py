@@ -14,7 +14,10 @@ here, so each part is checked against what can be:
 - the LM equals transformers' `LlamaForCausalLM` built from ``text_config`` with the
   ``language_model.*`` weights: our greedy answer for a prompt with clips is its greedy answer
   from the same audio rows spliced into the prompt's embeddings;
-- end to end, answers are deterministic and the same from a fresh `LLM` and over HTTP.
+- end to end, answers are deterministic and the same from a fresh `LLM` and over HTTP;
+- the released layout (a tokenizer without ``<|audio|>``, ``audio_token_index`` one past the
+  LM's vocabulary) answers as the in-vocab checkpoint of the same weights, offline and over
+  HTTP; an id past the vocabulary anywhere but at a clip is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from encoder_worker.models.ultravox import UltravoxEncoder
 from frontend import LLM, SamplingParams
 from frontend.models import load_placeholders
 from protocol.geometry.ultravox import UltravoxGeometry
+from protocol.messages import GenerateRequest, MMItem, Sampling
 from protocol.models import register_config
 
 N = 6
@@ -232,5 +236,102 @@ def test_answers_are_deterministic_and_stable_across_runs(llm, ckpt):
         ).choices[0].message.content for _ in range(2)]
         offline = llm.chat([{"role": "user", "content": content}], GREEDY)[0].outputs[0].text
         assert answers[0] == answers[1] == offline != ""
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The released checkpoints' layout, the default build's weights less the audio row."""
+    from frontend.random_audio import build_random_ultravox
+
+    return str(build_random_ultravox(tmp_path_factory.mktemp("ultravox_released"),
+                                     audio_token_in_vocab=False))
+
+
+@pytest.fixture(scope="module")
+def released_llm(released):
+    return LLM(released, max_num_batched_tokens=32)
+
+
+def test_released_layout_has_no_audio_token(released, ckpt):
+    config = json.loads(open(f"{released}/config.json").read())
+    tok = transformers.AutoTokenizer.from_pretrained(released)
+    assert config["audio_token_index"] == config["text_config"]["vocab_size"] == len(tok)
+    assert "<|audio|>" not in tok.get_vocab() and len(tok.encode("<|audio|>")) > 1
+    assert config["audio_token_index"] == json.loads(
+        open(f"{ckpt}/config.json").read())["audio_token_index"]
+
+
+def test_released_layout_answers_as_the_in_vocab_checkpoint(llm, released_llm, released):
+    """``<|audio|>`` as text, wherever BPE merges it with its neighbours (" <|", "|>?"), and a
+    chat input_audio part: the same prompt ids and the same greedy tokens as the checkpoint
+    whose tokenizer has the token."""
+    audio_id = json.loads(open(f"{released}/config.json").read())["audio_token_index"]
+    a, b = clip(2, 5.0), clip(3, 1.3)
+    prompts = [{"prompt": prompt(body), "multi_modal_data": {"audio": [(c, 16_000) for c in cs]}}
+               for body, cs in (("Listen <|audio|>What is it?", [a]),
+                                ("<|audio|> and <|audio|>?", [a, b]),
+                                ("Hear <|audio|> now", [b]))]
+    want = llm.generate(prompts, GREEDY)
+    got = released_llm.generate(prompts, GREEDY)
+    assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in want]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(audio_id not in o.outputs[0].token_ids for o in want)  # the premise of parity
+    assert got[0].prompt_token_ids.count(audio_id) == 63
+    # a repetition penalty reads the prompt's ids: the placeholder's is past the logits
+    penalised = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True,
+                               repetition_penalty=1.5)
+    assert (released_llm.generate(prompts[0], penalised)[0].outputs[0].token_ids
+            == llm.generate(prompts[0], penalised)[0].outputs[0].token_ids)
+    content = [{"type": "text", "text": "Hear "},
+               {"type": "input_audio",
+                "input_audio": {"data": base64.b64encode(wav16(b, 16_000)).decode(),
+                                "format": "wav"}},
+               {"type": "text", "text": " now"}]
+    chat = [{"role": "user", "content": content}]
+    w, g = llm.chat(chat, GREEDY)[0], released_llm.chat(chat, GREEDY)[0]
+    assert g.prompt_token_ids == w.prompt_token_ids and audio_id in g.prompt_token_ids
+    assert g.outputs[0].token_ids == w.outputs[0].token_ids
+    # a client's own ids, the placeholder id once per clip
+    enc = released_llm.get_tokenizer().encode
+    before, after = prompt("Hear <|audio|> now").split("<|audio|>")
+    given = {"prompt_token_ids": [*enc(before), audio_id, *enc(after)],
+             "multi_modal_data": {"audio": (b, 16_000)}}
+    assert (released_llm.generate(given, GREEDY)[0].outputs[0].token_ids
+            == llm.generate(given, GREEDY)[0].outputs[0].token_ids)
+
+
+def test_released_layout_refuses_ids_past_the_vocabulary_outside_clips(released_llm, released):
+    vocab = json.loads(open(f"{released}/config.json").read())["text_config"]["vocab_size"]
+    with pytest.raises(ValueError, match="out of vocabulary") as e:
+        released_llm.generate({"prompt_token_ids": [5, vocab, 6]}, GREEDY)
+    assert e.value.param == "prompt"
+    with pytest.raises(ValueError, match="out of vocabulary"):  # a clip's id, but no clip there
+        released_llm.generate({"prompt_token_ids": [5, vocab, 6, vocab + 1],
+                               "multi_modal_data": {"audio": (clip(1, 0.5), 16_000)}}, GREEDY)
+    # the engine's own check, a peer that skipped the frontend's
+    core, greedy = released_llm.engine, Sampling(max_tokens=2)
+    item = MMItem("k", "audio", 1, 2, {})
+    err = core.validate(GenerateRequest("bad", [5, vocab, vocab, 6, vocab], greedy, [], "", [item]))
+    assert err == f"prompt token ids must be in [0, {vocab}) outside media items"
+    assert core.validate(GenerateRequest("ok", [5, vocab, vocab, 6], greedy, [], "", [item])) is None
+
+
+@pytest.mark.slow
+def test_released_layout_over_http(llm, released):
+    srv = Server(released, "--max-num-batched-tokens", "32")
+    try:
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+        x = clip(4, 3.1, 44_100)
+        content = [{"type": "text", "text": "Hear "},
+                   {"type": "input_audio", "input_audio": {
+                       "data": base64.b64encode(wav16(x, 44_100)).decode(), "format": "wav"}},
+                   {"type": "text", "text": " now?"}]
+        messages = [{"role": "user", "content": content}]
+        answer = client.chat.completions.create(
+            model=client.models.list().data[0].id, max_tokens=N, temperature=0,
+            extra_body={"ignore_eos": True}, messages=messages).choices[0].message.content
+        assert answer == llm.chat(messages, GREEDY)[0].outputs[0].text != ""
     finally:
         srv.stop()
