@@ -134,8 +134,11 @@ class EngineCore:
         """Ids in the vocabulary, except at media positions (mm items checked first): those
         rows are the items' embeddings, and a placeholder id may lie past the vocabulary
         (Ultravox's audio_token_index); the runner never looks them up."""
+        ids = msg.prompt_token_ids
+        if min(ids) >= 0 and max(ids) < self.vocab_size:
+            return None  # the common case, in C: no per-token Python loop over a long prompt
         spans = [(m.offset, m.offset + m.length) for m in msg.mm_items]
-        for i, t in enumerate(msg.prompt_token_ids):
+        for i, t in enumerate(ids):
             if t < 0 or (t >= self.vocab_size and not any(a <= i < b for a, b in spans)):
                 return (f"prompt token ids must be in [0, {self.vocab_size}) outside media "
                         "items")
