@@ -11,50 +11,39 @@ from pathlib import Path
 from typing import Any
 
 
-def image_processor_config(folder: str | Path) -> dict[str, Any] | None:
-    """Image processor settings: transformers 5 nests them in processor_config.json under
-    "image_processor"; older checkpoints keep them flat in preprocessor_config.json."""
+def _processor_section(folder: str | Path, section: str, flat_file: str) -> dict[str, Any] | None:
+    """One processor's settings where transformers looks for them: nested in
+    processor_config.json under ``section`` (transformers 5), else the flat ``flat_file``; None
+    when neither has them."""
     folder = Path(folder)
     new = folder / "processor_config.json"
     if new.is_file():
-        nested = json.loads(new.read_text(encoding="utf-8")).get("image_processor")
+        nested = json.loads(new.read_text(encoding="utf-8")).get(section)
         if isinstance(nested, dict):
             return nested
-    old = folder / "preprocessor_config.json"
-    if old.is_file():
-        return json.loads(old.read_text(encoding="utf-8"))
-    return None
-
-
-def video_processor_config(folder: str | Path) -> dict[str, Any] | None:
-    """Video processor settings, where transformers looks for them: nested in
-    processor_config.json under "video_processor", else video_preprocessor_config.json; None
-    when neither has them (transformers then reads the image processor's file)."""
-    folder = Path(folder)
-    new = folder / "processor_config.json"
-    if new.is_file():
-        nested = json.loads(new.read_text(encoding="utf-8")).get("video_processor")
-        if isinstance(nested, dict):
-            return nested
-    flat = folder / "video_preprocessor_config.json"
+    flat = folder / flat_file
     if flat.is_file():
         return json.loads(flat.read_text(encoding="utf-8"))
     return None
 
 
+def image_processor_config(folder: str | Path) -> dict[str, Any] | None:
+    """Image processor settings: transformers 5 nests them in processor_config.json under
+    "image_processor"; older checkpoints keep them flat in preprocessor_config.json."""
+    return _processor_section(folder, "image_processor", "preprocessor_config.json")
+
+
+def video_processor_config(folder: str | Path) -> dict[str, Any] | None:
+    """Video processor settings: nested under "video_processor", else
+    video_preprocessor_config.json; None when neither has them (transformers then reads the
+    image processor's file)."""
+    return _processor_section(folder, "video_processor", "video_preprocessor_config.json")
+
+
 def audio_processor_config(folder: str | Path) -> dict[str, Any] | None:
-    """Feature extractor settings (audio models): nested in processor_config.json under
-    "feature_extractor" (transformers 5), else flat in preprocessor_config.json."""
-    folder = Path(folder)
-    new = folder / "processor_config.json"
-    if new.is_file():
-        nested = json.loads(new.read_text(encoding="utf-8")).get("feature_extractor")
-        if isinstance(nested, dict):
-            return nested
-    old = folder / "preprocessor_config.json"
-    if old.is_file():
-        return json.loads(old.read_text(encoding="utf-8"))
-    return None
+    """Feature extractor settings (audio models): nested under "feature_extractor", else flat
+    in preprocessor_config.json."""
+    return _processor_section(folder, "feature_extractor", "preprocessor_config.json")
 
 
 def max_positions(folder: str | Path) -> int:

@@ -122,3 +122,17 @@ class EncoderModel(ABC):
     def encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``encode`` as one [B, num_tokens, hidden_size] tensor (models with a fixed input)."""
         raise NotImplementedError
+
+
+class AudioEncoderModel(EncoderModel):
+    """An audio-only slice: clips through ``preprocess_audio`` and ``encode_packed``, images
+    refused."""
+
+    modalities = ("audio",)
+    packs_variable_sizes = True
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        raise ValueError("this model does not accept image input")
+
+    def num_tokens(self, width: int, height: int) -> int:
+        raise ValueError("this model does not accept image input")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from encoder_worker.models.base import AudioFeatures, EncoderModel
+from encoder_worker.models.base import AudioEncoderModel, AudioFeatures
 from encoder_worker.models.weights import copy_into, load_weights
 from encoder_worker.models.whisper import WhisperEncoder
 from encoder_worker.models.whisper_features import LogMel
@@ -41,39 +41,26 @@ class Qwen2AudioTower(nn.Module):
         return self.multi_modal_projector.linear(self.audio_tower(features, frames))
 
 
-class Qwen2AudioEncoder(EncoderModel):
-    modalities = ("audio",)
-    packs_variable_sizes = True
-
+class Qwen2AudioEncoder(AudioEncoderModel):
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
         hf = AutoConfig.from_pretrained(model_dir)
         model_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
         extractor = audio_processor_config(model_dir) or {}
         self.geometry = Qwen2AudioGeometry(model_config, extractor)
         audio = hf.audio_config
-        n_mels = int(extractor.get("feature_size", audio.num_mel_bins))
-        if n_mels != audio.num_mel_bins:
-            raise ValueError(f"{model_dir}: the feature extractor makes {n_mels} mel bins, the "
-                             f"tower takes {audio.num_mel_bins}")
         if self.geometry.window_frames != 2 * audio.max_source_positions:
             raise ValueError(f"{model_dir}: the feature extractor's window is "
                              f"{self.geometry.window_frames} frames, the tower takes "
                              f"{2 * audio.max_source_positions}")
         self.sampling_rate = self.geometry.sampling_rate
-        self.features = LogMel(n_mels, self.sampling_rate, int(extractor.get("n_fft", 400)),
-                               self.geometry.hop_length)
+        self.features = LogMel.for_tower(extractor, audio.num_mel_bins, self.sampling_rate,
+                                         self.geometry.hop_length, model_dir)
         self.device, self.dtype = torch.device(device), dtype
         with torch.device("meta"):
             self.tower = Qwen2AudioTower(audio, hf.text_config.hidden_size)
         self.tower = self.tower.to(dtype).to_empty(device=self.device).eval()
         self.hidden_size = hf.text_config.hidden_size
         copy_into(self.tower, load_weights(model_dir, _local_name), f"{model_dir} audio")
-
-    def preprocess(self, image) -> torch.Tensor:
-        raise ValueError("this model does not accept image input")
-
-    def num_tokens(self, width: int, height: int) -> int:
-        raise ValueError("this model does not accept image input")
 
     def preprocess_audio(self, samples: np.ndarray, geometry: ItemGeometry | None
                          ) -> AudioFeatures:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoder_worker.models.base import AudioFeatures, EncoderModel
+from encoder_worker.models.base import AudioEncoderModel, AudioFeatures
 from encoder_worker.models.ultravox_config import UltravoxConfig
 from encoder_worker.models.weights import copy_into, load_weights
 from encoder_worker.models.whisper import WhisperEncoder
@@ -87,23 +87,16 @@ class UltravoxTower(nn.Module):
         return self.multi_modal_projector(self.audio_tower(features, frames))
 
 
-class UltravoxEncoder(EncoderModel):
-    modalities = ("audio",)
-    packs_variable_sizes = True
-
+class UltravoxEncoder(AudioEncoderModel):
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
         raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
         config = UltravoxConfig(**raw)
         extractor = audio_processor_config(model_dir) or {}
         self.geometry = UltravoxGeometry(raw, extractor)
         audio = config.audio_config
-        n_mels = int(extractor.get("feature_size", audio.num_mel_bins))
-        if n_mels != audio.num_mel_bins:
-            raise ValueError(f"{model_dir}: the feature extractor makes {n_mels} mel bins, the "
-                             f"Whisper encoder takes {audio.num_mel_bins}")
         self.sampling_rate = self.geometry.sampling_rate
-        self.features = LogMel(n_mels, self.sampling_rate, int(extractor.get("n_fft", 400)),
-                               self.geometry.hop_length)
+        self.features = LogMel.for_tower(extractor, audio.num_mel_bins, self.sampling_rate,
+                                         self.geometry.hop_length, model_dir)
         self.device, self.dtype = torch.device(device), dtype
         with torch.device("meta"):
             self.tower = UltravoxTower(config)
@@ -115,12 +108,6 @@ class UltravoxEncoder(EncoderModel):
                              f"audio_model_id {config.audio_model_id!r} names where they came "
                              "from: save them into the checkpoint)")
         copy_into(self.tower, weights, f"{model_dir} audio")
-
-    def preprocess(self, image) -> torch.Tensor:
-        raise ValueError("this model does not accept image input")
-
-    def num_tokens(self, width: int, height: int) -> int:
-        raise ValueError("this model does not accept image input")
 
     def preprocess_audio(self, samples: np.ndarray, geometry: ItemGeometry | None
                          ) -> AudioFeatures:

@@ -60,6 +60,17 @@ class LogMel:
             mel_filter_bank(n_fft, n_mels, sampling_rate).astype(np.float32))  # [n_freq, mels]
         self.window = torch.hann_window(n_fft)
 
+    @classmethod
+    def for_tower(cls, extractor: dict, num_mel_bins: int, sampling_rate: int, hop_length: int,
+                  where: str) -> LogMel:
+        """The features a checkpoint's feature extractor settings (``extractor``) make, checked
+        against the mel bins its tower takes; ``where`` names the checkpoint in the error."""
+        n_mels = int(extractor.get("feature_size", num_mel_bins))
+        if n_mels != num_mel_bins:
+            raise ValueError(f"{where}: the feature extractor makes {n_mels} mel bins, the "
+                             f"tower takes {num_mel_bins}")
+        return cls(n_mels, sampling_rate, int(extractor.get("n_fft", 400)), hop_length)
+
     def __call__(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [B, samples] (or [samples]) float32 -> [B, n_mels, samples // hop] (or
         [n_mels, frames]); each clip's floor is relative to its own maximum."""
