@@ -187,6 +187,33 @@ class MediaPlaceholders(ABC):
         return out, ranges
 
 
+class AudioPlaceholders(MediaPlaceholders):
+    """An audio-only slice: the config's ``audio_token_index``, widened to each clip's run as
+    the architecture's ``geometry_class`` sizes it from the probed header."""
+
+    image_token_id = None
+    geometry_class: type[MediaGeometry]  # built from (config, feature extractor settings)
+
+    def __init__(self, config: dict[str, Any], geometry: MediaGeometry):
+        text = config.get("text_config") or config
+        try:
+            self.audio_token_id = int(config.get("audio_token_index",
+                                                 config.get("audio_token_id")))
+            self.hidden_size = int(text["hidden_size"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("config.json needs audio_token_index and the LM's hidden_size"
+                             ) from None
+        self.geometry = geometry
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> AudioPlaceholders:
+        from protocol.checkpoint import audio_processor_config
+
+        folder = Path(model_dir)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return cls(config, cls.geometry_class(config, audio_processor_config(folder) or {}))
+
+
 def _substitute(ids: list[int], tokenizer: Any, pattern: re.Pattern,
                 texts: dict[str, int]) -> list[int]:
     """``ids`` (no placeholder id among them) with each match of ``pattern`` in their text

@@ -8,33 +8,14 @@ Qwen2-Audio's chat template writes ``Audio N: <|audio_bos|><|AUDIO|><|audio_eos|
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from frontend.models import MediaPlaceholders
-from protocol.checkpoint import audio_processor_config
+from frontend.models import AudioPlaceholders
 from protocol.geometry.qwen2_audio import Qwen2AudioGeometry
 
 
-class Qwen2AudioPlaceholders(MediaPlaceholders):
-    image_token_id = None
-
-    def __init__(self, config: dict[str, Any], geometry: Qwen2AudioGeometry):
-        text = config.get("text_config") or config
-        try:
-            self.audio_token_id = int(config.get("audio_token_index",
-                                                 config.get("audio_token_id")))
-            self.hidden_size = int(text["hidden_size"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("config.json needs audio_token_index and hidden_size") from None
-        self.geometry = geometry
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> Qwen2AudioPlaceholders:
-        folder = Path(model_dir)
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return cls(config, Qwen2AudioGeometry(config, audio_processor_config(folder) or {}))
+class Qwen2AudioPlaceholders(AudioPlaceholders):
+    geometry_class = Qwen2AudioGeometry
 
     def placeholder_text(self, tokenizer: Any, modality: str = "audio") -> str:
         """What a string-content template gets for one clip: the audio token wrapped in its
