@@ -51,6 +51,10 @@ class LLMWorkerConfig:
         "choices": PLACEMENTS, "help": "executor ray: how the group's bundles are placed"})
     attention_backend: str = field(default="auto", metadata={
         "choices": ATTENTION_BACKENDS, "help": "auto: triton where it runs, else torch"})
+    # Schedule step N+1 while step N runs on the device (its sampled ids stay there as N+1's
+    # inputs), so the host's share of a step overlaps the GPU's. auto: on for one worker (uni
+    # executor) on CUDA; off: every step waits for its result before the next is scheduled
+    async_scheduling: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
     # mp / ray: a TP worker silent this long (no heartbeat: stopped or wedged) while the engine
     # waits on a step fails the group, as a dead one does; 0: only the collective timeout
     tp_worker_timeout_s: float = 30.0
@@ -88,6 +92,9 @@ class LLMWorkerConfig:
         if self.ray_placement not in PLACEMENTS:
             raise ValueError(f"ray_placement must be one of {PLACEMENTS}, got "
                              f"{self.ray_placement!r}")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError("async_scheduling must be auto, on or off, got "
+                             f"{self.async_scheduling!r}")
         if self.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise ValueError("executor 'ray' needs Ray: pip install 'mmserve[ray]'")
         if tp > 1 and self.executor == "uni":
@@ -114,6 +121,13 @@ class LLMWorkerConfig:
         if self.executor != "auto":
             return self.executor
         return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+    def resolved_async_scheduling(self) -> bool:
+        """Only the in-process worker runs steps asynchronously; a TP group's steps (mp, ray)
+        are answered synchronously whatever this says."""
+        if self.async_scheduling != "auto":
+            return self.async_scheduling == "on"
+        return self.resolved_executor() == "uni" and self.resolved_device().startswith("cuda")
 
     def hf_config_dict(self) -> dict:
         return json.loads((Path(self.model) / "config.json").read_text())

@@ -1,6 +1,9 @@
 """The engine core: scheduler + executor, and the busy loop that serves them over ZeroMQ.
 
-`EngineCore` is synchronous and socket-free (the offline `LLM` drives it directly);
+`EngineCore` is socket-free (the offline `LLM` drives it directly). With asynchronous
+scheduling its `step()` schedules and queues step N+1 before it waits for step N's sampled ids,
+so the host's scheduling, input staging and launches overlap the device's work; it returns step
+N's outputs.
 `EngineCoreProc` wraps it in the three-step loop: drain inputs, step, emit. Sockets live on
 two IO threads, so the loop never blocks on the network and the forward pass never waits on it.
 A TP group that fails is rebuilt by a `GroupSupervisor` while the loop goes on answering.
@@ -13,6 +16,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 
 import msgspec
 import transformers
@@ -20,12 +24,13 @@ import zmq
 
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.embedding_cache import EmbeddingCache
-from llm_worker.executor import Executor, ExecutorError, make_executor
+from llm_worker.executor import Executor, ExecutorError, StepResult, make_executor
 from llm_worker.executor.supervisor import GroupSupervisor
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
+from protocol.step import SchedulerOutput
 from protocol.addresses import tcp
 from protocol.codec import ProtocolError, tensor_frames, tensor_from
 from protocol.messages import (
@@ -50,6 +55,11 @@ class EngineCore:
     def __init__(self, config: LLMWorkerConfig):
         self.config = config
         self.step_seconds = 0.0  # in steps that ran work (stats)
+        self.async_scheduling = config.resolved_async_scheduling()
+        # Steps sent to the executor whose results are not applied yet (at most one between
+        # calls of step(), and only with asynchronous scheduling), oldest first.
+        self.in_flight: deque[tuple[SchedulerOutput, StepResult]] = deque()
+        self.num_applied = 0  # steps whose results were applied (progress, with num_steps)
         self.executor = make_executor(config)
         try:
             self._build_core(config)
@@ -167,20 +177,31 @@ class EngineCore:
                 self.pending_free.append(key)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
     def step(self) -> list[TokenOutput]:
+        """Schedule and send one step; apply the results of the steps before it (with
+        asynchronous scheduling the one just sent stays in flight)."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        frames = self._attach_embeddings(out)
-        result = self.executor.execute(out, frames)
-        outputs = self.scheduler.update_from_output(out, result)
+        sent = not out.is_empty
+        if sent:
+            frames = self._attach_embeddings(out)
+            if self.async_scheduling:
+                self.in_flight.append((out, self.executor.execute_async(out, frames)))
+            else:
+                self.in_flight.append((out, StepResult(self.executor.execute(out, frames))))
+        outputs: list[TokenOutput] = []
+        keep = 1 if sent and self.async_scheduling else 0
+        while len(self.in_flight) > keep:
+            done, result = self.in_flight.popleft()
+            outputs += self.scheduler.update_from_output(done, result.result())
+            self.num_applied += 1
         for o in outputs:
             if o.finish_reason is not None:
                 self._release(o.request_id)
-        self.step_seconds += time.perf_counter() - t0
+        if sent or outputs:
+            self.step_seconds += time.perf_counter() - t0
         return outputs
 
     def _attach_embeddings(self, out) -> list:
@@ -191,7 +212,7 @@ class EngineCore:
         tensors = {}
         for rid, n in out.num_scheduled_tokens.items():
             req = self.scheduler.requests[rid]
-            start = req.num_computed_tokens  # not yet advanced: this step computes [start, start+n)
+            start = req.num_computed_tokens - n  # advanced: this step computes [start, start+n)
             for item in req.mm_items:
                 if item.offset >= start + n or item.offset + item.length <= start:
                     continue
@@ -221,6 +242,7 @@ class EngineCore:
         """Serve on a fresh TP group (the old one failed, its requests already answered):
         nothing the old workers held on their devices is there any more."""
         self.executor = executor
+        self.in_flight.clear()  # the old group's steps: their requests are answered already
         self.abort(list(self.scheduler.requests))  # none are left unless a caller kept some
         self.kv.reset_prefix_cache()  # the cached blocks' KV lived in the dead workers
         self.worker_keys.clear()  # so did the embeddings they had been sent
@@ -321,9 +343,9 @@ class EngineCoreProc:
                 # spinning would burn a core the encoders may be sharing.
                 self._drain_inputs(block=stalled or not self.core.has_work())
                 self._watch_group()
-                steps = self.core.scheduler.num_steps
+                progress = self.core.scheduler.num_steps, self.core.num_applied
                 self._emit(self._step())
-                stalled = self.core.scheduler.num_steps == steps
+                stalled = (self.core.scheduler.num_steps, self.core.num_applied) == progress
                 now = time.monotonic()
                 if now >= next_stats:  # a snapshot for the beat thread (never reads live state)
                     self._stats = self._snapshot()
@@ -371,6 +393,7 @@ class EngineCoreProc:
             # and keep serving; a broken device (or a failed TP group) fails the next step the
             # same way.
             ids = list(self.core.scheduler.requests)
+            self.core.in_flight.clear()  # their results are lost with the failed step
             if isinstance(e, ExecutorError):  # the executor logged the cause when it failed
                 log.error("engine step failed (%s); failing %d requests", e, len(ids))
                 self._group_failed(e)

@@ -3,7 +3,12 @@
 Everything is written into persistent buffers: host staging (pinned on CUDA, so the uploads are
 asynchronous) and device tensors at fixed addresses, which is what CUDA-graph replay reads. A step
 allocates no device tensor and never waits on the device; the only host work is filling numpy
-views from each request's state.
+views from each request's state. The staging is double-buffered: with asynchronous scheduling a
+step is prepared while the previous one may not have run its upload yet, so consecutive steps
+stage into alternate buffers (the one before that has finished: its result was read).
+
+A token sampled by the step still in flight is not known on the host: its row takes a zero and
+is listed in `StepBatch.pending`, and the runner fills it on the device from that step's output.
 
 Positions are 1-D (token i at position i) unless the model has a `PositionScheme` (M-RoPE: three
 per token); then the positions buffer is [max_num_tokens, rows], token-major, so that a step's
@@ -34,6 +39,8 @@ class RequestState:
     generator: torch.Generator | None = None  # set when the request has a seed
     # Token ids kept out of the sample until min_tokens outputs exist (EOS and stop ids).
     min_tokens_block: tuple[int, ...] = ()
+    # Sampled by steps in flight, not yet appended to token_ids (asynchronous scheduling).
+    num_pending: int = 0
     # Set by a model's PositionScheme: the prompt's positions, int64 [num_prompt_tokens, rows],
     # and the shift of every later token (token i at i + position_delta in each row).
     prompt_positions: np.ndarray | None = None
@@ -79,6 +86,9 @@ class StepBatch:
     # Media embeddings to splice in: (token index, mm key, first item row, count).
     splices: list[tuple[int, str, int, int]]
     padded_num_seqs: int = 0  # set when the batch is padded to a captured graph size
+    # (token index, request id) of input tokens sampled by the step in flight: zeros in the
+    # staged ids until the runner copies them from that step's device output.
+    pending: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -106,25 +116,35 @@ class InputBatch:
         t, s = max_num_tokens, self.num_seq_slots
         b = max(max_blocks_per_seq, -(-max_num_tokens // block_size))
         self.max_blocks_per_seq = b
-        # Two staging buffers (int64, int32) mirrored on the device: a step is two copies, not
-        # seven. Every field is a fixed view into one of them (what a captured graph reads).
+        # Two buffers (int64, int32) mirrored on the device: a step is two copies, not seven.
+        # Every field is a fixed view into one of them (what a captured graph reads).
         p = t * position_rows
-        self._host64 = torch.zeros(2 * t + p + s, dtype=torch.int64, pin_memory=pin)
-        self._host32 = torch.zeros(2 * s + 1 + s * b, dtype=torch.int32, pin_memory=pin)
-        self._dev64 = torch.zeros(2 * t + p + s, dtype=torch.int64, device=device)
-        self._dev32 = torch.zeros(2 * s + 1 + s * b, dtype=torch.int32, device=device)
-        pos_shape = (t,) if position_rows == 1 else (t, position_rows)
-
-        def fields(b64: torch.Tensor, b32: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return (b64[:t], b64[t : t + p].view(pos_shape), b64[t + p : 2 * t + p],  # ids, pos,
-                    b64[2 * t + p :],  # slots; token index of each sampled row's last token
-                    b32[: s + 1], b32[s + 1 : 2 * s + 1],  # query_start_loc, seq_lens
-                    b32[2 * s + 1 :].view(s, b))  # block tables
-
-        (self.cpu_ids, self.cpu_pos, self.cpu_slots, self.cpu_sample_idx, self.cpu_qstart,
-         self.cpu_seqlens, self.cpu_blocks) = fields(self._host64, self._host32)
+        self._sizes = (2 * t + p + s, 2 * s + 1 + s * b)
+        self._layout = (t, p, s, b, (t,) if position_rows == 1 else (t, position_rows))
+        self._staging = [(torch.zeros(self._sizes[0], dtype=torch.int64, pin_memory=pin),
+                          torch.zeros(self._sizes[1], dtype=torch.int32, pin_memory=pin))
+                         for _ in range(2)]
+        self._dev64 = torch.zeros(self._sizes[0], dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(self._sizes[1], dtype=torch.int32, device=device)
         (self.input_ids, self.positions, self.slot_mapping, self.sample_idx,
-         self.query_start_loc, self.seq_lens, self.block_tables) = fields(self._dev64, self._dev32)
+         self.query_start_loc, self.seq_lens, self.block_tables) = self._fields(self._dev64,
+                                                                                self._dev32)
+        self._stage = 1
+        self._flip()
+
+    def _fields(self, b64: torch.Tensor, b32: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        t, p, s, b, pos_shape = self._layout
+        return (b64[:t], b64[t : t + p].view(pos_shape), b64[t + p : 2 * t + p],  # ids, pos,
+                b64[2 * t + p :],  # slots; token index of each sampled row's last token
+                b32[: s + 1], b32[s + 1 : 2 * s + 1],  # query_start_loc, seq_lens
+                b32[2 * s + 1 :].view(s, b))  # block tables
+
+    def _flip(self) -> None:
+        """Stage the next step in the other host buffer (see the module docstring)."""
+        self._stage = 1 - self._stage
+        self._host64, self._host32 = self._staging[self._stage]
+        (self.cpu_ids, self.cpu_pos, self.cpu_slots, self.cpu_sample_idx, self.cpu_qstart,
+         self.cpu_seqlens, self.cpu_blocks) = self._fields(self._host64, self._host32)
         self._ids, self._pos = self.cpu_ids.numpy(), self.cpu_pos.numpy()
         self._slots, self._blocks = self.cpu_slots.numpy(), self.cpu_blocks.numpy()
         self._qstart, self._seqlens = self.cpu_qstart.numpy(), self.cpu_seqlens.numpy()
@@ -134,10 +154,12 @@ class InputBatch:
                 positions: PositionScheme | None = None) -> StepBatch:
         """Fill the host staging buffers for this step's rows. Positions follow the model's
         scheme; None is plain 1-D RoPE, token i at position i."""
+        self._flip()
         ids_np, pos_np, slots_np, blocks_np = self._ids, self._pos, self._slots, self._blocks
         bs = self.block_size
         qstart, seqlens, sample_rows = [0], [], []
         splices: list[tuple[int, str, int, int]] = []
+        pending: list[tuple[int, str]] = []
         t = 0
         for row, (rid, n) in enumerate(num_scheduled.items()):
             st = requests[rid]
@@ -148,11 +170,18 @@ class InputBatch:
                 if a < b:
                     splices.append((t + a - start, item.key, a - item.offset, b - a))
             table = st.block_ids
+            known = len(st.token_ids)
             if n == 1:  # decode: scalar writes beat building arrays
-                ids_np[t] = st.token_ids[start]
+                if start < known:
+                    ids_np[t] = st.token_ids[start]
+                else:  # sampled by the step in flight
+                    ids_np[t] = 0
+                    pending.append((t, rid))
                 pos_np[t] = start if positions is None else positions(st, start, 1)[0]
                 slots_np[t] = int(table[start // bs]) * bs + start % bs
             else:
+                if end > known:  # a pending token is only ever a sequence's next single input
+                    raise RuntimeError(f"{rid}: a {n}-token chunk reaches a pending token")
                 ids_np[t : t + n] = st.token_ids[start:end]
                 kv_pos = np.arange(start, end)
                 pos_np[t : t + n] = kv_pos if positions is None else positions(st, start, n)
@@ -161,9 +190,10 @@ class InputBatch:
             t += n
             qstart.append(t)
             seqlens.append(end)
-            if end == len(st.token_ids):  # the prompt (or chunk chain) is complete: sample
+            if end == known + st.num_pending:  # the prompt (or chunk chain) is complete: sample
                 sample_rows.append(row)
-        return StepBatch(list(num_scheduled), t, qstart, seqlens, sample_rows, splices)
+        return StepBatch(list(num_scheduled), t, qstart, seqlens, sample_rows, splices,
+                         pending=pending)
 
     def pad_to(self, batch: StepBatch, size: int) -> None:
         """Pad a uniform-decode batch with dummy rows up to a captured graph size: one token each,

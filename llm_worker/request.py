@@ -49,6 +49,7 @@ class Request:
         "arrival_order",
         "status",
         "num_computed_tokens",
+        "num_pending_tokens",
         "block_ids",
         "num_cached_tokens",
         "block_hashes",
@@ -81,7 +82,12 @@ class Request:
         self.arrival_time = arrival_time
         self.arrival_order = next(_arrival_counter)
         self.status = RequestStatus.WAITING
-        self.num_computed_tokens = 0  # tokens whose KV is in this request's blocks
+        # Tokens whose KV is in this request's blocks, or is computed by a step already sent
+        # to the workers (advanced when a step is scheduled, not when its result comes back).
+        self.num_computed_tokens = 0
+        # Tokens sampled by steps still in flight: counted as this request's length when the
+        # next step is scheduled (asynchronous scheduling), their ids not known yet.
+        self.num_pending_tokens = 0
         self.block_ids: list[int] = []
         self.num_cached_tokens = 0  # prefix-cache hit of the first schedule (reported once)
         # Chained hashes of this request's full blocks, filled lazily by the KV block manager.
@@ -114,6 +120,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_len(self) -> int:
+        """The length the next step extends: known tokens plus those still being sampled."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

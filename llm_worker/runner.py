@@ -6,6 +6,11 @@ backend builds its metadata from those buffers; decode steps replay a CUDA graph
 `graphs.py`, everything else runs eagerly) and the sampler (`sampling.py`). `warm_up` runs every
 kernel shape once and captures the graphs before the engine reports ready.
 
+`execute_async` returns once the step is queued on the device: its sampled ids are read when
+the engine asks for them (`SampledStep.result`), after it has scheduled and queued the next
+step, whose inputs take them from the device (asynchronous scheduling). `execute` is the same
+step waited for.
+
 Under tensor parallelism every rank runs the same step on its shard (the same branches, so the
 same collectives in the same order) and ends with the full logits (the LM head all-gathers).
 Only rank 0 samples; it broadcasts the sampled ids, which every rank appends to its copy of the
@@ -16,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from llm_worker.attention import ATTENTION_BACKENDS, TritonAttentionBackend
+from llm_worker.executor import StepResult
 from llm_worker.graphs import DecodeGraphs, MixedGraphs, capture_sizes
 from llm_worker.input_batch import InputBatch, PositionScheme, RequestState, StepBatch
 from llm_worker.sampling import Sampler, SamplingRow
@@ -85,6 +92,12 @@ class ModelRunner:
         self.mixed: MixedGraphs | None = None
         # A mixed graph reads its input embeddings here (lookup + media splices run before it).
         self.embeds_buf: torch.Tensor | None = None
+        # Steps whose sampled ids are still on their way to the host, oldest first.
+        self.in_flight: deque[SampledStep] = deque()
+        # Pinned landing slots for those ids, used in turn (at most two steps are in flight).
+        pin = device.type == "cuda"
+        self._landing = [torch.zeros(self.inputs.num_seq_slots, dtype=torch.int64,
+                                     pin_memory=pin) for _ in range(3)]
 
     # -- KV cache ---------------------------------------------------------------------------
 
@@ -208,12 +221,20 @@ class ModelRunner:
                 new.num_prompt_tokens, st.mm_items)
         self.requests[new.request_id] = st
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, frames=()) -> ModelRunnerOutput:
-        """One step; ``frames`` are the step message's extra frames (its embeddings)."""
+        """One step, waited for; ``frames`` are the step message's extra frames (its
+        embeddings)."""
+        return self.execute_async(out, frames).result()
+
+    @torch.inference_mode()
+    def execute_async(self, out: SchedulerOutput, frames=()) -> StepResult:
+        """One step queued on the device; its result is read when asked for."""
         self._update_states(out, frames)
         if not out.num_scheduled_tokens:
-            return ModelRunnerOutput(sampled_token_ids={}, logprobs={})
+            return StepResult(ModelRunnerOutput(sampled_token_ids={}, logprobs={}))
+        if self.in_flight and any(_uses_penalties(self.requests[rid].sampling)
+                                  for rid in out.num_scheduled_tokens):
+            self.in_flight[-1].result()  # penalties read the whole history, on the host
         bufs = self.inputs
         batch = bufs.prepare(self.requests, out.num_scheduled_tokens, self.positions)
         size = tokens = None
@@ -224,23 +245,39 @@ class ModelRunner:
         if tokens is not None:  # a short step that is not uniform decode: the mixed graph
             num_sampled = len(batch.sample_rows)
             bufs.pad_mixed(batch, tokens)
-            bufs.upload(batch)
+            self._upload(batch)
             self._embed(batch, self.embeds_buf[:tokens])
             logits = self.mixed.replay(tokens)[:num_sampled]
         elif size is not None:
             num_seqs = batch.num_seqs
             splits = self.graphs.num_splits(size, max(batch.seq_lens))
             bufs.pad_to(batch, size)
-            bufs.upload(batch)
+            self._upload(batch)
             logits = self.graphs.replay(size, splits)  # [size, vocab]: row i is batch row i
             if len(batch.sample_rows) != num_seqs:
                 logits = logits[bufs.sample_idx[: len(batch.sample_rows)]]
             else:
                 logits = logits[:num_seqs]
         else:
-            bufs.upload(batch)
+            self._upload(batch)
             logits = self._forward(batch)
         return self._sample(batch, logits)
+
+    def _upload(self, batch: StepBatch) -> None:
+        """The staged step to the device, then the input ids the step in flight samples, copied
+        there from its output (one device copy when rows keep their order, the steady state)."""
+        self.inputs.upload(batch)
+        if not batch.pending:
+            return
+        src = self.in_flight[-1]  # every earlier step has landed: its ids are in token_ids
+        dst = [t for t, _ in batch.pending]
+        rows = [src.rows[rid] for _, rid in batch.pending]
+        ids = self.inputs.input_ids
+        if dst == rows == list(range(len(dst))):
+            ids[: len(dst)].copy_(src.tokens[: len(dst)])
+        else:
+            idx = torch.tensor([dst, rows], dtype=torch.int64, device=self.device)
+            ids[idx[0]] = src.tokens[idx[1]]
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         """The eager step: the forward over every token, the LM head over the sampled ones."""
@@ -271,29 +308,44 @@ class ModelRunner:
         overwrites, instead of indexing out of range (a device assert on CUDA)."""
         return self.model.embed_tokens(ids.clamp(max=self.vocab_size - 1))
 
-    def _sample(self, batch: StepBatch, logits: torch.Tensor) -> ModelRunnerOutput:
+    def _sample(self, batch: StepBatch, logits: torch.Tensor) -> StepResult:
         if not batch.sample_rows:
-            return ModelRunnerOutput(sampled_token_ids={}, logprobs={})
+            return StepResult(ModelRunnerOutput(sampled_token_ids={}, logprobs={}))
         rids = [batch.request_ids[row] for row in batch.sample_rows]
-        lps: list = [None] * len(rids)
-        if self.tp_rank == 0:
-            tokens, lps = self.sampler(logits, [self._sampling_row(rid) for rid in rids])
-            if self.tp_size > 1:
+        if self.tp_size > 1:  # the group answers each step before the next: no ids in flight
+            lps: list = [None] * len(rids)
+            if self.tp_rank == 0:
+                tokens, lps = self.sampler(logits, [self._sampling_row(rid) for rid in rids])
                 self._broadcast_tokens(tokens)
-        else:
-            tokens = self._broadcast_tokens([0] * len(rids))
-        sampled: dict[str, int] = {}
-        logprobs = {}
-        for rid, tok, lp in zip(rids, tokens, lps):
-            self.requests[rid].token_ids.append(tok)
-            sampled[rid] = tok
-            if lp is not None:
-                logprobs[rid] = lp
-        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+            else:
+                tokens = self._broadcast_tokens([0] * len(rids))
+            for rid, tok in zip(rids, tokens):
+                self.requests[rid].token_ids.append(tok)
+            return StepResult(_runner_output(rids, tokens, lps))
+        tokens, lps = self.sampler.sample(logits, [self._sampling_row(rid) for rid in rids])
+        for rid in rids:
+            self.requests[rid].num_pending += 1
+        self._landing.append(landing := self._landing.pop(0))
+        step = SampledStep(self, rids, tokens, lps, landing)
+        self.in_flight.append(step)
+        return step
+
+    def _land(self, step: SampledStep) -> None:
+        """Read the ids of every step up to ``step``, oldest first, into their requests."""
+        while self.in_flight:
+            s = self.in_flight.popleft()
+            ids = s.read()
+            for rid, tok in zip(s.rids, ids):
+                st = self.requests.get(rid)  # gone: finished (or aborted) meanwhile
+                if st is not None:
+                    st.token_ids.append(tok)
+                    st.num_pending -= 1
+            if s is step:
+                return
 
     def _sampling_row(self, rid: str) -> SamplingRow:
         st = self.requests[rid]
-        num_out = len(st.token_ids) - st.num_prompt_tokens
+        num_out = len(st.token_ids) + st.num_pending - st.num_prompt_tokens
         # Only penalties read the history: copying it for every row every step cost
         # O(context) host time per token (0.2+ ms a step at batch 64, context 700).
         history = _uses_penalties(st.sampling)
@@ -311,6 +363,45 @@ class ModelRunner:
         t = torch.tensor(tokens, dtype=torch.int64, device=self.device)  # [num_sampled]
         dist.broadcast(t, src=0)
         return t.tolist()
+
+
+class SampledStep(StepResult):
+    """One step's sampled ids: on the device (the next step's inputs read them there), copied
+    to a pinned landing buffer behind the step; `result` waits for that copy alone."""
+
+    def __init__(self, runner: ModelRunner, rids: list[str], tokens: torch.Tensor,
+                 lps: list, landing: torch.Tensor):
+        super().__init__(None)
+        self.runner, self.rids, self.tokens, self.lps = runner, rids, tokens, lps
+        self.rows = {rid: i for i, rid in enumerate(rids)}
+        n = len(rids)
+        if tokens.device.type == "cuda":
+            self._host = landing[:n]
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = tokens, None
+
+    def read(self) -> list[int]:
+        """Wait for the ids (the runner calls this once, in step order) and keep the output."""
+        if self._event is not None:
+            self._event.synchronize()
+        ids = self._host.tolist()
+        self.output = _runner_output(self.rids, ids, self.lps)
+        self.tokens = self._host = None  # nothing left to hold on to
+        return ids
+
+    def result(self) -> ModelRunnerOutput:
+        if self.output is None:
+            self.runner._land(self)
+        return self.output
+
+
+def _runner_output(rids: list[str], tokens: list[int], lps: list) -> ModelRunnerOutput:
+    return ModelRunnerOutput(
+        sampled_token_ids=dict(zip(rids, tokens)),
+        logprobs={rid: lp for rid, lp in zip(rids, lps) if lp is not None})
 
 
 def _uses_penalties(p: Sampling) -> bool:

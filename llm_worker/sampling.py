@@ -44,25 +44,32 @@ class Sampler:
         self.device = device
         # The batch's parameters go up as one [8, N] table: a pinned staging buffer and a fixed
         # device mirror, one async copy per step that needs them (all-greedy steps need none).
+        # Two staging buffers, used in turn: under asynchronous scheduling the next step's table
+        # is written while this step's copy may still wait in the stream.
         pin = device.type == "cuda"
-        self._host = torch.zeros(8, max_num_seqs, dtype=torch.float32, pin_memory=pin)
+        self._hosts = [torch.zeros(8, max_num_seqs, dtype=torch.float32, pin_memory=pin)
+                       for _ in range(2)]
         self._table = torch.zeros(8, max_num_seqs, dtype=torch.float32, device=device)
         self._n = 0
 
     def _upload(self, rows: list[SamplingRow]) -> None:
         """Fill and upload the parameter table for these rows."""
         n = self._n = len(rows)
-        if n > self._host.shape[1]:  # more rows than sequences: grow once (never on a hot path)
-            self._host = torch.zeros(8, n, dtype=torch.float32, pin_memory=self._host.is_pinned())
+        self._hosts.reverse()
+        host = self._hosts[0]
+        if n > host.shape[1]:  # more rows than sequences: grow once (never on a hot path)
+            self._hosts = [torch.zeros(8, n, dtype=torch.float32, pin_memory=host.is_pinned())
+                           for _ in range(2)]
+            host = self._hosts[0]
             self._table = torch.zeros(8, n, dtype=torch.float32, device=self.device)
-        t, v = self._host.numpy(), self.vocab_size
+        t, v = host.numpy(), self.vocab_size
         for i, r in enumerate(rows):
             p = r.params
             greedy = p.temperature < _GREEDY_EPS
             t[:, i] = (1.0 if greedy else p.temperature, p.top_k if 0 < p.top_k < v else v,
                        p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
                        p.presence_penalty, greedy)
-        self._table[:, :n].copy_(self._host[:, :n], non_blocking=self._host.is_pinned())
+        self._table[:, :n].copy_(host[:, :n], non_blocking=host.is_pinned())
 
     def _col(self, field: int) -> torch.Tensor:
         """[N, 1] column of this step's parameter table on the device."""
@@ -71,6 +78,15 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """The sampled ids on the host (waits for the device) and each row's logprobs."""
+        tokens, lps = self.sample(logits, rows)
+        return tokens.tolist(), lps
+
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """The sampled ids as a device tensor [N] (nothing waits for them unless a row asks for
+        logprobs, which are read on the host) and each row's logprobs."""
         # logits: [N, vocab] float32, one row per request that samples this step
         logits = logits[:, : self.vocab_size].float()
         if not all(_is_plain_greedy(r.params) for r in rows):
@@ -82,11 +98,10 @@ class Sampler:
         logits = self._apply_penalties(logits, rows)
         logits = self._block(logits, rows)
         tokens = self._sample(logits, rows)
-        token_list = tokens.tolist()
         lps: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
             lps = self._logprobs(raw_logprobs, tokens, rows)
-        return token_list, lps
+        return tokens, lps
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         p = [r.params for r in rows]

@@ -2,8 +2,13 @@
 
 Each ``schedule()`` builds one step: running requests first (a decode token, or the next chunk
 of a prefill), then waiting ones in arrival order while the budget, ``max_num_seqs`` and the KV
-cache allow. ``update_from_output()`` applies the step's result: progress, sampled tokens, stop
-checks, freeing finished requests.
+cache allow. ``update_from_output()`` applies the step's result: sampled tokens, stop checks,
+prefix-cache registration, freeing finished requests.
+
+Progress is counted when a step is scheduled, not when its result comes back, so the next step
+can be scheduled while this one runs (asynchronous scheduling, `EngineCore`): a step that ends a
+sequence's known tokens leaves one *pending* token (sampled, id not known yet) that the next
+step may already extend. Scheduled and applied one after the other, the steps are the same.
 """
 
 from __future__ import annotations
@@ -128,19 +133,19 @@ class Scheduler:
         mm item whose embedding is missing. Items already in the KV (ending at or before
         ``num_computed``, default the request's progress) need no embedding."""
         if self.embeddings_ready is None or not req.mm_items:
-            return req.num_tokens
+            return req.num_scheduled_len
         done = req.num_computed_tokens if num_computed is None else num_computed
         for item in req.mm_items:
             if item.offset + item.length > done and not self.embeddings_ready(item.key):
                 return item.offset
-        return req.num_tokens
+        return req.num_scheduled_len
 
     def _computable(self, req: Request, done: int) -> int:
         """Tokens past ``done`` to compute now: up to `request_ready`, or none when that stops
         short of an item being encoded and is shorter than ``min_partial_prefill``."""
         ready = self.request_ready(req, done)
         n = ready - done
-        if ready < req.num_tokens and n < self.config.min_partial_prefill:
+        if ready < req.num_scheduled_len and n < self.config.min_partial_prefill:
             return 0
         return n
 
@@ -158,6 +163,17 @@ class Scheduler:
             self.num_steps += 1
         return out
 
+    def _advance(self, req: Request, n: int) -> None:
+        """``n`` tokens of ``req`` go into this step; reaching its end samples one more."""
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_scheduled_len:
+            req.num_pending_tokens += 1
+
+    def _done_by_length(self, req: Request) -> bool:
+        """Its pending tokens already reach max_tokens or max_model_len: nothing to extend."""
+        return (req.num_output_tokens + req.num_pending_tokens >= req.sampling.max_tokens
+                or req.num_scheduled_len >= self.config.max_model_len)
+
     def _chunk(self, n: int, budget: int) -> int:
         """Tokens to schedule of ``n`` computable ones: all, a budget-sized chunk, or none."""
         if n <= budget:
@@ -168,6 +184,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending_tokens and self._done_by_length(req):
+                i += 1
+                continue
             n = self._chunk(self._computable(req, req.num_computed_tokens), budget)
             if n <= 0:  # stalled on an embedding (or its chunk can't fit): let others go
                 i += 1
@@ -185,6 +204,7 @@ class Scheduler:
                 CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
             )
             out.num_scheduled_tokens[req.request_id] = n
+            self._advance(req, n)
             budget -= n
             i += 1
         return budget
@@ -192,6 +212,7 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         # Recompute, not swap: drop the KV and redo prompt + outputs later (the prefix cache
         # often gives much of it back). Front of the queue: it is older than anything waiting.
+        # A token still pending from the step in flight is kept: it arrives while it waits.
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -203,6 +224,9 @@ class Scheduler:
         skipped: list[Request] = []  # blocked on embeddings: they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending_tokens:  # preempted with a token in flight: resume once it lands
+                skipped.append(self.waiting.popleft())
+                continue
             hit = self.kv.get_computed_blocks(req)
             n = self._computable(req, hit.num_tokens)
             if n <= 0:
@@ -236,6 +260,7 @@ class Scheduler:
                 )
             )
             out.num_scheduled_tokens[req.request_id] = n
+            self._advance(req, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return budget
@@ -246,16 +271,21 @@ class Scheduler:
         self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
     ) -> list[TokenOutput]:
         outputs: list[TokenOutput] = []
+        starts = {c.request_id: c.num_computed_tokens for c in sched_out.cached_requests}
+        starts.update((r.request_id, r.num_computed_tokens) for r in sched_out.new_requests)
         for rid, n in sched_out.num_scheduled_tokens.items():
             req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
+            if req is None or req.is_finished:
                 continue  # aborted after it was scheduled: its result is dropped
-            req.num_computed_tokens += n
-            # The step wrote this KV, so full blocks are safe to share from now on.
-            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            running = req.status == RequestStatus.RUNNING  # else preempted since (async)
+            if running:
+                # This step wrote the KV, so full blocks are safe to share from now on (a later
+                # step, maybe in flight, may have computed more: not ours to register yet).
+                self.kv.cache_full_blocks(req, starts[rid] + n)
             tok = runner_out.sampled_token_ids.get(rid)
             if tok is None:
                 continue  # a prefill chunk that is not the last
+            req.num_pending_tokens -= 1
             req.output_token_ids.append(tok)
             self._check_stop(req, tok)
             lp = runner_out.logprobs.get(rid)
@@ -271,7 +301,7 @@ class Scheduler:
                 )
             )
             if req.is_finished:
-                self._free_finished(req)
+                self._free_finished(req, running)
         return outputs
 
     def _check_stop(self, req: Request, tok: int) -> None:
@@ -284,8 +314,8 @@ class Scheduler:
         if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.config.max_model_len:
             req.status = RequestStatus.FINISHED_LENGTH
 
-    def _free_finished(self, req: Request) -> None:
-        self.running.remove(req)
+    def _free_finished(self, req: Request, running: bool = True) -> None:
+        (self.running if running else self.waiting).remove(req)
         self.kv.free(req)
         del self.requests[req.request_id]
         self._finished_ids.add(req.request_id)

@@ -17,6 +17,17 @@ class ExecutorError(RuntimeError):
     raises this at once, so requests fail fast instead of waiting on a dead group."""
 
 
+class StepResult:
+    """A step sent to the workers: `result()` is its ModelRunnerOutput, waiting for it if the
+    step still runs (the in-process runner returns before its device work is done)."""
+
+    def __init__(self, output: ModelRunnerOutput | None):
+        self.output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self.output
+
+
 class Executor(ABC):
     """Owns the TP group of one decoder replica. Every worker gets the same SchedulerOutput;
     rank 0's ModelRunnerOutput is the answer."""
@@ -37,6 +48,11 @@ class Executor(ABC):
     def execute(self, out: SchedulerOutput, frames: Sequence[Any] = ()) -> ModelRunnerOutput:
         """Run one step. ``frames`` are the step's extra frames: the buffers its
         ``embeddings`` refs point at (`protocol.codec.tensor_frames`)."""
+
+    def execute_async(self, out: SchedulerOutput, frames: Sequence[Any] = ()) -> StepResult:
+        """Send one step and return before its result if the workers can (asynchronous
+        scheduling); a group that answers each step before the next returns it done."""
+        return StepResult(self.execute(out, frames))
 
     @property
     @abstractmethod

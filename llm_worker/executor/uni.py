@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llm_worker.config import LLMWorkerConfig
-from llm_worker.executor import Executor
+from llm_worker.executor import Executor, StepResult
 from llm_worker.worker import Worker
 from protocol.step import ModelRunnerOutput, SchedulerOutput
 
@@ -24,6 +24,9 @@ class UniExecutor(Executor):
 
     def execute(self, out: SchedulerOutput, frames: Sequence[Any] = ()) -> ModelRunnerOutput:
         return self.worker.execute(out, frames)
+
+    def execute_async(self, out: SchedulerOutput, frames: Sequence[Any] = ()) -> StepResult:
+        return self.worker.runner.execute_async(out, frames)
 
     @property
     def vocab_size(self) -> int:

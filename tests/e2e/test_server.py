@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tiny_llama):
-    srv = Server(tiny_llama, "--max-num-batched-tokens", "32", "--max-model-len", "2048")
+    # Asynchronous scheduling, as on a GPU (on CPU it defaults to off; the other servers'
+    # tests cover that): streaming, stop strings, disconnects and bad input over it too.
+    srv = Server(tiny_llama, "--max-num-batched-tokens", "32", "--max-model-len", "2048",
+                 "--async-scheduling", "on")
     yield srv
     srv.stop()
 

@@ -69,7 +69,7 @@ def test_interp_graph_forwards_equal_eager(tiny_llama):
     r._embed(batch, r.embeds_buf)
     torch.testing.assert_close(r._mixed_logits(32)[:3], eager, rtol=1e-4, atol=1e-4)
     _kv_unchanged_but_real(r.kv_caches, eager_kv, before)
-    r._sample(batch, eager)  # every prompt takes its first token
+    r._sample(batch, eager).result()  # every prompt takes its first token
 
     # A decode step: eager, then padded 3 -> 4 rows with graph metadata, one and two splits.
     cached = [CachedRequestData(rid, [], len(r.requests[rid].token_ids) - 1) for rid in PROMPTS]

@@ -77,7 +77,7 @@ def test_warm_up_leaves_cache_and_outputs_alone(runner, tiny_llama):
     for a, b in zip(runner.kv_caches, kv):
         assert torch.equal(a, b)
     got = runner._sample(batch := runner.inputs.prepare(runner.requests, out.num_scheduled_tokens),
-                         (runner.inputs.upload(batch), runner._forward(batch))[1])
+                         (runner.inputs.upload(batch), runner._forward(batch))[1]).result()
     assert set(got.sampled_token_ids) == set(PROMPTS)
 
 

@@ -62,10 +62,12 @@ def run(core: EngineCore, reqs: list[GenerateRequest]) -> dict[str, list[int]]:
     return out
 
 
-def test_llava_decoder_parity_and_waiting_for_embeddings(llava):
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_llava_decoder_parity_and_waiting_for_embeddings(llava, async_scheduling):
     path, proc, model = llava
     image_token = model.config.image_token_index
-    core = EngineCore(LLMWorkerConfig(model=path, max_num_batched_tokens=24))
+    core = EngineCore(LLMWorkerConfig(model=path, max_num_batched_tokens=24,
+                                      async_scheduling=async_scheduling))
     cases = [  # (prompt, images): one image, two images, text interleaved
         ("<image>What is this?", [image(0)]),
         ("Compare <image> and <image> please", [image(1), image(2)]),

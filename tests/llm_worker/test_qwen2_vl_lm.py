@@ -118,9 +118,9 @@ class Session:
         if scheme is not None:
             self.runner.positions = scheme
         self.logits: list[torch.Tensor] = []
-        sampler = self.runner.sampler
-        self.runner.sampler = lambda logits, rows: (self.logits.append(logits[0].clone()),
-                                                    sampler(logits, rows))[1]
+        sample = self.runner.sampler.sample
+        self.runner.sampler.sample = lambda logits, rows: (self.logits.append(logits[0].clone()),
+                                                           sample(logits, rows))[1]
         self.free = list(range(1, 40))
         random.Random(0).shuffle(self.free)
 
@@ -281,7 +281,7 @@ def _padded_steps_equal_eager(path: str, attention_backend: str) -> None:
     else:
         logits = r._forward(batch)
     torch.testing.assert_close(logits[0], s.logits[0], rtol=1e-4, atol=1e-4)
-    r._sample(batch, logits)
+    r._sample(batch, logits).result()
 
     decode = SchedulerOutput([], [CachedRequestData("r", [], PROMPT_LEN)], {"r": 1}, 1)
     r._update_states(decode)
