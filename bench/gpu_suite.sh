@@ -64,7 +64,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_cublas decode_unfused decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_sync decode_cublas decode_unfused decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft audio}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -78,6 +78,7 @@ DECODE_STEPS=${DECODE_STEPS:-32}
 REF_BATCHES=${REF_BATCHES:-1 8 32 64}
 REF_CONTEXTS=${REF_CONTEXTS:-128 700}
 CUBLAS_BATCHES=${CUBLAS_BATCHES:-1 8}
+SYNC_BATCHES=${SYNC_BATCHES:-1 8 64}
 CUBLAS_CONTEXTS=${CUBLAS_CONTEXTS:-128 700}
 EAGER_BATCHES=${EAGER_BATCHES:-1 8 64}
 TP_BATCHES=${TP_BATCHES:-1 8 64}
@@ -174,6 +175,9 @@ run_stage kernels "${T_KERNELS:-90}" 20 \
 DEC="python3 bench/decode.py --model $CKPT $D --prefill-batch $PREFILL_BATCH --prefill-len $PREFILL_LEN"
 run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --batch $DECODE_BATCHES \
     --context $DECODE_CONTEXTS --steps $DECODE_STEPS --budget-s @BUDGET@ --out $WORK/decode_triton.json"
+run_stage decode_sync "${T_DECODE_SYNC:-80}" 30 "MMSERVE_KERNELS=triton $DEC --async-scheduling off \
+    --batch $SYNC_BATCHES --context $CUBLAS_CONTEXTS --steps $DECODE_STEPS --prefill-reps 1 \
+    --budget-s @BUDGET@ --out $WORK/decode_sync.json"
 run_stage decode_cublas "${T_DECODE_CUBLAS:-80}" 30 "MMSERVE_KERNELS=triton \
     MMSERVE_REFERENCE_OPS=linear $DEC --batch $CUBLAS_BATCHES --context $CUBLAS_CONTEXTS \
     --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ --out $WORK/decode_cublas.json"
@@ -209,6 +213,9 @@ run_stage qwen_tower "${T_QWEN_TOWER:-150}" 0 "python3 bench/qwen_tower.py $D $T
 run_stage video_ttft "${T_VIDEO_TTFT:-200}" 0 "python3 bench/video_ttft.py $D $TINY \
     --budget-s @BUDGET@ --serve-args '${VIDEO_SERVE_ARGS:---max-num-batched-tokens 4096}' \
     --out $WORK/video_ttft.json"
+
+run_stage audio "${T_AUDIO:-150}" 0 "python3 bench/audio.py --device $DEVICE \
+    --size $([[ $SHAPE == tiny ]] && echo tiny || echo real) --out $WORK/audio_gpu.json"
 
 # -- summary: printed last ---------------------------------------------------------------------
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv

@@ -2,11 +2,13 @@
 
 For each batch size, a decode batch of `--context`-token prompts runs through mmserve's engine
 (Triton kernels, CUDA-graph decode) and this prints:
-- the served step (`EngineCore.step()`, CUDA-synchronized wall time), split into host stages
-  timed around the engine's own methods: schedule, input prep + upload, graph replay (launch),
-  sampling (which waits for the GPU: the step's one host sync), scheduler update;
+- the served step (`EngineCore.step()` back to back, wall time over the run / steps, as
+  served: with asynchronous scheduling the host's work overlaps the device's), split into host
+  stages timed around the engine's own methods: schedule, input prep + upload, graph replay
+  (launch), sampling (launch), the wait for the sampled ids (the step's one host sync: with
+  asynchronous scheduling, for the previous step's), scheduler update;
 - the GPU time of the captured graph alone (back-to-back replays, CUDA events), so
-  host overhead = step - GPU time, and the roofline of the same step;
+  host overhead = step - GPU time (what the overlap leaves), and the roofline of the step;
 - the kernels of one eager step (torch.profiler, CUDA time per kernel family), which show what
   bounds the GPU time (the GEMMs' bandwidth, attention, the small ops).
 
@@ -83,20 +85,22 @@ def profile_point(core: EngineCore, st: dict, bw: float, batch: int, ctx: int,
     timer.wrap(core.scheduler, "update_from_output", "update")
     timer.wrap(runner.inputs, "prepare", "prepare")
     timer.wrap(runner.inputs, "upload", "upload")
-    timer.wrap(runner, "_sample", "sample (waits for GPU)")
+    timer.wrap(runner, "_sample", "sample (launch)")
+    timer.wrap(runner, "_land", "wait for ids")
     if runner.graphs is not None:
         timer.wrap(runner.graphs, "replay", "graph launch")
-    times = []
+    # Back to back, synchronized only around the run: with asynchronous scheduling a step's
+    # host work overlaps the previous step's device work, as when serving.
+    sync(core.executor.worker.device)
+    t0 = time.perf_counter()
     for _ in range(steps):
-        sync(core.executor.worker.device)
-        t0 = time.perf_counter()
         core.step()
-        sync(core.executor.worker.device)
-        times.append(time.perf_counter() - t0)
-    step_ms = statistics.median(times) * 1e3
+    sync(core.executor.worker.device)
+    step_ms = (time.perf_counter() - t0) / steps * 1e3
     stages = {k: v / steps * 1e3 for k, v in timer.totals.items()}
     for obj, attr in ((core.scheduler, "schedule"), (core.scheduler, "update_from_output"),
-                      (runner.inputs, "prepare"), (runner.inputs, "upload"), (runner, "_sample")):
+                      (runner.inputs, "prepare"), (runner.inputs, "upload"), (runner, "_sample"),
+                      (runner, "_land")):
         delattr(obj, attr)  # back to the class methods
     gpu_ms = None
     size = None
