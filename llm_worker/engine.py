@@ -30,7 +30,6 @@ from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
-from protocol.step import SchedulerOutput
 from protocol.addresses import tcp
 from protocol.codec import ProtocolError, tensor_frames, tensor_from
 from protocol.messages import (
@@ -47,6 +46,7 @@ from protocol.messages import (
     TokenOutputs,
 )
 from protocol.sockets import Receiver, Sender
+from protocol.step import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
