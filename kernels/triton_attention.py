@@ -200,7 +200,7 @@ def _paged_attention_kernel(
     PDL: tl.constexpr,  # kernels/pdl.py
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P
-    pdl.trigger_and_wait(PDL)
+    pdl.wait_then_trigger(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -282,7 +282,7 @@ def _reduce_splits_kernel(
     PDL: tl.constexpr,
 ):
     """Merge the partials of one (token, q head): weights 2^(lse_s - max lse), renormalized."""
-    pdl.trigger_and_wait(PDL)
+    pdl.wait_then_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS_P)

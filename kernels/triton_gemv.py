@@ -57,12 +57,12 @@ def _gemv_kernel(
     n_ok, m_ok = rn < N, rm < M
     w_rows = w_ptr + rn[:, None] * stride_wn  # [BLOCK_N, 1]
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
         if PREFETCH_COLS > 0:  # while the previous kernel finishes: no kernel writes weights
             lines = tl.arange(0, PREFETCH_COLS // LINE) * LINE
             ok = n_ok[:, None] & (lines < K)[None, :]
             pdl.prefetch_l2(tl.where(ok, w_rows + lines[None, :], w_ptr))
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x_rows = x_ptr + rm[:, None] * stride_xm  # [16, 1]
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     sum_sq = tl.zeros((16,), dtype=tl.float32)

@@ -54,7 +54,7 @@ def _rms_norm_kernel(
 ):  # fmt: skip
     # One program per token row: the whole row sits in registers, so x is read once even with
     # the residual add, and the sum of squares is one in-register reduction.
-    pdl.trigger_and_wait(PDL)
+    pdl.wait_then_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at long prefills
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden  # BLOCK is hidden rounded up to a power of two (4096, 5120, 96, ...)
@@ -112,7 +112,7 @@ def rms_norm(
 def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
     # Grid (token, column block): tokens on axis 0, whose limit is 2**31 (axis 1's is 65535).
-    pdl.trigger_and_wait(PDL)
+    pdl.wait_then_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -304,7 +304,7 @@ def _rope_write_kv_kernel(
 ):  # fmt: skip
     # One program per token: q is rotated into q_out, k is rotated straight into its cache slot
     # and v copied beside it, so the rotated k never goes through memory on its own.
-    pdl.trigger_and_wait(PDL)
+    pdl.wait_then_trigger(PDL)
     tok = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(pos_ptr, table_ptr, tok, stride_pos, stride_table, HALF, BLOCK_D)
     _rotate_heads(
