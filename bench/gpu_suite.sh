@@ -14,7 +14,7 @@
 #
 # Sizes and limits (env vars, defaults in brackets):
 #   SUITE_BUDGET_S [570]
-#   STAGES ["env ckpt pytest kernels decode_triton decode_sync decode_nopdl decode_noprefetch decode_cublas decode_unfused decode_eager decode_tp parity profile
+#   STAGES ["env ckpt pytest kernels decode_triton decode_cublas decode_unfused decode_eager decode_tp parity profile
 #            encoder ttft decode_reference peer qwen_tower video_ttft"]
 #   CKPT [/dev/shm/mmserve_llama7b, else /tmp/...]  SHAPE [7b]  DEVICE [cuda]
 #   T_ENV [60] T_CKPT [180] T_PYTEST [150] T_KERNELS [90] T_DECODE [130] T_DECODE_REF [90]
@@ -64,7 +64,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_sync decode_nopdl decode_noprefetch decode_cublas decode_unfused decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft audio}
+STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_sync decode_cublas decode_unfused decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft audio}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -178,12 +178,6 @@ run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --bat
 run_stage decode_sync "${T_DECODE_SYNC:-80}" 30 "MMSERVE_KERNELS=triton $DEC --async-scheduling off \
     --batch $SYNC_BATCHES --context $CUBLAS_CONTEXTS --steps $DECODE_STEPS --prefill-reps 1 \
     --budget-s @BUDGET@ --out $WORK/decode_sync.json"
-run_stage decode_nopdl "${T_DECODE_NOPDL:-80}" 30 "MMSERVE_KERNELS=triton MMSERVE_PDL=0 $DEC \
-    --batch $SYNC_BATCHES --context $CUBLAS_CONTEXTS --steps $DECODE_STEPS --prefill-reps 1 \
-    --budget-s @BUDGET@ --out $WORK/decode_nopdl.json"
-run_stage decode_noprefetch "${T_DECODE_NOPREFETCH:-80}" 30 "MMSERVE_KERNELS=triton \
-    MMSERVE_PDL=noprefetch $DEC --batch $SYNC_BATCHES --context $CUBLAS_CONTEXTS \
-    --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ --out $WORK/decode_noprefetch.json"
 run_stage decode_cublas "${T_DECODE_CUBLAS:-80}" 30 "MMSERVE_KERNELS=triton \
     MMSERVE_REFERENCE_OPS=linear $DEC --batch $CUBLAS_BATCHES --context $CUBLAS_CONTEXTS \
     --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ --out $WORK/decode_cublas.json"

@@ -26,7 +26,6 @@ def summarize(results: Path) -> dict:
     roofline of the triton (else reference) run, with ratios computed from the same run."""
     systems = {"mmserve-triton": "decode_triton.json", "mmserve-cublas": "decode_cublas.json",
                "mmserve-unfused": "decode_unfused.json", "mmserve-sync": "decode_sync.json",
-               "mmserve-nopdl": "decode_nopdl.json", "mmserve-noprefetch": "decode_noprefetch.json",
                "mmserve-eager": "decode_eager.json", "mmserve-tp2-eager": "decode_tp2.json",
                "mmserve-reference": "decode_reference.json", "hf-eager": "peer_eager.json",
                "hf-static-compile": "peer_static.json"}
@@ -66,7 +65,7 @@ def summarize(results: Path) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    cols = ["mmserve-triton", "mmserve-sync", "mmserve-nopdl", "mmserve-noprefetch", "mmserve-cublas", "mmserve-unfused", "mmserve-eager", "mmserve-tp2-eager",
+    cols = ["mmserve-triton", "mmserve-sync", "mmserve-cublas", "mmserve-unfused", "mmserve-eager", "mmserve-tp2-eager",
             "mmserve-reference", "hf-eager", "hf-static-compile"]
     env = s.get("env", {})
     rec = env.get("env", {})
@@ -127,7 +126,6 @@ def print_summary(s: dict) -> None:
 
 COLORS = {"mmserve-triton": "tab:blue", "mmserve-cublas": "tab:green",
           "mmserve-unfused": "tab:brown", "mmserve-sync": "tab:gray",
-          "mmserve-nopdl": "tab:pink", "mmserve-noprefetch": "tab:olive",
           "mmserve-eager": "tab:purple", "mmserve-tp2-eager": "tab:olive",
           "mmserve-reference": "tab:cyan", "hf-eager": "tab:red",
           "hf-static-compile": "tab:orange", "roofline_ms": "black"}

@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
-
 
 class PagedAttentionMeta(Protocol):
     """The fields of `llm_worker.attention.AttentionMetadata` this kernel reads (device only)."""
@@ -197,10 +195,8 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32"
     DOT_FP32: tl.constexpr,  # upcast dot operands: the interpreter multiplies bf16 as raw bits
-    PDL: tl.constexpr,  # kernels/pdl.py
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P
-    pdl.wait_then_trigger(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -279,10 +275,8 @@ def _reduce_splits_kernel(
     HEAD_DIM_P: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     NUM_SPLITS_P: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Merge the partials of one (token, q head): weights 2^(lse_s - max lse), renormalized."""
-    pdl.wait_then_trigger(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS_P)
@@ -353,7 +347,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or not on_gpu else "tf32",
         DOT_FP32=not on_gpu,  # triton 3.9's interpreter: np.matmul on the uint16 bits of bf16
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_args(query),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_splits_kernel[(num_tokens, num_heads)](
@@ -364,6 +358,5 @@ def paged_attention(
             HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
             NUM_SPLITS=num_splits, NUM_SPLITS_P=triton.next_power_of_2(num_splits),
             num_warps=4 if head_dim_p >= 128 else 2,  # one row of <= 128 fp32 per split: tiny
-            **pdl.launch_args(query),
         )  # fmt: skip
     return out

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl, reference, triton_ops
+from kernels import reference, triton_ops
 
 MAX_ROWS = 16  # x's rows live in one tl.dot tile (its smallest M)
 # Rows up to which the norm / SiLU prologues pay. Measured on the H200 (2026-12-02 suite): at 1
@@ -46,7 +46,6 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands: the interpreter multiplies bf16 as raw bits
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32)
-    PDL: tl.constexpr, PREFETCH_COLS: tl.constexpr, LINE: tl.constexpr,  # kernels/pdl.py
 ):  # fmt: skip
     # The loop body stays loads, elementwise math and the dot (no stores, no branches), so
     # Triton can still pipeline the weight loads; the residual add waits for the epilogue.
@@ -56,13 +55,6 @@ def _gemv_kernel(
     rk = tl.arange(0, BLOCK_K)
     n_ok, m_ok = rn < N, rm < M
     w_rows = w_ptr + rn[:, None] * stride_wn  # [BLOCK_N, 1]
-    if PDL:
-        if PREFETCH_COLS > 0:  # while the previous kernel finishes: no kernel writes weights
-            lines = tl.arange(0, PREFETCH_COLS // LINE) * LINE
-            ok = n_ok[:, None] & (lines < K)[None, :]
-            pdl.prefetch_l2(tl.where(ok, w_rows + lines[None, :], w_ptr))
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     x_rows = x_ptr + rm[:, None] * stride_xm  # [16, 1]
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     sum_sq = tl.zeros((16,), dtype=tl.float32)
@@ -161,11 +153,6 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             residual = residual.contiguous()
     cfg = config or default_config(n, k, x.element_size(), prologue)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    on = pdl.enabled(x)
-    # The first two K tiles (at most 1024 columns) of each program's rows, one line at a time.
-    prefetch = min(2 * cfg["BLOCK_K"], 1024, triton.next_power_of_2(k)) if (
-        on and pdl.prefetch_weights(x)) else 0
-    line = max(1, 128 // weight.element_size())
     res = out if residual is None else residual  # unread without HAS_RESIDUAL
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemv_kernel[grid](
@@ -176,7 +163,6 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         DOT_FP32=x.device.type != "cuda",
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or x.device.type != "cuda" else "tf32",
-        PDL=on, PREFETCH_COLS=prefetch if prefetch >= line else 0, LINE=line, launch_pdl=on,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
-
 # One row of rms_norm lives in registers; past this the kernel would spill (largest real
 # hidden size today: 16384).
 _MAX_NORM_BLOCK = 32768
@@ -50,11 +48,10 @@ def _tile_warps(num_elements: int) -> int:
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     hidden, stride_x, stride_res, stride_out, stride_res_out, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # One program per token row: the whole row sits in registers, so x is read once even with
     # the residual add, and the sum of squares is one in-register reduction.
-    pdl.wait_then_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at long prefills
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden  # BLOCK is hidden rounded up to a power of two (4096, 5120, 96, ...)
@@ -99,7 +96,7 @@ def rms_norm(
             x2, res2, _unit_last(weight), out.view(-1, hidden), res_out2,
             hidden, x2.stride(0), res2.stride(0), hidden, hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=_tile_warps(block), **pdl.launch_args(x),
+            num_warps=_tile_warps(block),
         )  # fmt: skip
     return out if res_out is None else (out, res_out)
 
@@ -109,10 +106,8 @@ def rms_norm(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr):
     # Grid (token, column block): tokens on axis 0, whose limit is 2**31 (axis 1's is 65535).
-    pdl.wait_then_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -134,8 +129,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
         # 1024 columns over 4 warps: 8 per thread, one 16-byte vector of bf16 for gate and up.
         block = min(1024, triton.next_power_of_2(d))
         grid = (x2.shape[0], triton.cdiv(d, block))
-        _silu_and_mul_kernel[grid](x2, out, d, x2.stride(0), d, BLOCK=block, num_warps=4,
-                                   **pdl.launch_args(x))
+        _silu_and_mul_kernel[grid](x2, out, d, x2.stride(0), d, BLOCK=block, num_warps=4)
     return out
 
 
@@ -300,11 +294,10 @@ def _rope_write_kv_kernel(
     stride_c_kv, stride_c_block, stride_c_off, stride_c_h,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_KH: tl.constexpr, BLOCK_HD: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_KH: tl.constexpr, BLOCK_HD: tl.constexpr,
 ):  # fmt: skip
     # One program per token: q is rotated into q_out, k is rotated straight into its cache slot
     # and v copied beside it, so the rotated k never goes through memory on its own.
-    pdl.wait_then_trigger(PDL)
     tok = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(pos_ptr, table_ptr, tok, stride_pos, stride_table, HALF, BLOCK_D)
     _rotate_heads(
@@ -357,6 +350,5 @@ def rope_write_kv(
             BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half),
             BLOCK_KH=block_kh, BLOCK_HD=block_hd,
             num_warps=_tile_warps(block_h * triton.next_power_of_2(half)),
-            **pdl.launch_args(q),
         )  # fmt: skip
     return q_out
