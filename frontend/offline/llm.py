@@ -240,6 +240,11 @@ class LLM:
                     del live[out.request_id]
                     if out.finish_reason is None:  # a stop string ended it: free the engine side
                         self.engine.abort([out.request_id])
+        # With asynchronous scheduling the step after the last one that mattered is still in
+        # flight (and the workers have yet to hear of the finished requests): settle both, so
+        # the engine is idle when generate returns.
+        while self.engine.in_flight:
+            self.engine.step()
 
 
 def _no_lora(lora_request: Any) -> None:
