@@ -79,6 +79,7 @@ REF_BATCHES=${REF_BATCHES:-1 8 32 64}
 REF_CONTEXTS=${REF_CONTEXTS:-128 700}
 CUBLAS_BATCHES=${CUBLAS_BATCHES:-1 8}
 SYNC_BATCHES=${SYNC_BATCHES:-1 8 64}
+SYNC_CONTEXTS=${SYNC_CONTEXTS:-128 700}
 CUBLAS_CONTEXTS=${CUBLAS_CONTEXTS:-128 700}
 EAGER_BATCHES=${EAGER_BATCHES:-1 8 64}
 TP_BATCHES=${TP_BATCHES:-1 8 64}
@@ -176,7 +177,7 @@ DEC="python3 bench/decode.py --model $CKPT $D --prefill-batch $PREFILL_BATCH --p
 run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --batch $DECODE_BATCHES \
     --context $DECODE_CONTEXTS --steps $DECODE_STEPS --budget-s @BUDGET@ --out $WORK/decode_triton.json"
 run_stage decode_sync "${T_DECODE_SYNC:-80}" 30 "MMSERVE_KERNELS=triton $DEC --async-scheduling off \
-    --batch $SYNC_BATCHES --context $CUBLAS_CONTEXTS --steps $DECODE_STEPS --prefill-reps 1 \
+    --batch $SYNC_BATCHES --context $SYNC_CONTEXTS --steps $DECODE_STEPS --prefill-reps 1 \
     --budget-s @BUDGET@ --out $WORK/decode_sync.json"
 run_stage decode_cublas "${T_DECODE_CUBLAS:-80}" 30 "MMSERVE_KERNELS=triton \
     MMSERVE_REFERENCE_OPS=linear $DEC --batch $CUBLAS_BATCHES --context $CUBLAS_CONTEXTS \

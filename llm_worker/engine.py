@@ -187,10 +187,7 @@ class EngineCore:
         sent = not out.is_empty
         if sent:
             frames = self._attach_embeddings(out)
-            if self.async_scheduling:
-                self.in_flight.append((out, self.executor.execute_async(out, frames)))
-            else:
-                self.in_flight.append((out, StepResult(self.executor.execute(out, frames))))
+            self.in_flight.append((out, self.executor.execute_async(out, frames)))
         outputs: list[TokenOutput] = []
         keep = 1 if sent and self.async_scheduling else 0
         while len(self.in_flight) > keep:

@@ -41,6 +41,8 @@ class RequestState:
     min_tokens_block: tuple[int, ...] = ()
     # Sampled by steps in flight, not yet appended to token_ids (asynchronous scheduling).
     num_pending: int = 0
+    # Repetition / presence / frequency penalties: the sampler reads the token history.
+    penalized: bool = False
     # Set by a model's PositionScheme: the prompt's positions, int64 [num_prompt_tokens, rows],
     # and the shift of every later token (token i at i + position_delta in each row).
     prompt_positions: np.ndarray | None = None
@@ -119,13 +121,13 @@ class InputBatch:
         # Two buffers (int64, int32) mirrored on the device: a step is two copies, not seven.
         # Every field is a fixed view into one of them (what a captured graph reads).
         p = t * position_rows
-        self._sizes = (2 * t + p + s, 2 * s + 1 + s * b)
+        n64, n32 = 2 * t + p + s, 2 * s + 1 + s * b
         self._layout = (t, p, s, b, (t,) if position_rows == 1 else (t, position_rows))
-        self._staging = [(torch.zeros(self._sizes[0], dtype=torch.int64, pin_memory=pin),
-                          torch.zeros(self._sizes[1], dtype=torch.int32, pin_memory=pin))
+        self._staging = [(torch.zeros(n64, dtype=torch.int64, pin_memory=pin),
+                          torch.zeros(n32, dtype=torch.int32, pin_memory=pin))
                          for _ in range(2)]
-        self._dev64 = torch.zeros(self._sizes[0], dtype=torch.int64, device=device)
-        self._dev32 = torch.zeros(self._sizes[1], dtype=torch.int32, device=device)
+        self._dev64 = torch.zeros(n64, dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(n32, dtype=torch.int32, device=device)
         (self.input_ids, self.positions, self.slot_mapping, self.sample_idx,
          self.query_start_loc, self.seq_lens, self.block_tables) = self._fields(self._dev64,
                                                                                 self._dev32)

@@ -124,7 +124,7 @@ class Request:
     @property
     def num_scheduled_len(self) -> int:
         """The length the next step extends: known tokens plus those still being sampled."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+        return self.num_tokens + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -215,6 +215,7 @@ class ModelRunner:
             mm_items=list(new.mm_items),
             generator=gen,
             min_tokens_block=_stop_ids(new.sampling, new.eos_token_ids),
+            penalized=_uses_penalties(new.sampling),
         )
         if self.positions is not None:
             st.prompt_positions, st.position_delta = self.positions.prompt_positions(
@@ -232,8 +233,7 @@ class ModelRunner:
         self._update_states(out, frames)
         if not out.num_scheduled_tokens:
             return StepResult(ModelRunnerOutput(sampled_token_ids={}, logprobs={}))
-        if self.in_flight and any(_uses_penalties(self.requests[rid].sampling)
-                                  for rid in out.num_scheduled_tokens):
+        if self.in_flight and any(self.requests[rid].penalized for rid in out.num_scheduled_tokens):
             self.in_flight[-1].result()  # penalties read the whole history, on the host
         bufs = self.inputs
         batch = bufs.prepare(self.requests, out.num_scheduled_tokens, self.positions)
@@ -348,7 +348,7 @@ class ModelRunner:
         num_out = len(st.token_ids) + st.num_pending - st.num_prompt_tokens
         # Only penalties read the history: copying it for every row every step cost
         # O(context) host time per token (0.2+ ms a step at batch 64, context 700).
-        history = _uses_penalties(st.sampling)
+        history = st.penalized
         return SamplingRow(
             params=st.sampling,
             prompt_ids=st.token_ids[: st.num_prompt_tokens] if history else [],
