@@ -23,8 +23,9 @@
 #   REF_BATCHES ["1 8 32 64"] REF_CONTEXTS ["128 700"] REF_STEPS [8]
 #   CUBLAS_BATCHES ["1 8"] CUBLAS_CONTEXTS ["128 700"] T_DECODE_CUBLAS [80]: graphs + Triton
 #   kernels with the projections on cuBLAS (MMSERVE_REFERENCE_OPS=linear), the GEMV's A/B;
-#   T_DECODE_UNFUSED [80]: decode_unfused, same batches with the fused GEMV prologues and RoPE +
-#   KV write off (each op its own kernel), the fusions' A/B
+#   T_DECODE_UNFUSED [80]: decode_unfused, same batches with the fusions named in UNFUSED_OPS
+#   ["norm_linear,silu_mul_linear,rope_write_kv,decode_attention": the GEMV prologues, RoPE + KV
+#   write, and the decode attention that rotates and writes K/V itself] off, the fusions' A/B
 #   TP_BATCHES ["1 8 64"] T_DECODE_TP [150]: decode_tp, TP=2 over the mp executor (NCCL, eager:
 #   graphs are off under TP), beside decode_eager's TP=1; needs 2 GPUs (nvidia-h200-x2)
 #   EAGER_BATCHES ["1 8 64"] EAGER_CONTEXTS ["128"] (Triton kernels, --enforce-eager) T_DECODE_EAGER [80]
@@ -81,6 +82,7 @@ CUBLAS_BATCHES=${CUBLAS_BATCHES:-1 8}
 SYNC_BATCHES=${SYNC_BATCHES:-1 8 64}
 SYNC_CONTEXTS=${SYNC_CONTEXTS:-128 700}
 CUBLAS_CONTEXTS=${CUBLAS_CONTEXTS:-128 700}
+UNFUSED_OPS=${UNFUSED_OPS:-norm_linear,silu_mul_linear,rope_write_kv,decode_attention}
 EAGER_BATCHES=${EAGER_BATCHES:-1 8 64}
 TP_BATCHES=${TP_BATCHES:-1 8 64}
 EAGER_CONTEXTS=${EAGER_CONTEXTS:-128}
@@ -183,7 +185,7 @@ run_stage decode_cublas "${T_DECODE_CUBLAS:-80}" 30 "MMSERVE_KERNELS=triton \
     MMSERVE_REFERENCE_OPS=linear $DEC --batch $CUBLAS_BATCHES --context $CUBLAS_CONTEXTS \
     --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ --out $WORK/decode_cublas.json"
 run_stage decode_unfused "${T_DECODE_UNFUSED:-80}" 30 "MMSERVE_KERNELS=triton \
-    MMSERVE_REFERENCE_OPS=norm_linear,silu_mul_linear,rope_write_kv $DEC --batch $CUBLAS_BATCHES \
+    MMSERVE_REFERENCE_OPS=$UNFUSED_OPS $DEC --batch $CUBLAS_BATCHES \
     --context $CUBLAS_CONTEXTS --steps $DECODE_STEPS --prefill-reps 1 --budget-s @BUDGET@ \
     --out $WORK/decode_unfused.json"
 run_stage decode_eager "${T_DECODE_EAGER:-80}" 30 "MMSERVE_KERNELS=triton $DEC --enforce-eager \

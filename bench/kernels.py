@@ -36,7 +36,7 @@ DT = torch.bfloat16
 SHAPE_7B = dict(hidden=4096, inter=11008, heads=32, kv_heads=32, head_dim=128,
                 tokens=[64, 16384],
                 decode=[(1, 1024), (1, 4096), (8, 2048), (32, 1024), (64, 1024), (64, 2048)],
-                prefill=[(1, 2048, 2048), (4, 1024, 1024), (8, 512, 2048)])
+                prefill=[(1, 632, 632), (1, 2048, 2048), (4, 1024, 1024), (8, 512, 2048)])
 SHAPE_TINY = dict(hidden=64, inter=128, heads=4, kv_heads=2, head_dim=16, tokens=[4, 64],
                   decode=[(1, 40), (4, 100)], prefill=[(2, 32, 32), (2, 8, 40)])
 

@@ -58,11 +58,17 @@ FUSED: dict[str, tuple[tuple[str, ...], Callable[..., Callable[..., Any]]]] = {
 }
 
 
+def kept_on_reference(name: str) -> bool:
+    """Whether MMSERVE_REFERENCE_OPS names ``name``: an op (or a fusion such as
+    "decode_attention") the benchmarks switch off for an A/B of one kernel."""
+    return name in os.environ.get("MMSERVE_REFERENCE_OPS", "").split(",")
+
+
 def use_triton(device: Any, name: str | None = None) -> bool:
     """Triton on CUDA devices; on CPU only when forced (tests run kernels under the interpreter
     with MMSERVE_KERNELS=triton TRITON_INTERPRET=1). MMSERVE_REFERENCE_OPS="linear,..." keeps
     the named ops on the reference everywhere (the benchmarks' A/B of one kernel)."""
-    if name is not None and name in os.environ.get("MMSERVE_REFERENCE_OPS", "").split(","):
+    if name is not None and kept_on_reference(name):
         return False
     forced = os.environ.get("MMSERVE_KERNELS", "auto")
     if forced == "reference":
@@ -101,6 +107,7 @@ class DeviceOp:
         return self.fn(x, *args)
 
 
-__all__ = ["FUSED", "OPS", "TRITON", "DeviceOp", "apply_rope", "get", "linear", "norm_linear",
+__all__ = ["FUSED", "OPS", "TRITON", "DeviceOp", "apply_rope", "get", "kept_on_reference",
+           "linear", "norm_linear",
            "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul", "silu_mul_linear",
            "use_triton", "write_kv_cache"]

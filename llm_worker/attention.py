@@ -96,7 +96,9 @@ class TorchAttentionBackend(AttentionBackend):
 
 class TritonAttentionBackend(AttentionBackend):
     """The Triton paged-attention kernel (CUDA serving), after the dispatched K/V writer (with
-    RoPE fused into it when the layer hands the rotation over).
+    RoPE fused into it when the layer hands the rotation over). A decode step (max_query_len
+    == 1) runs `decode_attention` instead, which does all three in one kernel
+    (MMSERVE_REFERENCE_OPS=decode_attention keeps the writer and the attention apart).
 
     Reads only the device fields of the metadata, so a decode step can be CUDA-graph captured.
     Implementations are resolved on the first forward, when the device is known, so building the
@@ -107,6 +109,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._write_kv: Callable[..., None] | None = None
         self._rope_write_kv: Callable[..., torch.Tensor] | None = None
         self._attend: Callable[..., torch.Tensor] | None = None
+        self._decode: Callable[..., torch.Tensor] | None = None  # None: write, then attend
 
     def forward(
         self,
@@ -124,6 +127,12 @@ class TritonAttentionBackend(AttentionBackend):
             # Always the Triton kernel: choosing this backend is choosing it (CPU: interpreter).
             module, fn = kernels.TRITON["paged_attention"].split(":")
             self._attend = getattr(importlib.import_module(module), fn)
+            if not kernels.kept_on_reference("decode_attention"):
+                self._decode = importlib.import_module(module).decode_attention
+        if meta.max_query_len == 1 and self._decode is not None:
+            # A decode step: one kernel rotates, writes the new K/V and attends.
+            return self._decode(query, key, value, kv_cache, meta, scale, meta.slot_mapping,
+                                rope, num_splits=meta.num_splits)
         if rope is None:
             self._write_kv(key, value, kv_cache, meta.slot_mapping)
         else:

@@ -140,9 +140,11 @@ def test_interp_decode_single_token_context_one_past_a_block(interp):
 
 @interp_only
 def test_interp_length_hints_are_not_bounds(interp):
-    # A CUDA graph is captured with fixed hints; the device lengths must still rule (a decode
-    # tile config on a batch that holds a 20-token chunk, a max_seq_len far too small).
-    _check(interp.paged_attention, *MIXED, hints=(1, 2), splits=1, seed=11)
+    # A CUDA graph is captured with fixed hints; the device lengths must still rule (a short
+    # chunk's tile config on a batch that holds a 9-token chunk, a max_seq_len far too small).
+    # max_query_len == 1 is the one promise: a decode batch, one query per sequence.
+    _check(interp.paged_attention, *MIXED, hints=(2, 2), splits=1, seed=11)
+    _check(interp.paged_attention, *DECODE, hints=(1, 2), splits=1, seed=12)
 
 
 @interp_only
@@ -209,6 +211,111 @@ def test_interp_triton_backend_writes_then_attends(interp, monkeypatch):
     torch.testing.assert_close(got, reference.paged_attention(q_rot, cache_rope_ref, full, 0.125),
                                **FP32_TOL)
     assert not torch.equal(cache_rope, kv_cache)  # the rotation changed what was written
+
+
+def _check_decode(attention, seq_lens, *, rope, splits, hq=8, hkv=2, d=64, block_size=16,
+                  dtype=torch.float32, seed=0, pad_rows=0, device="cpu", tol=None):
+    """`decode_attention` with this step's K/V against the reference writer + attention: the
+    cache it leaves (the new k rotated, v beside it; padding rows write nothing) and its output.
+    ``pad_rows`` extra rows are what `InputBatch.pad_to` appends: slot -1, seq_len 1, the null
+    block."""
+    n = len(seq_lens)
+    query, kv_cache, meta, ref_meta = _batch(
+        seq_lens + [1] * pad_rows, [1] * (n + pad_rows), block_size=block_size, hq=hq, hkv=hkv,
+        d=d, dtype=dtype, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    key, value = torch.randn(2, n + pad_rows, hkv, d, generator=g).to(device, dtype).unbind(0)
+    tables = ref_meta.block_tables.tolist()
+    slots = [tables[i][(s - 1) // block_size] * block_size + (s - 1) % block_size
+             for i, s in enumerate(seq_lens)] + [-1] * pad_rows
+    slot_mapping = torch.tensor(slots, device=device)
+    positions = torch.tensor([s - 1 for s in seq_lens] + [0] * pad_rows, device=device)
+    table = torch.randn(max(seq_lens), d, generator=g).to(device, dtype)
+    scale = 1 / math.sqrt(d)
+
+    expected_cache = kv_cache.clone()
+    if rope:
+        q_ref = reference.rope_write_kv(query, key, value, positions, table, expected_cache,
+                                        slot_mapping)
+    else:
+        q_ref = query
+        reference.write_kv_cache(key, value, expected_cache, slot_mapping)
+    ref_meta.seq_lens_cpu = seq_lens + [1] * pad_rows
+    expected = reference.paged_attention(q_ref.cpu().float(), expected_cache.cpu().float(),
+                                         ref_meta, scale)
+    out = torch.full_like(query, float("nan"))
+    got = attention(query, key, value, kv_cache, meta, scale, slot_mapping,
+                    (positions, table) if rope else None, num_splits=splits, out=out)
+    assert got is out
+    if device == "cpu" and dtype == torch.float32:  # the interpreter rotates as the reference
+        torch.testing.assert_close(kv_cache, expected_cache, rtol=0, atol=0)
+    else:  # the order of the fp32 rotation's terms may flip a bf16 rounding
+        torch.testing.assert_close(kv_cache.float(), expected_cache.float(), **BF16_TOL)
+    tol = tol or (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    torch.testing.assert_close(got[:n].cpu().float(), expected[:n], **tol)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (2, 2, 80), (3, 3, 64)])
+@interp_only
+def test_interp_decode_attention_writes_and_attends(interp, rope, splits, hq, hkv, d):
+    # Contexts of 1 (only the new key) up to 4 KV tiles, one ending a block, plus padding rows.
+    _check_decode(interp.decode_attention, [9, 17, 40, 1, 64, 16], rope=rope, splits=splits,
+                  hq=hq, hkv=hkv, d=d, seed=hq + d + splits, pad_rows=2)
+
+
+@interp_only
+def test_interp_decode_attention_bf16(interp):
+    _check_decode(interp.decode_attention, [9, 17, 40, 1, 64], rope=True, splits=2, hq=4, hkv=1,
+                  d=80, dtype=torch.bfloat16, seed=21)
+
+
+@interp_only
+def test_interp_decode_attention_sees_its_own_key(interp):
+    # Poison the cache slot the new key goes to: a kernel that read the slot back instead of
+    # using the key from registers (or read it before writing) would attend to NaN.
+    seq_lens = [5, 33]
+    query, kv_cache, meta, ref_meta = _batch(seq_lens, [1, 1], block_size=16, hq=4, hkv=2, d=64,
+                                             dtype=torch.float32, seed=4)
+    tables = ref_meta.block_tables.tolist()
+    slots = torch.tensor([tables[i][(s - 1) // 16] * 16 + (s - 1) % 16
+                          for i, s in enumerate(seq_lens)])
+    kv_cache.view(2, -1, 2, 64)[:, slots] = float("nan")
+    key, value = torch.randn(2, 2, 2, 64).unbind(0)
+    out = interp.decode_attention(query, key, value, kv_cache, meta, 0.125, slots, num_splits=2)
+    assert torch.isfinite(out).all()
+    assert torch.equal(kv_cache.view(2, -1, 2, 64)[0, slots], key)
+
+
+@interp_only
+def test_interp_triton_backend_decodes_in_one_kernel(interp, monkeypatch):
+    from llm_worker.attention import ATTENTION_BACKENDS, AttentionMetadata
+
+    seq_lens = [9, 17, 40]
+    query, kv_cache, meta, ref_meta = _batch(seq_lens, [1, 1, 1], block_size=16, hq=4, hkv=2,
+                                             d=64, dtype=torch.float32, seed=8)
+    key, value = torch.randn(2, 3, 2, 64).unbind(0)
+    tables = ref_meta.block_tables.tolist()
+    slots = torch.tensor([tables[i][(s - 1) // 16] * 16 + (s - 1) % 16
+                          for i, s in enumerate(seq_lens)])
+    full = AttentionMetadata(
+        slot_mapping=slots, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
+        block_tables=meta.block_tables, query_start_loc_cpu=ref_meta.query_start_loc_cpu,
+        seq_lens_cpu=ref_meta.seq_lens_cpu, max_query_len=1, max_seq_len=40,
+    )
+    rope = (torch.tensor([s - 1 for s in seq_lens]), torch.randn(40, 64))
+    monkeypatch.setenv("MMSERVE_KERNELS", "reference")  # the unfused path's writer
+    outs, caches = [], []
+    for reference_ops in ("", "decode_attention"):
+        monkeypatch.setenv("MMSERVE_REFERENCE_OPS", reference_ops)
+        backend = ATTENTION_BACKENDS["triton"]()
+        cache = kv_cache.clone()
+        outs.append(backend.forward(query, key, value, cache, full, 0.125, rope))
+        caches.append(cache)
+        assert (backend._decode is None) == bool(reference_ops)
+    torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[1], **FP32_TOL)
 
 
 # -- GPU, compiled ------------------------------------------------------------------------------
@@ -288,3 +395,18 @@ def test_gpu_graph_replay_follows_device_lengths():
     expected = reference.paged_attention(new_q.float().cpu(), new_cache.float().cpu(), ref_meta,
                                          d**-0.5)
     torch.testing.assert_close(out.float().cpu(), expected, **BF16_TOL)
+
+
+@pytest.mark.gpu
+@compiled_only
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("splits", [None, 1, 4])
+@pytest.mark.parametrize("n_seqs", [1, 5, 64])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 32, 128), (16, 16, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decode_attention(rope, splits, n_seqs, hq, hkv, d, dtype):
+    from kernels.triton_attention import decode_attention
+
+    seq_lens, _ = _long(n_seqs, seed=n_seqs + d, max_len=3000)
+    _check_decode(decode_attention, seq_lens, rope=rope, splits=splits, hq=hq, hkv=hkv, d=d,
+                  dtype=dtype, seed=n_seqs + hq, pad_rows=3, device="cuda")
