@@ -30,9 +30,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def launch(model: str, argv: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`mmserve serve` in its own session, output to `log_path`; (proc, base url). The children
-    find the repo (and wheels on PYTHONPATH) through the env."""
+def launch(model: str, argv: list[str], log_path: Path, extra_env: dict[str, str] | None = None
+           ) -> tuple[subprocess.Popen, str]:
+    """`mmserve serve` in its own session, output to `log_path`, with `extra_env` over this
+    process's; (proc, base url). The children find the repo (and wheels on PYTHONPATH) through
+    the env, which they inherit."""
     from protocol.addresses import free_port
 
     port = free_port()
@@ -40,6 +42,7 @@ def launch(model: str, argv: list[str], log_path: Path) -> tuple[subprocess.Pope
     path = os.environ.get("PYTHONPATH")
     env = dict(os.environ, MMSERVE_LOG_LEVEL=os.environ.get("MMSERVE_LOG_LEVEL", "INFO"),
                PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
+    env.update(extra_env or {})
     cmd = [sys.executable, "-m", "frontend.cli", "serve", model, "--host", "127.0.0.1",
            "--port", str(port), *argv]
     print("server:", shlex.join(cmd), flush=True)
@@ -105,14 +108,16 @@ LOG_WORDS = ("ready", "warm-up", "captured", "KV cache", "ERROR", "Error")
 
 
 @contextlib.contextmanager
-def served(model: str, argv: list[str], log_path: Path, ready_deadline: float, report: dict):
-    """`mmserve serve` on `model`, healthy, for the `with` block: yields its base URL. Fills
-    report["server"] (a dict) with ready_s and, on every exit, the log's startup and error lines;
-    an exception also lands in report["error"] (and the log's tail on stderr) before it goes on.
-    The server's process tree is always taken down."""
+def served(model: str, argv: list[str], log_path: Path, ready_deadline: float, report: dict,
+           extra_env: dict[str, str] | None = None):
+    """`mmserve serve` on `model` (`extra_env` over this process's environment), healthy, for
+    the `with` block: yields its base URL. Fills report["server"] (a dict) with ready_s and, on
+    every exit, the log's startup and error lines; an exception also lands in report["error"]
+    (and the log's tail on stderr) before it goes on. The server's process tree is always taken
+    down."""
     proc = None
     try:
-        proc, base = launch(model, argv, log_path)
+        proc, base = launch(model, argv, log_path, extra_env)
         ready_s = wait_healthy(proc, base, ready_deadline)
         report["server"]["ready_s"] = round(ready_s, 1)
         print(f"server healthy after {ready_s:.1f} s", flush=True)

@@ -27,6 +27,10 @@ first chunk) / (tokens - 1). Per variant: p50 / p90 / min / mean / max, prompt t
 deltas of the server's /metrics counters over the timed requests. Everything runs within
 `--budget-s`; the server's process tree is always taken down (also on error, SIGTERM, or when this
 process is killed: the server gets SIGTERM through PR_SET_PDEATHSIG).
+
+--timeline: every process (this client too) records each request's events beside the JSON
+(MMSERVE_TIMELINE, protocol/timeline.py); per variant, their median offsets and gaps
+(bench/timeline_report.py).
 """
 
 from __future__ import annotations
@@ -47,9 +51,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import timeline_report
 import torch
 from common import REPO, env_record, resolve_device, save_random_llava, scratch_dir, write_json
 from mm_server import served
+
+from protocol import timeline
 
 SHAPES: dict[str, dict[str, int]] = {
     # llava-hf/llava-1.5-7b-hf without its vocabulary: CLIP ViT-L/14-336 + Llama-2-7B
@@ -222,15 +229,17 @@ async def counters(session, base: str) -> dict[str, float]:
 
 
 async def one(session, url: str, body: bytes) -> dict:
-    """One streamed request; times (perf_counter) of send, first chunk, first text, last token."""
-    first = text = finish = None
+    """One streamed request; times (perf_counter) of send, first chunk, first text, last token,
+    and the request's id (from its chunks). The send and the first chunk also go to the
+    timeline (monotonic_ns, the servers' clock), once the id is known."""
+    first = text = finish = rid = None
     usage: dict = {}
-    t0 = time.perf_counter()
+    t0, sent_ns, first_ns = time.perf_counter(), time.monotonic_ns(), 0
     async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
         if r.status != 200:
             return {"status": r.status, "error": (await r.text())[:300]}
         async for raw in r.content:
-            now = time.perf_counter()
+            now, now_ns = time.perf_counter(), time.monotonic_ns()
             line = raw.strip()
             if not line.startswith(b"data:"):
                 continue
@@ -241,8 +250,10 @@ async def one(session, url: str, body: bytes) -> dict:
             if "error" in chunk:
                 return {"status": "stream error", "error": str(chunk["error"])[:300]}
             usage = chunk.get("usage") or usage
+            rid = rid or chunk.get("id")
             for c in chunk.get("choices") or []:
-                first = first or now
+                if first is None:
+                    first, first_ns = now, now_ns
                 if text is None and (c.get("delta") or {}).get("content"):
                     text = now
                 if c.get("finish_reason") is not None:
@@ -250,8 +261,11 @@ async def one(session, url: str, body: bytes) -> dict:
     end = time.perf_counter()
     if first is None or finish is None:
         return {"status": "no tokens", "error": ""}
+    timeline.mark("sent", rid, sent_ns)
+    timeline.mark("first_chunk", rid, first_ns)
     tokens = usage.get("completion_tokens", 0)
-    return {"status": 200, "ttft": first - t0, "first_text": None if text is None else text - t0,
+    return {"status": 200, "id": rid, "ttft": first - t0,
+            "first_text": None if text is None else text - t0,
             "tpot": (finish - first) / (tokens - 1) if tokens > 1 else None, "e2e": end - t0,
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": tokens}
 
@@ -290,7 +304,7 @@ async def run_variant(session, base: str, model: str, v: Variant, max_tokens: in
     failed = [f"{r['status']} {r['error']}" for r in results if r["status"] != 200]
     return {
         "variant": v.name, "requests": len(results), "planned": len(v.timed),
-        "completed": len(ok), "failures": failed[:5],
+        "completed": len(ok), "failures": failed[:5], "request_ids": [r["id"] for r in ok],
         "ttft_ms": stats([r["ttft"] for r in ok]),
         "first_text_ms": stats([r["first_text"] for r in ok if r["first_text"] is not None]),
         "tpot_ms": stats([r["tpot"] for r in ok if r["tpot"] is not None]),
@@ -394,6 +408,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=140.0,
                     help="whole run; variants past it are cut short or skipped")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeline", action="store_true", help="record each request's events in "
+                    "every process and report the median time between them (see above)")
     ap.add_argument("--out", help="JSON path; the server log goes beside it (default: "
                                   "bench/results/ttft.json, with --tiny $TMPDIR/ttft_tiny.json)")
     args = ap.parse_args()
@@ -419,6 +435,12 @@ def main() -> None:
                             else REPO / "bench" / "results" / "ttft.json"))
     log_path = out.with_name(out.stem + "_server.log")
     out.parent.mkdir(parents=True, exist_ok=True)
+    timeline_dir = out.with_name(out.stem + "_timeline")  # one .jsonl per process
+    server_env: dict[str, str] = {}
+    if args.timeline:
+        shutil.rmtree(timeline_dir, ignore_errors=True)  # a previous run's events
+        timeline.init("client", str(timeline_dir))
+        server_env["MMSERVE_TIMELINE"] = str(timeline_dir)
     media = Path(tempfile.mkdtemp(prefix="mmserve_ttft_media_"))
     n_fresh = args.warmup + args.requests
     images = write_jpegs(media, n_fresh + 2, args.image_side, args.seed)
@@ -439,11 +461,14 @@ def main() -> None:
     }
     ready_by = min(time.monotonic() + args.ready_timeout_s, deadline)
     try:
-        with served(model_dir, serve_argv, log_path, ready_by, report) as base:
+        with served(model_dir, serve_argv, log_path, ready_by, report, server_env) as base:
             print_header()
             model, rows = asyncio.run(run_all(base, variants, args.max_tokens, deadline))
             report["server"]["model"] = model
             report["results"] = rows
+        if args.timeline:  # the server is down: every process has written all it will
+            timeline_report.add(rows, timeline.load(timeline_dir))
+            report["timeline_dir"] = str(timeline_dir)
     finally:
         shutil.rmtree(media, ignore_errors=True)
         summarize(report)

@@ -21,8 +21,9 @@ import msgspec
 import torch
 import zmq
 
+from protocol import timeline
 from protocol.codec import ProtocolError, tensor_from
-from protocol.messages import EncodeRequest, EncoderHeartbeat, Hello
+from protocol.messages import Embedding, EncodeDone, EncodeRequest, EncoderHeartbeat, Hello
 from protocol.sockets import Receiver, Sender
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,13 @@ class EncoderIO:
                              msg.reply_to)
                 self.send(msg.reply_to, self._make_beat())
                 continue
-            if isinstance(msg, EncodeRequest) and msg.embeds is not None:
-                try:  # copied out of the zmq frame: the store keeps it for a long time
-                    msg = UserEmbeds(msg, tensor_from(msg.embeds, frames).clone(), "")
-                except ProtocolError as e:
-                    msg = UserEmbeds(msg, None, f"bad image embeddings frame: {e}")
+            if isinstance(msg, EncodeRequest):
+                timeline.mark("encode_received", f"{msg.request_id}|{msg.key}")
+                if msg.embeds is not None:
+                    try:  # copied out of the zmq frame: the store keeps it for a long time
+                        msg = UserEmbeds(msg, tensor_from(msg.embeds, frames).clone(), "")
+                    except ProtocolError as e:
+                        msg = UserEmbeds(msg, None, f"bad image embeddings frame: {e}")
             self.inbox.put(msg)
         self._receiver.close()
 
@@ -102,6 +105,10 @@ class EncoderIO:
                     senders[addr] = Sender(self._ctx, addr, bind=False)
                 if not senders[addr].try_send(msg, buffers):
                     self._on_full(addr, msg)
+                elif isinstance(msg, Embedding):  # handed to zmq, which sends it in the background
+                    timeline.mark("embedding_sent", msg.key)
+                elif isinstance(msg, EncodeDone):
+                    timeline.mark("encode_done_sent", f"{msg.request_id}|{msg.key}")
             except zmq.ZMQError as e:  # e.g. a malformed address from a peer: drop, keep serving
                 log.warning("cannot send %s to %r: %s", type(msg).__name__, addr, e)
         for s in senders.values():

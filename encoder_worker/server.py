@@ -28,6 +28,7 @@ from encoder_worker.io_threads import EncoderIO, UserEmbeds
 from encoder_worker.models import load_encoder
 from encoder_worker.registry_client import FLUSH_S, Membership
 from encoder_worker.store import EmbeddingStore
+from protocol import timeline
 from protocol.codec import tensor_ref
 from protocol.messages import (
     BucketCounts,
@@ -200,6 +201,7 @@ class EncoderProc:
         arrived = self.arrived.pop(msg.key)
         try:
             pixels, seconds = msg.future.result()
+            timeline.mark("decoded", msg.key)
             self.stats.decode_seconds += seconds
             self.ready.append(_Ready(msg.key, pixels, time.monotonic(), arrived))
         except MediaError as e:
@@ -234,6 +236,8 @@ class EncoderProc:
 
     def _encode(self, group: list[_Ready]) -> None:
         t0 = time.monotonic()
+        for item in group:
+            timeline.mark("tower_start", item.key)
         try:
             outs = self.core.encode_batch([r.pixels for r in group])  # CPU, owned
         except Exception:
@@ -242,6 +246,8 @@ class EncoderProc:
             for item in group:
                 self._done(self.waiters.pop(item.key), 500, INTERNAL_ERROR)
             return
+        for item in group:
+            timeline.mark("tower_done", item.key)  # the embeddings are on the host
         self.stats.num_encoded += len(group)
         self.stats.num_batches += 1
         st, now = self.stats, time.monotonic()

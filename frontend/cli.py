@@ -24,6 +24,7 @@ from frontend import env
 from frontend.config import FrontendConfig
 from llm_worker import cli as llm_worker_cli
 from llm_worker.config import LLMWorkerConfig
+from protocol import timeline
 from protocol.config_flags import add_config_args, config_from_args
 from protocol.procs import setup_logging
 from protocol.role_flags import add_exit_with_parent
@@ -147,6 +148,7 @@ def _prepare(args: argparse.Namespace) -> Callable[[], object]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.command, env.log_level())
+    timeline.init(args.command, env.timeline_dir())
     if getattr(args, "exit_with_parent", False):
         from protocol.procs import exit_with_parent
 

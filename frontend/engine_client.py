@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from frontend import env
 from frontend.errors import EngineUnavailable, RequestError
+from protocol import timeline
 from protocol.addresses import LOOPBACK, tcp
 from protocol.messages import (
     Abort,
@@ -128,6 +129,7 @@ class EngineClient:
             self.timers[req.request_id] = timer
         try:
             await self.sender.send(req)
+            timeline.mark("engine_sent", req.request_id)
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -171,6 +173,8 @@ class EngineClient:
                 # beat (sent during that step) said; the next beat reports the next step.
                 self.step_running_s = None
                 for out in msg.outputs:
+                    if out.queue_seconds is not None:  # set on a request's first output only
+                        timeline.mark("first_output", out.request_id)
                     q = self.streams.get(out.request_id)
                     if q is not None:
                         q.put_nowait(out)

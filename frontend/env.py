@@ -73,3 +73,9 @@ def debug_slow_step_s() -> float:
     request sleeps this many seconds first, like a first compile, to test that /health says
     "busy" and nothing fails meanwhile. Read by `mmserve llm-worker` (and so by `serve`)."""
     return float(os.environ.get("MMSERVE_DEBUG_SLOW_STEP_S") or 0)
+
+
+def timeline_dir() -> str | None:
+    """Where every role records its request timeline (protocol/timeline.py; off when unset):
+    `bench/ttft.py --timeline` sets it for the server it starts."""
+    return os.environ.get("MMSERVE_TIMELINE") or None

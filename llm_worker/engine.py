@@ -30,6 +30,7 @@ from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
+from protocol import timeline
 from protocol.addresses import tcp
 from protocol.codec import ProtocolError, tensor_frames, tensor_from
 from protocol.messages import (
@@ -187,7 +188,10 @@ class EngineCore:
         sent = not out.is_empty
         if sent:
             frames = self._attach_embeddings(out)
+            prefills = self._mark_scheduled(out) if timeline.enabled() else []
             self.in_flight.append((out, self.executor.execute_async(out, frames)))
+            for rid in prefills:  # launched on a GPU; computed by an in-process CPU runner
+                timeline.mark("prefill_launched", rid)
         outputs: list[TokenOutput] = []
         keep = 1 if sent and self.async_scheduling else 0
         while len(self.in_flight) > keep:
@@ -197,9 +201,25 @@ class EngineCore:
         for o in outputs:
             if o.finish_reason is not None:
                 self._release(o.request_id)
+            if o.queue_seconds is not None:  # set on a request's first output only
+                timeline.mark("first_token", o.request_id)
         if sent or outputs:
             self.step_seconds += time.perf_counter() - t0
         return outputs
+
+    def _mark_scheduled(self, out: SchedulerOutput) -> list[str]:
+        """Timeline: the requests this step schedules first, and those whose last prompt token
+        it computes (it samples their first token: a later step when the media came late).
+        Returns the latter."""
+        for r in out.new_requests:
+            timeline.mark("first_scheduled", r.request_id)
+        prefills = []
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.scheduler.requests[rid]
+            if req.num_computed_tokens - n < req.num_prompt_tokens <= req.num_computed_tokens:
+                timeline.mark("prefill_scheduled", rid)
+                prefills.append(rid)
+        return prefills
 
     def _attach_embeddings(self, out) -> list:
         """Send the workers each embedding this step's tokens need, once; drop released ones.
@@ -303,6 +323,9 @@ class EngineCoreProc:
                 except ProtocolError as e:
                     log.warning("dropped embedding %s: %s", msg.key, e)
                     continue
+                timeline.mark("embedding_received", msg[0])
+            elif isinstance(msg, GenerateRequest):
+                timeline.mark("request_received", msg.request_id)
             self.inbox.put(msg)
 
     def _send_loop(self) -> None:
@@ -315,6 +338,10 @@ class EngineCoreProc:
             if addr not in senders:
                 senders[addr] = Sender(self.ctx, addr, bind=False)
             senders[addr].send(msg)
+            if isinstance(msg, TokenOutputs) and timeline.enabled():
+                for o in msg.outputs:
+                    if o.queue_seconds is not None:  # the request's first output
+                        timeline.mark("first_output_sent", o.request_id)
         for s in senders.values():
             s.close()
 

@@ -32,6 +32,7 @@ import zmq.asyncio
 from frontend import env
 from frontend.errors import EngineUnavailable, RequestError
 from frontend.media.encoder_members import EncoderLink, apply_view, departed
+from protocol import timeline
 from protocol.addresses import LOOPBACK
 from protocol.messages import EncodeDone, EncodeRequest, EncoderHeartbeat, EncoderStats, Hello
 from protocol.registry import (
@@ -189,7 +190,9 @@ class EncoderPool:
         self.inflight[(req.request_id, req.key)] = item
         try:
             await self._send_to(item, addr)
+            timeline.mark("encode_sent", f"{req.request_id}|{req.key}")
             done = await item.future
+            timeline.mark("encode_done", f"{req.request_id}|{req.key}")
             self.delivered[(req.request_id, req.key)] = item
             return done
         finally:

@@ -34,6 +34,7 @@ from frontend.openai import responses as fmt
 from frontend.openai.protocol import ChatCompletionRequest, CompletionRequest, decode_body
 from frontend.outputs import SequenceDelta, SequenceState
 from frontend.processor import InputProcessor, check_prompt_chars, prompt_char_limit
+from protocol import timeline
 from protocol.checkpoint import max_positions
 from protocol.messages import GenerateRequest
 
@@ -257,6 +258,7 @@ class OpenAIServing:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         rid = request[REQUEST_ID] = f"chatcmpl-{uuid.uuid4().hex}"
+        timeline.mark("http_entered", rid)
         req = await self.read(request, ChatCompletionRequest)
         model = self.check_model(req.model)
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
@@ -266,6 +268,7 @@ class OpenAIServing:
         messages, items = await self.media.parse(req.messages, req.mm_processor_kwargs)
         if items:
             self.counters["media_seconds"] += time.perf_counter() - t_media
+            timeline.mark("media_resolved", rid)
 
         def prepare() -> list[GenerateRequest]:
             rendered = self.renderer.render(
@@ -312,6 +315,7 @@ class OpenAIServing:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         rid = request[REQUEST_ID] = f"cmpl-{uuid.uuid4().hex}"
+        timeline.mark("http_entered", rid)
         req = await self.read(request, CompletionRequest)
         model = self.check_model(req.model)
         params = req.to_sampling_params((self.config.max_n, self.config.max_logprobs))
@@ -374,6 +378,7 @@ class OpenAIServing:
                         await resp.write(fmt.sse(head))
                 if first is not None:
                     await self._write_delta(resp, shape, states, *first)
+                    timeline.mark("first_chunk", rid)  # the role chunk and first token are out
                     async for state, delta in merged:
                         await self._write_delta(resp, shape, states, state, delta)
                 if shape.req.include_usage:
