@@ -65,7 +65,7 @@ if [[ $SMOKE == 1 ]]; then  # CPU, tiny model, tiny grids; never the test suite
     export TRITON_INTERPRET=1  # kernels.py runs the Triton kernels interpreted (correctness only)
 fi
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-570}
-STAGES=${STAGES:-env ckpt pytest kernels decode_triton decode_sync decode_cublas decode_unfused decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft audio}
+STAGES=${STAGES:-env ckpt pytest kernels decode_attn decode_triton decode_sync decode_cublas decode_unfused decode_eager decode_tp parity profile encoder ttft decode_reference peer qwen_tower video_ttft audio}
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-7b}
 if [[ -z ${CKPT:-} ]]; then
@@ -175,6 +175,8 @@ run_stage pytest "${T_PYTEST:-150}" 0 "python3 -m pytest $PYTEST_ARGS -p no:cach
 [[ -f $WORK/pytest.log ]] && cp "$WORK/pytest.log" "$OUT/pytest.log"
 run_stage kernels "${T_KERNELS:-90}" 20 \
     "python3 bench/kernels.py $D $TINY --ops $KERNEL_OPS --budget-s @BUDGET@ --out $WORK/kernels.json"
+run_stage decode_attn "${T_DECODE_ATTN:-100}" 10 \
+    "python3 bench/decode_attention.py --budget-s @BUDGET@ --out $WORK/decode_attention.json"
 DEC="python3 bench/decode.py --model $CKPT $D --prefill-batch $PREFILL_BATCH --prefill-len $PREFILL_LEN"
 run_stage decode_triton "${T_DECODE:-130}" 30 "MMSERVE_KERNELS=triton $DEC --batch $DECODE_BATCHES \
     --context $DECODE_CONTEXTS --steps $DECODE_STEPS --budget-s @BUDGET@ --out $WORK/decode_triton.json"
