@@ -8,8 +8,8 @@ step would not find there), and a layer is graph time / 32. Rows, at Llama-2-7B 
 - `unfused`: `rope_write_kv` then `decode_attention` over the cache (two kernels a layer, the
   path before the fusion, with the decode kernel's default tiles);
 - `fused`: `decode_attention` rotating q and k, writing the new K/V and attending (what serving
-  runs), at its default tiles and at every config of the sweep (dot or broadcast products,
-  KV tile, warps, stages), each checked against the default's output first.
+  runs), at its default tiles and at every config of the sweep (KV tile, warps, stages), each
+  checked against the default's output first.
 
     python bench/decode_attention.py --out bench/results/decode_attention.json
 """
@@ -96,10 +96,8 @@ def main() -> None:
     gen = torch.Generator(device).manual_seed(0)
     group = args.heads // args.kv_heads
     default = ta.decode_config(group, True)
-    sweep = [ta.DecodeConfig(max(16, group) if dot else triton_next(group), bn, w, st, dot)
-             for dot, bn, w, st in itertools.product((True, False), (32, 64, 128), (2, 4, 8),
-                                                     (1, 2))
-             if dot or group <= 2]
+    sweep = [ta.DecodeConfig(default.block_m, bn, w, st)
+             for bn, w, st in itertools.product((32, 64, 128), (2, 4, 8), (1, 2))]
     rows: list[dict] = []
     print(f"{'batch':>5} {'ctx':>5} {'row':>34} {'us/layer':>9} {'KV GB/s':>8}")
     for batch, ctx in itertools.product(args.batch, args.context):
@@ -154,16 +152,11 @@ def bench_point(p: Point, batch: int, ctx: int, args, default, sweep: list,
         except Exception as e:  # a config that does not compile or fit: recorded, skipped
             rows.append(dict(batch=batch, ctx=ctx, config=cfg._asdict(), error=type(e).__name__))
             continue
-        record(f"{'dot' if cfg.dot else 'sum'} m{cfg.block_m} n{cfg.block_n} "
-               f"w{cfg.num_warps} s{cfg.num_stages}", us, cfg)
+        record(f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}", us, cfg)
     best = min((r for r in rows if r.get("config") and "us_per_layer" in r),
                key=lambda r: r["us_per_layer"])
     print(f"      best: {best['row']} {best['us_per_layer']:.2f} us")
     return rows
-
-
-def triton_next(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ run_stage profile "${T_PROFILE:-90}" 0 "python3 bench/profile_step.py --model $C
     --out $WORK/profile_step.json"
 run_stage encoder "${T_ENCODER:-80}" 25 "python3 bench/encoder.py $D $TINY --batch $ENCODER_BATCHES --iters 10 \
     --warmup 2 --budget-s @BUDGET@ --ckpt-dir $ENCODER_CKPT --out $WORK/encoder.json"
-run_stage ttft "${T_TTFT:-150}" 0 "python3 bench/ttft.py $D $TINY --budget-s @BUDGET@ --out $WORK/ttft.json"
+run_stage ttft "${T_TTFT:-150}" 0 "python3 bench/ttft.py $D $TINY ${TTFT_ARGS:-} --budget-s @BUDGET@ --out $WORK/ttft.json"
 run_stage decode_reference "${T_DECODE_REF:-90}" 30 "MMSERVE_KERNELS=reference $DEC --batch $REF_BATCHES \
     --context $REF_CONTEXTS --steps $REF_STEPS --warmup 2 --prefill-reps 1 --budget-s @BUDGET@ \
     --out $WORK/decode_reference.json"

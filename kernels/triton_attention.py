@@ -104,21 +104,20 @@ def tile_config(
 
 
 class DecodeConfig(NamedTuple):
-    block_m: int  # rows: the q heads of one kv head, padded (to 16 with dot)
+    block_m: int  # rows: the q heads of one kv head, padded to at least 16 (tl.dot)
     block_n: int  # KV positions per tile
     num_warps: int
     num_stages: int
-    dot: bool  # tl.dot (GQA groups of 4+), else broadcast products and sums
 
 
 def decode_config(group: int, on_gpu: bool) -> DecodeConfig:
     """The decode kernel's tiles for ``group`` q heads per kv head."""
-    group_p = triton.next_power_of_2(group)
-    dot = group_p > 2
-    block_m = max(16, group_p) if dot else group_p
+    block_m = max(16, triton.next_power_of_2(group))
     if not on_gpu:  # small KV tiles cross block boundaries at tiny test shapes
-        return DecodeConfig(block_m, 16, 1, 1, dot)
-    return DecodeConfig(block_m, 64, 4, 2, dot)
+        return DecodeConfig(block_m, 16, 1, 1)
+    # 64 KV positions on 4 warps, 2 stages: within 1 us of the best of 36 configs at batch 1,
+    # context 128 (6.8 us a layer against 5.9 for 128 positions; bench/decode_attention.py).
+    return DecodeConfig(block_m, 64, 4, 2)
 
 
 @functools.cache
@@ -307,7 +306,6 @@ def _decode_tiles(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF: tl.constexpr,
-    DOT: tl.constexpr,  # tl.dot over >= 16 rows; else products and sums over the M rows
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -315,9 +313,9 @@ def _decode_tiles(
 
     K is read as two halves, so q may arrive rotated in registers (rotate-half RoPE pairs
     column c with c + HALF). Each tile's block ids are loaded one tile ahead: the block-table
-    read stays off the path from one tile's K/V loads to the next's. Without DOT (one or two
-    q heads per kv head) the scores and P @ V are broadcast products and sums: a tl.dot would
-    pad the rows to 16 and move every operand through shared memory for one useful row."""
+    read stays off the path from one tile's K/V loads to the next's. Rows are padded to 16 for
+    tl.dot even with one q head per kv head: broadcast products and sums instead measured
+    1.7x slower at batch 1 and 2x at batch 64 on the H200 (bench/decode_attention.py)."""
     offs_n = tile_lo * BLOCK_N + tl.arange(0, BLOCK_N)
     block = tl.load(table_row + offs_n // BLOCK_SIZE, mask=offs_n < kv_end, other=0)
     for _ in range(tile_lo, tile_hi):
@@ -331,25 +329,17 @@ def _decode_tiles(
         k2 = tl.load(k_ptrs + HALF, mask=mask_h, other=0.0)
         v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_P]
-        if DOT:
-            if DOT_FP32:
-                k1, k2, v = k1.to(tl.float32), k2.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)  # [M, N]
-        else:
-            s = tl.sum(q1[:, None, :] * k1.to(tl.float32)[None, :, :], 2)
-            s += tl.sum(q2[:, None, :] * k2.to(tl.float32)[None, :, :], 2)
+        if DOT_FP32:
+            k1, k2, v = k1.to(tl.float32), k2.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)  # [M, N]
         s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -372,7 +362,7 @@ def _decode_kernel(
     stride_ot, stride_oh, stride_os,
     stride_lt, stride_lh,
     GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # >= GROUP rows (16 with DOT): the q heads of one kv head
+    BLOCK_M: tl.constexpr,  # >= GROUP rows, at least 16 (tl.dot): the q heads of one kv head
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
@@ -382,7 +372,6 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     NEW_KV: tl.constexpr,  # the new K/V come in k_ptr/v_ptr: write them and attend from registers
     ROPE: tl.constexpr,  # rotate q and the new k first (NEW_KV only)
-    DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -432,7 +421,7 @@ def _decode_kernel(
             tl.store(k_cache_ptr + dst + HALF + offs_h, k2, mask=h_ok)
             tl.store(v_cache_ptr + dst + offs_d, v_new, mask=d_ok)
     q1d, q2d = q1, q2
-    if DOT_FP32 or not DOT:
+    if DOT_FP32:
         q1d, q2d = q1.to(tl.float32), q2.to(tl.float32)
 
     num_tiles = tl.cdiv(cached, BLOCK_N)
@@ -445,7 +434,7 @@ def _decode_kernel(
     acc, l_i, m_i = _decode_tiles(
         acc, l_i, m_i, q1d, q2d, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
         kv_head, tile_lo, tile_hi, cached, offs_h, h_ok, offs_d, d_ok, scale_log2,
-        stride_cb, stride_cs, stride_ch, BLOCK_N, BLOCK_SIZE, HALF, DOT, DOT_FP32, DOT_PRECISION,
+        stride_cb, stride_cs, stride_ch, BLOCK_N, BLOCK_SIZE, HALF, DOT_FP32, DOT_PRECISION,
     )
     if NEW_KV:  # the last split also sees the query's own key, straight from registers
         s_new = tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], 1) \
@@ -596,7 +585,6 @@ def decode_attention(
         # tl.dot's K is at least 16 (tiny test models have head_dim 16): the rest is masked
         HALF=head_dim // 2, HALF_P=max(16, triton.next_power_of_2(head_dim // 2)),
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, NEW_KV=new_kv, ROPE=rope is not None,
-        DOT=cfg.dot,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or not on_gpu else "tf32",
         DOT_FP32=not on_gpu,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -619,6 +607,20 @@ def paged_attention(
     if meta.max_query_len == 1:
         return decode_attention(query, None, None, kv_cache, meta, scale, num_splits=num_splits,
                                 out=out)
+    return varlen_attention(query, kv_cache, meta, scale, num_splits=num_splits, out=out)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: PagedAttentionMeta,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`paged_attention` through the varlen kernel whatever the batch (decode included: the
+    path with a separate K/V writer, MMSERVE_REFERENCE_OPS=decode_attention)."""
     num_tokens, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     num_seqs = meta.seq_lens.shape[0]
@@ -629,7 +631,9 @@ def paged_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     on_gpu = query.device.type == "cuda"
-    num_splits = num_splits or 1  # prefill tiles already give many programs
+    if num_splits is None:  # prefill tiles already give many programs
+        num_splits = (1 if meta.max_query_len > 1 else
+                      decode_splits(query.device, num_seqs, num_kv_heads, meta.max_seq_len))
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
     head_dim_p = triton.next_power_of_2(head_dim)

@@ -125,10 +125,11 @@ class TritonAttentionBackend(AttentionBackend):
             self._write_kv = kernels.get("write_kv_cache", kv_cache.device)
             self._rope_write_kv = kernels.get("rope_write_kv", kv_cache.device)
             # Always the Triton kernel: choosing this backend is choosing it (CPU: interpreter).
-            module, fn = kernels.TRITON["paged_attention"].split(":")
-            self._attend = getattr(importlib.import_module(module), fn)
-            if not kernels.kept_on_reference("decode_attention"):
-                self._decode = importlib.import_module(module).decode_attention
+            module = importlib.import_module(kernels.TRITON["paged_attention"].split(":")[0])
+            if kernels.kept_on_reference("decode_attention"):  # the separate writer's path
+                self._attend = module.varlen_attention
+            else:
+                self._attend, self._decode = module.paged_attention, module.decode_attention
         if meta.max_query_len == 1 and self._decode is not None:
             # A decode step: one kernel rotates, writes the new K/V and attends.
             return self._decode(query, key, value, kv_cache, meta, scale, meta.slot_mapping,

@@ -265,7 +265,7 @@ def test_interp_decode_attention_writes_and_attends(interp, rope, splits, hq, hk
                   hq=hq, hkv=hkv, d=d, seed=hq + d + splits, pad_rows=2)
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)])  # tl.dot, and products and sums
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)])  # GQA and MHA
 @interp_only
 def test_interp_decode_attention_bf16(interp, hq, hkv):
     _check_decode(interp.decode_attention, [9, 17, 40, 1, 64], rope=True, splits=2, hq=hq,
