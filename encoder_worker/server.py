@@ -29,6 +29,7 @@ from encoder_worker.models import load_encoder
 from encoder_worker.registry_client import FLUSH_S, Membership
 from encoder_worker.store import EmbeddingStore
 from protocol import timeline
+from protocol.addresses import host_id, local_inbox_path
 from protocol.codec import tensor_ref
 from protocol.messages import (
     BucketCounts,
@@ -272,8 +273,8 @@ class EncoderProc:
         emb = Embedding(key, ref, meta={})
         if not cache_hit and reqs[0].geometry is not None:
             self._remember(key, reqs[0].geometry)
-        for addr in dict.fromkeys(a for r in reqs for a in r.deliver_to):  # unique, in order
-            self.io.send(addr, emb, [buf])
+        for addr in dict.fromkeys(_route(r, a) for r in reqs for a in r.deliver_to):
+            self.io.send(addr, emb, [buf])  # once per inbox, in order
         for r in reqs:
             self.io.send(r.reply_to, EncodeDone(key, r.request_id, 200, cache_hit=cache_hit))
 
@@ -298,6 +299,15 @@ class EncoderProc:
     def _heartbeat(self) -> EncoderHeartbeat:
         return EncoderHeartbeat(self.encoder_id, time.time(), self.stats_snapshot(),
                                 addr=self.input_addr)
+
+
+def _route(req: EncodeRequest, addr: str) -> str:
+    """Where to push ``req``'s embedding for inbox ``addr``: its Unix-socket twin when the
+    engine is on this machine and the socket is reachable from here, else ``addr``."""
+    local = req.deliver_local.get(addr)
+    if local and req.deliver_host and req.deliver_host == host_id() and local_inbox_path(local):
+        return local
+    return addr
 
 
 def run_encoder(config: EncoderConfig, input_addr: str,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
+import tempfile
 
 LOOPBACK = "127.0.0.1"
 
@@ -15,3 +18,27 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def tcp(host: str = LOOPBACK, port: int | None = None) -> str:
     return f"tcp://{host}:{port if port is not None else free_port(host)}"
+
+
+@functools.cache
+def host_id() -> str:
+    """This machine's boot id ("" where the kernel has none): processes that report the same
+    one share a kernel, hence Unix sockets, when their filesystems agree (`local_inbox_path`)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def private_ipc(name: str) -> tuple[str, str]:
+    """(ipc:// address, folder) of a Unix socket in a new folder only this user can enter."""
+    folder = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700
+    return f"ipc://{os.path.join(folder, name)}", folder
+
+
+def local_inbox_path(addr: str) -> bool:
+    """Whether ``addr`` (ipc://path) is a socket this process may connect to now: it exists
+    and is writable here (a container with another filesystem, or another user, gets False)."""
+    path = addr.removeprefix("ipc://")
+    return addr.startswith("ipc://") and os.path.exists(path) and os.access(path, os.W_OK)

@@ -18,7 +18,7 @@ from frontend.media.fetch import MediaFetcher
 from frontend.media.parse import ResolvedItem, SeenItems, expand_items, parse_media, resolve
 from frontend.models import MediaPlaceholders, load_placeholders, with_processor_kwargs
 from protocol.codec import tensor_ref
-from protocol.messages import EncodeRequest, MMItem
+from protocol.messages import EncodeRequest, MMItem, Ready
 
 
 class MediaInputs:
@@ -50,16 +50,17 @@ class MediaInputs:
                param: str = "messages") -> tuple[list[int], list[MMItem]]:
         return expand_items(self.placeholders, prompt_ids, items, param, tokenizer)
 
-    async def dispatch(self, request_id: str, items: list[ResolvedItem], deliver_to: str,
+    async def dispatch(self, request_id: str, items: list[ResolvedItem], engine: Ready,
                        reply_to: str) -> None:
-        """Have every item's embedding pushed to ``deliver_to``; raises the first failure
-        (RequestError for a bad image or a uuid cache miss, EngineUnavailable)."""
+        """Have every item's embedding pushed to ``engine``'s inbox (its Unix socket for an
+        encoder on its machine); raises the first failure (RequestError for a bad image or a
+        uuid cache miss, EngineUnavailable)."""
         if not items:
             return
         if self.pool is None:
             raise EngineUnavailable("this server runs no encoder workers")
         unique = {it.key: it for it in items}  # the same image twice is encoded once
-        await asyncio.gather(*(self._encode(request_id, it, deliver_to, reply_to)
+        await asyncio.gather(*(self._encode(request_id, it, engine, reply_to)
                                for it in unique.values()))
 
     def settle(self, request_id: str) -> None:
@@ -67,7 +68,7 @@ class MediaInputs:
         if self.pool is not None:
             self.pool.settle(request_id)
 
-    async def _encode(self, request_id: str, item: ResolvedItem, deliver_to: str,
+    async def _encode(self, request_id: str, item: ResolvedItem, engine: Ready,
                       reply_to: str) -> None:
         buffers: list[Any] = []
         embeds = None
@@ -75,8 +76,11 @@ class MediaInputs:
             embeds, buf = tensor_ref(item.embeds, frame=2)
             buffers.append(buf)
         req = EncodeRequest(key=item.key, modality=item.modality, data=item.data,
-                            kwargs=item.kwargs, deliver_to=[deliver_to], reply_to=reply_to,
-                            request_id=request_id, embeds=embeds,
-                            geometry=(item.meta or {}).get("geometry"))
+                            kwargs=item.kwargs, deliver_to=[engine.embed_addr],
+                            reply_to=reply_to, request_id=request_id, embeds=embeds,
+                            geometry=(item.meta or {}).get("geometry"),
+                            deliver_local=({engine.embed_addr: engine.embed_local}
+                                           if engine.embed_local else {}),
+                            deliver_host=engine.host)
         assert self.pool is not None
         await self.pool.encode(req, buffers)

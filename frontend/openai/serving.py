@@ -290,7 +290,7 @@ class OpenAIServing:
             # of them, so a bad item still fails the request as a plain 4xx (`_merge`).
             assert self.client.ready is not None
             media = asyncio.create_task(self.media.dispatch(
-                rid, items, self.client.ready.embed_addr, self.client.reply_to), name=f"{rid}-media")
+                rid, items, self.client.ready, self.client.reply_to), name=f"{rid}-media")
             t_encode = time.perf_counter()
 
             def encoded(_: asyncio.Task) -> None:
