@@ -35,9 +35,13 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tenso
 SplitsFn = Callable[[int, int], int]
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
+def capture_sizes(max_num_seqs: int, max_num_tokens: int | None = None) -> list[int]:
     """1, 2, 4, 8, then every multiple of 8 up to max_num_seqs (and max_num_seqs itself): padding
-    costs at most 7 rows, and a decode step's weight read does not grow with rows anyway."""
+    costs at most 7 rows, and a decode step's weight read does not grow with rows anyway. No
+    decode batch outgrows the step's token budget, nor do the input buffers, so neither does a
+    graph (a 256-row graph over 32-token buffers held 32 queries for 256 sequences)."""
+    if max_num_tokens is not None:
+        max_num_seqs = min(max_num_seqs, max_num_tokens)
     sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
     sizes += list(range(8, max_num_seqs, 8)) + [max_num_seqs]
     return sorted(set(sizes))

@@ -130,7 +130,8 @@ class ModelRunner:
         if self.use_graphs:
             pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph
             self.graphs = DecodeGraphs(self.inputs, self._decode_logits, self._graph_metadata,
-                                       capture_sizes(self.max_num_seqs), self._decode_splits,
+                                       capture_sizes(self.max_num_seqs, self.max_num_tokens),
+                                       self._decode_splits,
                                        self.max_model_len)
             self.graphs.capture(pool)
             self.mixed = MixedGraphs(self.inputs, self._mixed_logits, self.max_num_tokens)

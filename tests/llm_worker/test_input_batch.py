@@ -86,6 +86,7 @@ def test_graph_sizes_and_split_buckets(runner):
 
     assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert capture_sizes(12) == [1, 2, 4, 8, 12] and capture_sizes(1) == [1]
+    assert capture_sizes(256, max_num_tokens=32) == [1, 2, 4, 8, 16, 24, 32]
     assert split_buckets(1) == [1] and split_buckets(12) == [1, 2, 4, 8]
     # A heuristic like the kernel's: many splits for small batches, capped by context length.
     graphs = DecodeGraphs(runner.inputs, runner._decode_logits, runner._graph_metadata,
