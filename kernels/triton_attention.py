@@ -2,8 +2,8 @@
 
 Same signature and semantics as `kernels.reference.paged_attention`, but it reads only device
 metadata (query_start_loc, seq_lens, block_tables) plus the ints max_query_len / max_seq_len, and
-those two ints are tuning hints, never bounds: any batch whose true lengths exceed them is still
-computed correctly. No host list, no host sync, no per-sequence loop, so a CUDA graph can hold it.
+those two ints are tuning hints, never bounds (except max_query_len == 1, below): any batch
+whose true lengths exceed them is still computed correctly. No host list, no host sync, no per-sequence loop, so a CUDA graph can hold it.
 
 Layout of the work:
 - grid axis 0 walks "query tiles": sequence i owns tiles qsl[i] // BLOCK_Q + i onwards (at most

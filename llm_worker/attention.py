@@ -26,7 +26,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32 (padded)
     query_start_loc_cpu: list[int]  # query_start_loc as a python list, for the reference loop
     seq_lens_cpu: list[int]  # seq_lens as a python list
-    max_query_len: int
+    max_query_len: int  # 1 is a promise: a decode batch, one query per sequence (row i = seq i)
     max_seq_len: int
     # Split-KV ranges for the Triton kernel; None = its heuristic. A captured graph fixes it.
     num_splits: int | None = None
@@ -153,7 +153,8 @@ class TritonAttentionBackend(AttentionBackend):
                        ) -> AttentionMetadata:
         """Metadata of a captured step over the first `num_tokens` tokens and `num_seqs` rows of
         the buffers: whole-width block tables, the length hints fixed at capture (they choose
-        the kernel's tiles, never its bounds: the kernel reads the true lengths on the device),
+        the kernel's tiles, never its bounds: the kernel reads the true lengths on the device;
+        max_query_len 1 only for decode graphs, which replay only uniform decode batches),
         and a fixed split count. One graph serves every context up to max_seq_len."""
         return AttentionMetadata(
             slot_mapping=bufs.slot_mapping[:num_tokens],
