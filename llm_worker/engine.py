@@ -358,11 +358,14 @@ class EngineCoreProc:
 
     # -- busy loop --------------------------------------------------------------------------
 
+    def _beat(self) -> Heartbeat:
+        started = self._step_started  # read once: the busy loop may clear it meanwhile
+        running = None if started is None else time.monotonic() - started
+        return Heartbeat(self.engine_id, time.time(), self._stats, running)
+
     def _beat_loop(self) -> None:
         while self.running:
-            started = self._step_started  # read once: the busy loop may clear it meanwhile
-            running = None if started is None else time.monotonic() - started
-            beat = Heartbeat(self.engine_id, time.time(), self._stats, running)
+            beat = self._beat()
             for dest in tuple(self.frontends):
                 self.outbox.put((dest, beat))
             time.sleep(self.heartbeat_s)
@@ -481,6 +484,9 @@ class EngineCoreProc:
         elif isinstance(msg, Hello):
             self.frontends.add(msg.reply_to)
             self.outbox.put((msg.reply_to, self._ready()))
+            # A beat right behind Ready (same socket, so in order): a frontend that calls the
+            # engine ready has its stats too, and /metrics never shows a ready engine as 0s.
+            self.outbox.put((msg.reply_to, self._beat()))
         elif isinstance(msg, Shutdown):
             self.running = False
         else:

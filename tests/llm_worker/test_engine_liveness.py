@@ -13,7 +13,15 @@ import zmq
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.engine import EngineCoreProc
 from protocol.addresses import tcp
-from protocol.messages import GenerateRequest, Heartbeat, Hello, Sampling, Shutdown, TokenOutputs
+from protocol.messages import (
+    GenerateRequest,
+    Heartbeat,
+    Hello,
+    Ready,
+    Sampling,
+    Shutdown,
+    TokenOutputs,
+)
 from protocol.sockets import Receiver, Sender
 
 STEP_S = 2.0
@@ -60,6 +68,34 @@ def test_heartbeats_keep_coming_during_a_long_step(tiny_llama):
             if got is not None and isinstance(got[0], Heartbeat):
                 idle.append(got[0])
         assert idle[-1].step_running_s is None and idle[-1].stats.num_steps == 1, idle[-1]
+    finally:
+        to_engine.send(Shutdown())
+        loop.join(10)
+        inbox.close()
+        to_engine.close()
+        ctx.term()
+        proc.core.shutdown()
+
+
+def test_ready_comes_with_a_beat(tiny_llama):
+    """The answer to Hello is Ready and then a beat at once, not a heartbeat period later: a
+    frontend that calls the engine ready also has its stats (/metrics read executor_healthy 0 for
+    a ready engine in that window)."""
+    proc = EngineCoreProc(LLMWorkerConfig(model=tiny_llama, max_model_len=64, num_kv_blocks=16),
+                          tcp(), heartbeat_s=30.0)
+    loop = threading.Thread(target=proc.run, daemon=True)
+    loop.start()
+    ctx = zmq.Context()
+    inbox = Receiver(ctx, tcp())
+    to_engine = Sender(ctx, proc.receiver.addr)
+    try:
+        time.sleep(0.5)  # the beat thread's first beat went to nobody; the next is 30 s away
+        to_engine.send(Hello(frontend_id="t", reply_to=inbox.addr))
+        got = [inbox.recv(timeout_ms=5000) for _ in range(2)]
+        assert all(g is not None for g in got), got
+        ready, beat = got[0][0], got[1][0]
+        assert isinstance(ready, Ready) and isinstance(beat, Heartbeat), (ready, beat)
+        assert beat.stats.executor_healthy and beat.stats.num_total_blocks == ready.num_total_blocks > 0, beat.stats
     finally:
         to_engine.send(Shutdown())
         loop.join(10)
