@@ -5,7 +5,8 @@ scheduling its `step()` schedules and queues step N+1 before it waits for step N
 so the host's scheduling, input staging and launches overlap the device's work; it returns step
 N's outputs.
 `EngineCoreProc` wraps it in the three-step loop: drain inputs, step, emit. Sockets live on
-two IO threads, so the loop never blocks on the network and the forward pass never waits on it.
+the IO threads of `llm_worker/io_threads.py`, so the loop never blocks on the network and the
+forward pass never waits on it.
 A TP group that fails is rebuilt by a `GroupSupervisor` while the loop goes on answering.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import threading
 import time
 import uuid
@@ -21,22 +21,21 @@ from collections import deque
 
 import msgspec
 import transformers
-import zmq
 
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.embedding_cache import EmbeddingCache
 from llm_worker.executor import Executor, ExecutorError, StepResult, make_executor
 from llm_worker.executor.supervisor import GroupSupervisor
+from llm_worker.io_threads import EngineIO
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
 from llm_worker.scheduler import Scheduler, SchedulerConfig
 from protocol import timeline
-from protocol.addresses import host_id, private_ipc, tcp
-from protocol.codec import ProtocolError, tensor_frames, tensor_from
+from protocol.addresses import host_id
+from protocol.codec import tensor_frames
 from protocol.messages import (
     Abort,
-    Embedding,
     EngineStats,
     ErrorMsg,
     GenerateRequest,
@@ -47,7 +46,6 @@ from protocol.messages import (
     TokenOutput,
     TokenOutputs,
 )
-from protocol.sockets import Receiver, Sender
 from protocol.step import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -284,30 +282,11 @@ class EngineCoreProc:
         self.supervisor = GroupSupervisor(config, self.core.kv.num_total_blocks)
         self.model_name = config.model
         self.heartbeat_s = heartbeat_s
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
         self.frontends: set[str] = set()  # reply_to addresses that said Hello
         self.owner: dict[str, str] = {}  # request_id -> reply_to
-        self.ctx = zmq.Context()
         self.running = True
-        # Bind before announcing readiness so no early message is lost.
-        self.receiver = Receiver(self.ctx, input_addr, bind=True)
-        # Embeddings get their own inbox so megabytes of tensors never queue ahead of requests.
-        self.embed_addr = embed_addr or tcp(input_addr.split("//")[1].rsplit(":", 1)[0])
-        self.embed_receiver = Receiver(self.ctx, self.embed_addr, bind=True)
-        # ... and as a Unix socket for encoders on this machine (loopback TCP moves a 4.7 MB
-        # image embedding at ~2 GB/s).
-        self.embed_local, self._ipc_dir = private_ipc("embeds")
-        try:
-            self.embed_receiver.sock.bind(self.embed_local)
-        except zmq.ZMQError as e:
-            log.warning("no Unix-socket embedding inbox (%s): encoders here use TCP", e)
-            self.embed_local = ""
-        threading.Thread(target=self._recv_loop, args=(self.receiver,), name="engine-in",
-                         daemon=True).start()
-        threading.Thread(target=self._recv_loop, args=(self.embed_receiver,),
-                         name="engine-embeds", daemon=True).start()
-        threading.Thread(target=self._send_loop, name="engine-out", daemon=True).start()
+        self.io = EngineIO(input_addr, embed_addr)
+        self.inbox, self.outbox, self.receiver = self.io.inbox, self.io.outbox, self.io.receiver
         # Heartbeats come from their own thread: a long step (a big prefill, a first compile) is
         # "busy", not "dead". They carry the busy loop's latest stats (num_steps shows progress)
         # and how long the step in flight has run, from when the loop began it (None: idle).
@@ -317,44 +296,6 @@ class EngineCoreProc:
         # this long, as a first compile would on a GPU. 0 (the default) does nothing.
         self.debug_slow_step_s = debug_slow_step_s
         threading.Thread(target=self._beat_loop, name="engine-beat", daemon=True).start()
-
-    # -- IO threads (own their sockets; the busy loop only touches queues) -----------------
-
-    def _recv_loop(self, receiver: Receiver) -> None:
-        while self.running:
-            got = receiver.recv(timeout_ms=100)
-            if got is None:
-                continue
-            msg, frames = got
-            if isinstance(msg, Embedding):
-                try:  # decode the tensor here, off the busy loop; it views the zmq frame
-                    msg = (msg.key, tensor_from(msg.tensor, frames))
-                except ProtocolError as e:
-                    log.warning("dropped embedding %s: %s", msg.key, e)
-                    continue
-                timeline.mark("embedding_received", msg[0])
-            elif isinstance(msg, GenerateRequest):
-                timeline.mark("request_received", msg.request_id)
-            self.inbox.put(msg)
-        if receiver is self.embed_receiver:  # the engine is stopping: its socket folder goes
-            shutil.rmtree(self._ipc_dir, ignore_errors=True)
-
-    def _send_loop(self) -> None:
-        senders: dict[str, Sender] = {}
-        while True:
-            item = self.outbox.get()
-            if item is None:
-                break
-            addr, msg = item
-            if addr not in senders:
-                senders[addr] = Sender(self.ctx, addr, bind=False)
-            senders[addr].send(msg)
-            if isinstance(msg, TokenOutputs) and timeline.enabled():
-                for o in msg.outputs:
-                    if o.queue_seconds is not None:  # the request's first output
-                        timeline.mark("first_output_sent", o.request_id)
-        for s in senders.values():
-            s.close()
 
     # -- busy loop --------------------------------------------------------------------------
 
@@ -390,7 +331,7 @@ class EngineCoreProc:
                     next_stats = now + self.heartbeat_s
         finally:
             self.supervisor.close()
-            self.outbox.put(None)
+            self.io.close()
 
     def _snapshot(self) -> EngineStats:
         return msgspec.structs.replace(self.core.stats(), executor_healthy=not self.supervisor.down,
@@ -500,10 +441,10 @@ class EngineCoreProc:
             vocab_size=self.core.vocab_size,
             num_total_blocks=self.core.kv.num_total_blocks,
             block_size=self.core.config.block_size,
-            embed_addr=self.embed_addr,
+            embed_addr=self.io.embed_addr,
             hidden_size=self.core.hidden_size,
-            embed_local=self.embed_local,
-            host=host_id() if self.embed_local else "",
+            embed_local=self.io.embed_local,
+            host=host_id() if self.io.embed_local else "",
         )
 
     def _emit(self, outputs: list[TokenOutput]) -> None:
@@ -540,4 +481,3 @@ def run_engine_core(config: LLMWorkerConfig, input_addr: str, embed_addr: str | 
         proc.run()
     finally:
         proc.core.shutdown()
-        shutil.rmtree(proc._ipc_dir, ignore_errors=True)
