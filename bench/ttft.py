@@ -66,6 +66,12 @@ SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
                  image=56, patch=14, projection_dim=32, hidden=64, layers=2, heads=4, kv_heads=2,
                  intermediate=128),
+    # The 7B's interfaces (336x336 image, 576 rows of 4096: a 4.7 MB bf16 embedding, 632-token
+    # prompt) on one thin layer per tower: CPU time for what a GPU run's timeline calls media,
+    # decode, hop, prepare and output, without 7B compute.
+    "interfaces": dict(vision_hidden=64, vision_layers=1, vision_heads=2, vision_intermediate=128,
+                       image=336, patch=14, projection_dim=64, hidden=4096, layers=1, heads=32,
+                       kv_heads=32, intermediate=256),
 }
 MARKER = "MMSERVE_BENCH_LLAVA.json"
 VARIANTS = ("image", "text", "image_repeat", "image_repeat_text_first")
@@ -128,8 +134,8 @@ def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std:
 
 
 def default_ckpt_dir(shape: str) -> Path:
-    if shape == "tiny":
-        return Path(tempfile.gettempdir()) / "mmserve_llava_tiny"
+    if shape != "llava7b":
+        return Path(tempfile.gettempdir()) / f"mmserve_llava_{shape}"
     return scratch_dir("mmserve_llava7b", 20 << 30)  # 14 GB
 
 
@@ -393,6 +399,9 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", help="where to build/reuse it (default /dev/shm/mmserve_llava7b "
                                        "if tmpfs has room, else $TMPDIR; tiny: $TMPDIR)")
     ap.add_argument("--tiny", action="store_true", help="a tiny LLaVA (CPU smoke)")
+    ap.add_argument("--shape", choices=SHAPES, help="the random checkpoint's shape (default "
+                    "llava7b; tiny with --tiny; interfaces: the 7B's sizes between the roles, "
+                    "one layer each, for CPU timelines)")
     ap.add_argument("--device", default="auto", help="auto, cuda, cpu (engine and encoder)")
     ap.add_argument("--dtype", default="auto", help="serve's --dtype (auto: bf16 on CUDA)")
     ap.add_argument("--requests", type=int, default=20, help="timed requests per variant")
@@ -418,7 +427,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` => finally still runs
     check_imports()
     device = resolve_device(args.device)
-    shape = "tiny" if args.tiny else "llava7b"
+    shape = args.shape or ("tiny" if args.tiny else "llava7b")
 
     t0 = time.monotonic()
     if args.model:
@@ -431,8 +440,8 @@ def main() -> None:
                  "marker_found": reused, "seconds": round(time.monotonic() - t0, 1)}
         print(f"checkpoint {model_dir} ({'reused' if reused else 'built'}, "
               f"{built['seconds']} s)", flush=True)
-    out = Path(args.out or (Path(tempfile.gettempdir()) / "ttft_tiny.json" if args.tiny
-                            else REPO / "bench" / "results" / "ttft.json"))
+    out = Path(args.out or (Path(tempfile.gettempdir()) / f"ttft_{shape}.json"
+                            if shape != "llava7b" else REPO / "bench" / "results" / "ttft.json"))
     log_path = out.with_name(out.stem + "_server.log")
     out.parent.mkdir(parents=True, exist_ok=True)
     timeline_dir = out.with_name(out.stem + "_timeline")  # one .jsonl per process
