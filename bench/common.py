@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# `python bench/x.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the
-# `kernels` package: the scripts import this module first, and it puts the repo root first (which
+# `python bench/x.py` puts bench/ first on sys.path, where bench/kernels.py would shadow Hugging
+# Face's `kernels` package (transformers >= 5.25 imports it): the scripts import this module first, and it puts the repo root first (which
 # also makes them run without `pip install -e .`) and bench/ last, for the scripts' own helpers.
 _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() not in (_BENCH, REPO)),
@@ -275,13 +275,13 @@ def env_record(device: torch.device) -> dict:
 
 
 def kernel_choice(device: torch.device) -> dict[str, str]:
-    """Which implementation `kernels.get` resolves each op to under this MMSERVE_KERNELS."""
-    import kernels
+    """Which implementation `mmkernels.get` resolves each op to under this MMSERVE_KERNELS."""
+    import mmkernels
 
     out = {"MMSERVE_KERNELS": os.environ.get("MMSERVE_KERNELS", "auto")}
-    for op in kernels.OPS:
+    for op in mmkernels.OPS:
         try:
-            fn = kernels.get(op, device)
+            fn = mmkernels.get(op, device)
             out[op] = f"{fn.__module__}.{fn.__name__}"
         except Exception as e:  # a kernel module still missing or broken: say so, go on
             out[op] = f"error: {type(e).__name__}: {e}"[:200]

@@ -91,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.monotonic()
     device = torch.device("cuda")
-    from kernels import triton_attention as ta
+    from mmkernels import triton_attention as ta
 
     gen = torch.Generator(device).manual_seed(0)
     group = args.heads // args.kv_heads
@@ -117,8 +117,8 @@ def main() -> None:
 def bench_point(p: Point, batch: int, ctx: int, args, default, sweep: list,
                 deadline: float) -> list[dict]:
     """The unfused pair, the fused default and every sweep config at one batch x context."""
-    from kernels import triton_attention as ta
-    from kernels.triton_ops import rope_write_kv
+    from mmkernels import triton_attention as ta
+    from mmkernels.triton_ops import rope_write_kv
 
     kv_bytes = batch * (ctx + 1) * args.kv_heads * args.head_dim * 2 * 2
     splits = ta.decode_splits(p.q.device, batch, args.kv_heads, ctx + 1)

@@ -1,5 +1,5 @@
 """Decode projections at few rows: cuBLAS (F.linear) against the Triton GEMV
-(kernels/triton_gemv.py) over a grid of tile configs, at the Llama-2-7B shapes in bf16.
+(mmkernels/triton_gemv.py) over a grid of tile configs, at the Llama-2-7B shapes in bf16.
 
 Per (rows, projection): µs and achieved GB/s (weight + x + y bytes / time) as % of the copy
 bandwidth measured in this process, for cuBLAS, the GEMV's default config and its best config;
@@ -145,13 +145,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budget-s", type=float, default=150)
     ap.add_argument("--fused", action="store_true",
-                    help="time each projection's fused op (kernels.triton_gemv prologues and "
+                    help="time each projection's fused op (mmkernels.triton_gemv prologues and "
                          "epilogue) against the plain GEMV and the unfused kernels instead")
     ap.add_argument("--out", default="bench/results/gemv_sweep.json")
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    from kernels import triton_gemv, triton_ops
+    from mmkernels import triton_gemv, triton_ops
 
     t_start = time.perf_counter()
     device = torch.device("cuda")

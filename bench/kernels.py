@@ -1,4 +1,4 @@
-"""Each decoder hot-path kernel: the torch reference (kernels.reference) vs its Triton kernel,
+"""Each decoder hot-path kernel: the torch reference (mmkernels.reference) vs its Triton kernel,
 at Llama-2-7B shapes in bf16, and torch SDPA (flash over a contiguous copy of the same K/V) as
 the bound to beat for attention.
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from common import env_record, measure_device, resolve_device, time_ms, write_json
 
-import kernels
-from kernels import reference
+import mmkernels
+from mmkernels import reference
 
 DT = torch.bfloat16
 SHAPE_7B = dict(hidden=4096, inter=11008, heads=32, kv_heads=32, head_dim=128,
@@ -173,8 +173,8 @@ def cases(s: dict, device) -> Iterator[Case]:
 
 
 def _triton_impl(op: str) -> tuple[Callable | None, str | None]:
-    """The registered Triton kernel itself (not via kernels.get, which reads the env)."""
-    path = kernels.TRITON.get(op)
+    """The registered Triton kernel itself (not via mmkernels.get, which reads the env)."""
+    path = mmkernels.TRITON.get(op)
     if path is None:
         return None, "no Triton kernel registered"
     module, fn = path.split(":")
@@ -254,7 +254,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
-    ap.add_argument("--ops", nargs="+", default=list(kernels.OPS))
+    ap.add_argument("--ops", nargs="+", default=list(mmkernels.OPS))
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--out", default="bench/results/kernels.json")
     args = ap.parse_args()

@@ -17,7 +17,7 @@ import time
 import torch
 
 from encoder_worker.models.base import EncoderModel
-from kernels.cuda_graphs import capture_graph
+from mmkernels.cuda_graphs import capture_graph
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from kernels import reference
+import mmkernels
 from llm_worker.input_batch import InputBatch, StepBatch
+from mmkernels import reference
 
 
 @dataclass
@@ -122,11 +122,11 @@ class TritonAttentionBackend(AttentionBackend):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if self._write_kv is None or self._rope_write_kv is None or self._attend is None:
-            self._write_kv = kernels.get("write_kv_cache", kv_cache.device)
-            self._rope_write_kv = kernels.get("rope_write_kv", kv_cache.device)
+            self._write_kv = mmkernels.get("write_kv_cache", kv_cache.device)
+            self._rope_write_kv = mmkernels.get("rope_write_kv", kv_cache.device)
             # Always the Triton kernel: choosing this backend is choosing it (CPU: interpreter).
-            module = importlib.import_module(kernels.TRITON["paged_attention"].split(":")[0])
-            if kernels.kept_on_reference("decode_attention"):  # the separate writer's path
+            module = importlib.import_module(mmkernels.TRITON["paged_attention"].split(":")[0])
+            if mmkernels.kept_on_reference("decode_attention"):  # the separate writer's path
                 self._attend = module.varlen_attention
             else:
                 self._attend, self._decode = module.paged_attention, module.decode_attention
@@ -144,7 +144,7 @@ class TritonAttentionBackend(AttentionBackend):
     def decode_splits(device: torch.device, num_seqs: int, num_kv_heads: int,
                       max_seq_len: int) -> int:
         """The kernel's split-KV count for a decode batch (Triton loads with the backend)."""
-        from kernels.triton_attention import decode_splits
+        from mmkernels.triton_attention import decode_splits
 
         return decode_splits(device, num_seqs, num_kv_heads, max_seq_len)
 

@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.cuda_graphs import capture_graph
 from llm_worker.attention import AttentionMetadata
 from llm_worker.input_batch import InputBatch
+from mmkernels.cuda_graphs import capture_graph
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-import kernels
+import mmkernels
 from llm_worker.config import LLMWorkerConfig
 from llm_worker.runner import ModelRunner
 from protocol.step import ModelRunnerOutput, SchedulerOutput
@@ -72,7 +72,7 @@ class Worker:
             block_size=config.block_size,
             # "auto": the Triton kernel where the dispatch table picks Triton (CUDA, unless
             # MMSERVE_KERNELS=reference), else the torch reference (SDPA per sequence).
-            attention_backend=(("triton" if kernels.use_triton(device) else "torch")
+            attention_backend=(("triton" if mmkernels.use_triton(device) else "torch")
                                if config.attention_backend == "auto" else config.attention_backend),
             tp_rank=rank,
             tp_size=config.tensor_parallel_size,

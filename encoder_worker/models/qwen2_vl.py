@@ -31,7 +31,7 @@ from encoder_worker.models.qwen2_vl_image import Qwen2VLImageProcessor
 from encoder_worker.models.segments import SegmentPlan
 from encoder_worker.models.weights import copy_into, load_weights
 from encoder_worker.video import Video
-from kernels.reference import rms_norm
+from mmkernels.reference import rms_norm
 from protocol.geometry import ItemGeometry
 
 NORM_EPS = 1e-6  # the tower's norms (fixed in transformers, not in the config)

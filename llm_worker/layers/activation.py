@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+import mmkernels
 
 
 class SiluAndMul(nn.Module):
@@ -13,7 +13,7 @@ class SiluAndMul(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self._silu_and_mul = kernels.DeviceOp("silu_and_mul")
+        self._silu_and_mul = mmkernels.DeviceOp("silu_and_mul")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._silu_and_mul(x)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import kernels
+import mmkernels
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -60,8 +60,8 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(self.output_size_per_rank) if bias else None  # [out / tp]
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
-        self._linear = kernels.DeviceOp("linear")
-        self._norm_linear = kernels.DeviceOp("norm_linear")
+        self._linear = mmkernels.DeviceOp("linear")
+        self._norm_linear = mmkernels.DeviceOp("norm_linear")
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None
@@ -186,8 +186,8 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(output_size) if bias else None  # [out], replicated
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
-        self._linear = kernels.DeviceOp("linear")
-        self._silu_mul_linear = kernels.DeviceOp("silu_mul_linear")
+        self._linear = mmkernels.DeviceOp("linear")
+        self._silu_mul_linear = mmkernels.DeviceOp("silu_mul_linear")
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None

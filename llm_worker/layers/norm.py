@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+import mmkernels
 
 
 class RMSNorm(nn.Module):
@@ -14,7 +14,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         # Replicated on every rank; uninitialised because the checkpoint overwrites it.
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)  # [hidden]
-        self._rms_norm = kernels.DeviceOp("rms_norm")
+        self._rms_norm = mmkernels.DeviceOp("rms_norm")
 
     def forward(
         self,

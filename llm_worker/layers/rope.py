@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
+import mmkernels
 
 
 def rope_parameters(hf_config) -> dict[str, Any]:
@@ -166,7 +166,7 @@ class RotaryEmbedding(nn.Module):
         # [head_dim] int64 for M-RoPE, else None.
         self.register_buffer("mrope_rows", rows, persistent=False)
         # The kernel for the device of the last input: resolved at first forward, not per call.
-        self._apply_rope = kernels.DeviceOp("apply_rope")
+        self._apply_rope = mmkernels.DeviceOp("apply_rope")
 
     def forward(
         self,

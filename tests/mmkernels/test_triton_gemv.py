@@ -1,4 +1,4 @@
-"""The Triton GEMV (kernels.triton_gemv) against F.linear: few rows, odd N and K (partial tiles
+"""The Triton GEMV (mmkernels.triton_gemv) against F.linear: few rows, odd N and K (partial tiles
 on both axes), bias or none, strided rows, and the hand-over to F.linear past 16 rows.
 
 CPU cases run in a child pytest under the Triton interpreter (see test_triton_ops.py for why);
@@ -27,7 +27,7 @@ def test_interpreter_cases():
 
 @pytest.fixture(scope="module")
 def gemv_mod():
-    import kernels.triton_gemv as module
+    import mmkernels.triton_gemv as module
 
     assert (type(module._gemv_kernel).__name__ == "InterpretedFunction") == INTERPRETED
     return module
@@ -118,9 +118,9 @@ def test_parallel_linears_run_the_gemv(gemv_mod, request, device, monkeypatch):
 def test_parallel_linears_run_the_fused_gemv(gemv_mod, request, device, monkeypatch):
     """forward_normed / forward_gated run the fused GEMV for few rows, with the reference's
     answer: the norm, the activation and the residual add happen inside the projections."""
-    from kernels import reference
     from llm_worker.layers.linear import MergedColumnParallelLinear, RowParallelLinear
     from llm_worker.layers.norm import RMSNorm
+    from mmkernels import reference
 
     monkeypatch.setenv("MMSERVE_KERNELS", "triton")
     monkeypatch.delenv("MMSERVE_REFERENCE_OPS", raising=False)
@@ -170,7 +170,7 @@ def test_norm_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype
     """RMSNorm in the GEMV's prologue: the projection of the normed rows, from a fresh
     (NaN-poisoned) buffer, against the reference. Every row count the kernel takes, though by
     default only one row runs fused."""
-    from kernels import reference
+    from mmkernels import reference
 
     monkeypatch.setattr(gemv_mod, "FUSED_MAX_ROWS", gemv_mod.MAX_ROWS)
 
@@ -193,7 +193,7 @@ def test_norm_linear_matches_reference(gemv_mod, request, device, m, n, k, dtype
 )
 def test_residual_add_in_the_epilogue(gemv_mod, request, device, m, n, k, dtype):
     """linear(..., residual=r) = r + x W^T (+ b), the rounded projection added to the stream."""
-    from kernels import reference
+    from mmkernels import reference
 
     x, w, b = _inputs(request, device, m, n, k, dtype, True)
     res = torch.randn(m, n, generator=torch.Generator().manual_seed(3)).to(device, dtype)
@@ -215,7 +215,7 @@ def test_silu_mul_linear_matches_reference(gemv_mod, request, device, m, n, k, d
                                            monkeypatch):
     """SiLU-and-mul of the merged [gate | up] in the prologue of the down projection, the
     residual add in its epilogue."""
-    from kernels import reference
+    from mmkernels import reference
 
     monkeypatch.setattr(gemv_mod, "FUSED_MAX_ROWS", gemv_mod.MAX_ROWS)
     gate_up, w, b = _inputs(request, device, m, n, 2 * k, dtype, True)
@@ -233,7 +233,7 @@ def test_silu_mul_linear_matches_reference(gemv_mod, request, device, m, n, k, d
 @pytest.mark.parametrize(("device",), cases(cpu=[()], gpu=[()]))
 def test_fused_ops_hand_many_rows_to_their_parts(gemv_mod, request, device, monkeypatch):
     """Past 16 rows (prefill) the fused ops run the Triton norm / activation, then F.linear."""
-    from kernels import reference
+    from mmkernels import reference
 
     monkeypatch.setattr(gemv_mod, "_launch", lambda *a, **kw: pytest.fail("GEMV took 17 rows"))
     x, w, b = _inputs(request, device, 17, 8, 16, torch.float32, True)
@@ -251,18 +251,18 @@ def test_fused_ops_hand_many_rows_to_their_parts(gemv_mod, request, device, monk
 def test_fused_ops_dispatch(monkeypatch):
     """The fused kernels run when Triton is on; keeping any op on the reference composes the
     fused op from its parts, each resolved on its own (the benchmarks' A/B switches)."""
-    import kernels
-    import kernels.triton_gemv as gemv_mod
-    import kernels.triton_ops as ops
-    from kernels import reference
+    import mmkernels
+    import mmkernels.triton_gemv as gemv_mod
+    import mmkernels.triton_ops as ops
+    from mmkernels import reference
 
     monkeypatch.setenv("MMSERVE_KERNELS", "reference")
-    assert kernels.get("norm_linear", "cpu") is reference.norm_linear
-    assert kernels.get("silu_mul_linear", "cpu") is reference.silu_mul_linear
+    assert mmkernels.get("norm_linear", "cpu") is reference.norm_linear
+    assert mmkernels.get("silu_mul_linear", "cpu") is reference.silu_mul_linear
     monkeypatch.setenv("MMSERVE_KERNELS", "triton")
     monkeypatch.delenv("MMSERVE_REFERENCE_OPS", raising=False)
-    assert kernels.get("norm_linear", "cpu") is gemv_mod.norm_linear
-    assert kernels.get("silu_mul_linear", "cpu") is gemv_mod.silu_mul_linear
+    assert mmkernels.get("norm_linear", "cpu") is gemv_mod.norm_linear
+    assert mmkernels.get("silu_mul_linear", "cpu") is gemv_mod.silu_mul_linear
 
     seen = []
 
@@ -272,15 +272,15 @@ def test_fused_ops_dispatch(monkeypatch):
     spy(ops, "rms_norm", "triton norm", reference.rms_norm)
     spy(ops, "silu_and_mul", "triton silu", reference.silu_and_mul)
     spy(gemv_mod, "linear", "gemv", reference.linear)
-    spy(kernels, "linear", "cublas", reference.linear)
+    spy(mmkernels, "linear", "cublas", reference.linear)
     x, w, gain = torch.randn(2, 8), torch.randn(4, 8), torch.ones(8)
     for switch, want in [("linear", ["triton norm", "cublas", "triton silu", "cublas"]),
                          ("norm_linear,silu_mul_linear",
                           ["triton norm", "gemv", "triton silu", "gemv"])]:
         monkeypatch.setenv("MMSERVE_REFERENCE_OPS", switch)
         del seen[:]
-        got = kernels.get("norm_linear", "cpu")(x, gain, 1e-6, w)
+        got = mmkernels.get("norm_linear", "cpu")(x, gain, 1e-6, w)
         torch.testing.assert_close(got, reference.norm_linear(x, gain, 1e-6, w))
-        got = kernels.get("silu_mul_linear", "cpu")(x, w[:, :4])
+        got = mmkernels.get("silu_mul_linear", "cpu")(x, w[:, :4])
         torch.testing.assert_close(got, reference.silu_mul_linear(x, w[:, :4]))
         assert seen == want, switch

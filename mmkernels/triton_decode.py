@@ -5,7 +5,7 @@ One program per (sequence, kv head, split): no search for its sequence, and the 
 block ids loaded before the current tile's K/V. In `decode_attention` the step's own K/V come in
 registers: the kernel rotates q and k (RoPE), writes k and v into the cache and folds the new key
 into the softmax itself, so a decode layer launches one attention kernel instead of a K/V writer
-and a kernel that reads it back. `kernels.triton_attention.paged_attention` runs the same kernel
+and a kernel that reads it back. `mmkernels.triton_attention.paged_attention` runs the same kernel
 over a cache that already holds the new keys.
 """
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_splits import (
+from mmkernels.triton_splits import (
     PagedAttentionMeta,
     decode_splits,
     merge_splits,

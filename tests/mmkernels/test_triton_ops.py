@@ -1,4 +1,4 @@
-"""The Triton elementwise kernels against their torch references (kernels.reference).
+"""The Triton elementwise kernels against their torch references (mmkernels.reference).
 
 CPU cases run under the Triton interpreter at tiny shapes; on a CUDA machine the GPU cases run
 compiled at model shapes (marked gpu). Interpreter mode is process-wide: Triton reads
@@ -19,11 +19,11 @@ import torch
 from interp_child import INTERPRETED, run_interpreter_cases
 from interp_child import interp_or_gpu_cases as cases
 
-import kernels
-from kernels import reference
+import mmkernels
 from llm_worker.layers.activation import SiluAndMul
 from llm_worker.layers.norm import RMSNorm
 from llm_worker.layers.rope import RotaryEmbedding
+from mmkernels import reference
 
 interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_cases' child")
 
@@ -47,8 +47,8 @@ def test_interpreter_cases():
 
 @pytest.fixture(scope="module")
 def triton_ops() -> ModuleType:
-    """kernels.triton_ops: interpreted in the child, compiled on a CUDA machine."""
-    import kernels.triton_ops as module
+    """mmkernels.triton_ops: interpreted in the child, compiled on a CUDA machine."""
+    import mmkernels.triton_ops as module
 
     # Guard the claim above: if a Triton release moved the switch, fail here, not in a launch.
     interpreted = type(module._rms_norm_kernel).__name__ == "InterpretedFunction"
@@ -305,11 +305,11 @@ def test_rope_write_kv(triton_ops, gen, device, num_tokens, num_heads, num_kv_he
 
 @interp_only
 def test_dispatch_and_layers_resolve_once(triton_ops, gen, monkeypatch):
-    """kernels.get hands out the Triton ops when forced; a layer resolves its op at first forward
+    """mmkernels.get hands out the Triton ops when forced; a layer resolves its op at first forward
     and keeps it, so later environment changes do not reach the hot path."""
     monkeypatch.setenv("MMSERVE_KERNELS", "triton")
     for op in ("rms_norm", "silu_and_mul", "apply_rope", "write_kv_cache"):
-        assert kernels.get(op, "cpu") is getattr(triton_ops, op)
+        assert mmkernels.get(op, "cpu") is getattr(triton_ops, op)
     norm, act = RMSNorm(64, eps=1e-6), SiluAndMul()
     rope = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), head_dim=64, max_position=16)
     norm.weight.data = _randn(gen, 64)
@@ -335,9 +335,9 @@ def test_reference_ops_override_one_op(monkeypatch):
     """MMSERVE_REFERENCE_OPS keeps the named ops on the reference where Triton would run."""
     monkeypatch.setenv("MMSERVE_KERNELS", "triton")
     monkeypatch.setenv("MMSERVE_REFERENCE_OPS", "linear,rms_norm")
-    assert kernels.get("linear", "cpu") is reference.linear
-    assert kernels.get("rms_norm", "cpu") is reference.rms_norm
-    assert kernels.get("silu_and_mul", "cpu") is not reference.silu_and_mul
+    assert mmkernels.get("linear", "cpu") is reference.linear
+    assert mmkernels.get("rms_norm", "cpu") is reference.rms_norm
+    assert mmkernels.get("silu_and_mul", "cpu") is not reference.silu_and_mul
 
 
 def test_layers_on_cpu_use_the_reference(gen, monkeypatch):

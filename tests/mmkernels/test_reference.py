@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import apply_rope, paged_attention, rms_norm, silu_and_mul, write_kv_cache
+from mmkernels.reference import apply_rope, paged_attention, rms_norm, silu_and_mul, write_kv_cache
 
 
 def _dense_causal(q, k, v, scale):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from interp_child import run_interpreter_cases
 
-from kernels import reference
+from mmkernels import reference
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BF16_TOL = {"atol": 1e-2, "rtol": 1.6e-2}  # bf16 output rounding (2^-8) plus bf16 P in P @ V
@@ -35,8 +35,8 @@ def test_interpreter_cases():
 
 @pytest.fixture(scope="module")
 def interp() -> ModuleType:
-    """kernels.triton_attention, imported in a process where TRITON_INTERPRET=1."""
-    import kernels.triton_attention as module
+    """mmkernels.triton_attention, imported in a process where TRITON_INTERPRET=1."""
+    import mmkernels.triton_attention as module
 
     # Guard the claim above: if a Triton release moved the switch, fail here, not in a compile.
     assert type(module._paged_attention_kernel).__name__ == "InterpretedFunction"
@@ -334,7 +334,7 @@ def _long(n_seqs, seed, max_len=1500):
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_mixed_batch(d, block_size, hq, hkv, dtype):
-    from kernels.triton_attention import paged_attention
+    from mmkernels.triton_attention import paged_attention
 
     seq_lens, g = _long(12, seed=d + block_size + hq)
     # Half decode, half chunks of up to 300 tokens (some whole prompts) over a cached prefix.
@@ -349,7 +349,7 @@ def test_gpu_mixed_batch(d, block_size, hq, hkv, dtype):
 @pytest.mark.parametrize("prefill_len", [128, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_prefill(prefill_len, dtype):
-    from kernels.triton_attention import paged_attention
+    from mmkernels.triton_attention import paged_attention
 
     seq_lens = [prefill_len, prefill_len // 2 + 3, 17]
     _check(paged_attention, seq_lens, seq_lens, hq=32, hkv=32, d=128, dtype=dtype,
@@ -362,7 +362,7 @@ def test_gpu_prefill(prefill_len, dtype):
 @pytest.mark.parametrize("n_seqs", [1, 3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_decode_split_kv(splits, n_seqs, dtype):
-    from kernels.triton_attention import paged_attention
+    from mmkernels.triton_attention import paged_attention
 
     seq_lens, _ = _long(n_seqs, seed=n_seqs, max_len=5000)
     _check(paged_attention, seq_lens, [1] * n_seqs, hq=32, hkv=8, d=128, dtype=dtype,
@@ -373,7 +373,7 @@ def test_gpu_decode_split_kv(splits, n_seqs, dtype):
 @compiled_only
 def test_gpu_graph_replay_follows_device_lengths():
     """Captured once, the kernel must follow new seq_lens / tables written into the same buffers."""
-    from kernels.triton_attention import paged_attention
+    from mmkernels.triton_attention import paged_attention
 
     hq, hkv, d, bs = 32, 8, 128, 16
     # Captured on long contexts so the tables and the cache are wide enough for the replay batch.
@@ -406,7 +406,7 @@ def test_gpu_graph_replay_follows_device_lengths():
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 32, 128), (4, 4, 16), (16, 16, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_decode_attention(rope, splits, n_seqs, hq, hkv, d, dtype):
-    from kernels.triton_attention import decode_attention
+    from mmkernels.triton_attention import decode_attention
 
     seq_lens, _ = _long(n_seqs, seed=n_seqs + d, max_len=3000)
     _check_decode(decode_attention, seq_lens, rope=rope, splits=splits, hq=hq, hkv=hkv, d=d,

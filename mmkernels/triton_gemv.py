@@ -7,7 +7,7 @@ contiguous axis of an nn.Linear weight) and keeps x's few rows in a 16-row tile 
 the tensor cores do the math and the loads are one long, coalesced read per row. No split-K: it
 would need a zeroed fp32 buffer and a cast kernel, two more launches per projection.
 
-`linear` has the signature of `kernels.reference.linear`; it takes the GEMV only for M <= 16 and
+`linear` has the signature of `mmkernels.reference.linear`; it takes the GEMV only for M <= 16 and
 hands anything larger to `F.linear` (cuBLAS is compute-bound there and hard to beat). The config
 can be passed per call so `bench/gemv_sweep.py` can time a grid of them against cuBLAS.
 
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference, triton_ops
+from mmkernels import reference, triton_ops
 
 MAX_ROWS = 16  # x's rows live in one tl.dot tile (its smallest M)
 # Rows up to which the norm / SiLU prologues pay. Measured on the H200 (2026-12-02 suite): at 1
@@ -176,7 +176,7 @@ def _few_rows(x: torch.Tensor) -> torch.Tensor | None:
 
 def _cublas(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`kernels.reference.linear` with the residual as the GEMM's C operand (one cuBLAS call)."""
+    """`mmkernels.reference.linear` with the residual as the GEMM's C operand (one cuBLAS call)."""
     if residual is None or bias is not None or x.dim() != 2:
         return reference.linear(x, weight, bias, residual)
     return torch.addmm(residual, x, weight.t())
@@ -184,7 +184,7 @@ def _cublas(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`kernels.reference.linear` with the GEMV (residual add in its epilogue) for <= 16 rows,
+    """`mmkernels.reference.linear` with the GEMV (residual add in its epilogue) for <= 16 rows,
     cuBLAS above; any leading dims."""
     rows = _few_rows(x)
     if rows is None:
@@ -195,7 +195,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None = None, config: dict[str, int] | None = None
                 ) -> torch.Tensor:
-    """`kernels.reference.norm_linear`: for up to FUSED_MAX_ROWS rows one GEMV that normalizes
+    """`mmkernels.reference.norm_linear`: for up to FUSED_MAX_ROWS rows one GEMV that normalizes
     x in its prologue (no RMSNorm launch, no normed tensor); else the Triton RMSNorm and the
     `linear` kernel (GEMV to 16 rows, cuBLAS above). The
     1/rms scales the fp32 accumulator instead of each normed value, so bf16 results differ from
@@ -209,7 +209,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     residual: torch.Tensor | None = None, config: dict[str, int] | None = None
                     ) -> torch.Tensor:
-    """`kernels.reference.silu_mul_linear`: for up to FUSED_MAX_ROWS rows one GEMV that applies
+    """`mmkernels.reference.silu_mul_linear`: for up to FUSED_MAX_ROWS rows one GEMV that applies
     SiLU-and-mul to the merged [gate | up] as it loads it (and adds the residual in its
     epilogue); else the Triton SiLU-and-mul and the `linear` kernel."""
     rows = _few_rows(x)

@@ -1,8 +1,8 @@
 """Decoder hot-path kernels: one dispatch table picks the pure-torch reference or the Triton
-kernel for a device. Layers ask ``kernels.get(name, device)`` once and never import an
+kernel for a device. Layers ask ``mmkernels.get(name, device)`` once and never import an
 implementation module directly.
 
-Every op has its reference in ``kernels.reference`` (the semantics, and what CPU serving runs)
+Every op has its reference in ``mmkernels.reference`` (the semantics, and what CPU serving runs)
 and, where one exists, a Triton kernel with the same signature. Values are import paths, so
 importing ``kernels`` loads neither Triton nor a kernel module until one is asked for.
 """
@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from kernels.reference import (
+from mmkernels.reference import (
     apply_rope,
     linear,
     norm_linear,
@@ -34,18 +34,18 @@ OPS = ("rms_norm", "silu_and_mul", "apply_rope", "write_kv_cache", "paged_attent
 
 # op -> "module:function" of its Triton kernel (same signature as the reference).
 TRITON: dict[str, str] = {
-    "rms_norm": "kernels.triton_ops:rms_norm",
-    "silu_and_mul": "kernels.triton_ops:silu_and_mul",
-    "apply_rope": "kernels.triton_ops:apply_rope",
-    "write_kv_cache": "kernels.triton_ops:write_kv_cache",
-    "paged_attention": "kernels.triton_attention:paged_attention",
+    "rms_norm": "mmkernels.triton_ops:rms_norm",
+    "silu_and_mul": "mmkernels.triton_ops:silu_and_mul",
+    "apply_rope": "mmkernels.triton_ops:apply_rope",
+    "write_kv_cache": "mmkernels.triton_ops:write_kv_cache",
+    "paged_attention": "mmkernels.triton_attention:paged_attention",
     # A GEMV for decode's few rows (<= 16; more go to cuBLAS): 3-8% faster than cuBLAS's M=1
     # path at every 7B projection on the H200 (bench/gemv_sweep.py).
-    "linear": "kernels.triton_gemv:linear",
+    "linear": "mmkernels.triton_gemv:linear",
     # The same GEMV with the op before it in its prologue: one launch instead of two per layer.
-    "norm_linear": "kernels.triton_gemv:norm_linear",
-    "silu_mul_linear": "kernels.triton_gemv:silu_mul_linear",
-    "rope_write_kv": "kernels.triton_ops:rope_write_kv",
+    "norm_linear": "mmkernels.triton_gemv:norm_linear",
+    "silu_mul_linear": "mmkernels.triton_gemv:silu_mul_linear",
+    "rope_write_kv": "mmkernels.triton_ops:rope_write_kv",
 }
 
 # fused op -> (the ops it fuses, how to compose them). When the fused kernel is off, or any of

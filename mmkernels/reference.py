@@ -16,7 +16,7 @@ import torch.nn.functional as F
 class PagedAttentionMeta(Protocol):
     """The fields of `llm_worker.attention.AttentionMetadata` the reference reads.
 
-    A Protocol, not an import, because kernels/ sits below llm_worker/ and must not import it.
+    A Protocol, not an import, because mmkernels/ sits below llm_worker/ and must not import it.
     """
 
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32

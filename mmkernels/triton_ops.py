@@ -2,13 +2,13 @@
 SiLU-and-mul, neox RoPE, the paged KV-cache write, and RoPE fused with that write.
 
 Each wrapper has exactly the signature and return convention of its torch reference in
-`kernels.reference`, whose docstrings define the semantics, and rounds where the reference rounds
+`mmkernels.reference`, whose docstrings define the semantics, and rounds where the reference rounds
 so that fp32 results agree to summation order and bf16/fp16 ones to about one ulp. Wrappers
 allocate nothing but their outputs, never sync the host (no `.item()`, no data-dependent shapes),
 and read inputs through their strides: only a non-unit stride on the last dim forces a copy, so
 the q/k views that the qkv split hands over go in as they are.
 
-Only `kernels.get` imports this module, when Triton is wanted, so triton is imported at the top.
+Only `mmkernels.get` imports this module, when Triton is wanted, so triton is imported at the top.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,  # [num_tokens, hidden]
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.reference.rms_norm` in one kernel: out, or (out, x + residual) with the add fused.
+    """`mmkernels.reference.rms_norm` in one kernel: out, or (out, x + residual) with the add fused.
 
     Inputs are never written; both outputs are new contiguous tensors with the reference's dtypes.
     """
@@ -121,7 +121,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.cons
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
-    """`kernels.reference.silu_and_mul`: silu(gate) * up; a new contiguous output."""
+    """`mmkernels.reference.silu_and_mul`: silu(gate) * up; a new contiguous output."""
     d = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     x2 = _rows(x)  # [T, 2 * d]
@@ -200,7 +200,7 @@ def apply_rope(
     positions: torch.Tensor,  # [num_tokens] int64 (int32 works too)
     cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos | sin, head_dim // 2 each
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.reference.apply_rope` in one kernel for q and k.
+    """`mmkernels.reference.apply_rope` in one kernel for q and k.
 
     Out of place, like the reference: returns new contiguous (q, k) in the inputs' dtypes and
     leaves q and k (often views into the qkv projection output) untouched.
@@ -261,7 +261,7 @@ def write_kv_cache(
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64, block_id * block_size + offset; <0 = skip
 ) -> None:
-    """`kernels.reference.write_kv_cache`: scatter K/V into the cache in place, casting to its
+    """`mmkernels.reference.write_kv_cache`: scatter K/V into the cache in place, casting to its
     dtype; negative slots are skipped inside the kernel."""
     if kv_cache.stride(-1) != 1:
         # The cache is written in place, so a contiguous copy would lose the writes.
@@ -328,7 +328,7 @@ def rope_write_kv(
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; <0 = skip
 ) -> torch.Tensor:
-    """`kernels.reference.rope_write_kv` in one kernel: returns the rotated q (new, contiguous)
+    """`mmkernels.reference.rope_write_kv` in one kernel: returns the rotated q (new, contiguous)
     and writes the rotated k and v into the cache in place."""
     if kv_cache.stride(-1) != 1:
         raise ValueError("rope_write_kv: kv_cache's head_dim must be unit-stride")

@@ -1,6 +1,6 @@
 """Triton paged attention: one varlen kernel for chunked prefill and decode over the block table.
 
-Same signature and semantics as `kernels.reference.paged_attention`, but it reads only device
+Same signature and semantics as `mmkernels.reference.paged_attention`, but it reads only device
 metadata (query_start_loc, seq_lens, block_tables) plus the ints max_query_len / max_seq_len, and
 those two ints are tuning hints, never bounds (except max_query_len == 1, below): any batch
 whose true lengths exceed them is still computed correctly. No host list, no host sync, no per-sequence loop, so a CUDA graph can hold it.
@@ -15,8 +15,8 @@ Layout of the work:
   program writes a normalized partial and its log-sum-exp, and `_reduce_splits_kernel` merges them.
 
 A decode batch (max_query_len == 1, a promise: one query per sequence) runs
-`kernels.triton_decode.decode_attention` instead; the split-KV pieces both share live in
-`kernels.triton_splits`.
+`mmkernels.triton_decode.decode_attention` instead; the split-KV pieces both share live in
+`mmkernels.triton_splits`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_decode import DecodeConfig, decode_attention, decode_config
-from kernels.triton_splits import (
+from mmkernels.triton_decode import DecodeConfig, decode_attention, decode_config
+from mmkernels.triton_splits import (
     MAX_SPLITS,
     MIN_TOKENS_PER_SPLIT,
     PagedAttentionMeta,
@@ -240,7 +240,7 @@ def paged_attention(
     num_splits: int | None = None,  # None: `num_kv_splits` heuristic; tests and benches force it
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], e.g. a graph's buffer
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Varlen causal attention over the paged cache, as `kernels.reference.paged_attention`.
+    """Varlen causal attention over the paged cache, as `mmkernels.reference.paged_attention`.
     A decode batch (max_query_len == 1) runs `decode_attention` over the cache as it is."""
     if meta.max_query_len == 1:
         return decode_attention(query, None, None, kv_cache, meta, scale, num_splits=num_splits,
