@@ -32,7 +32,8 @@
 #   PARITY_BATCH [8] PARITY_STEPS [32] T_PARITY [120]: bench/parity.py, fast path vs reference
 #   PROFILE_BATCHES ["1 8 64"] T_PROFILE [90]: bench/profile_step.py (CUDA only)
 #   ENCODER_BATCHES ["1 8 32 64 128"] ENCODER_CKPT [/dev/shm/...] T_ENCODER [80]: bench/encoder.py
-#   T_TTFT [150]: bench/ttft.py (LLaVA-1.5-7B shape served over HTTP, one image + 40 tokens)
+#   T_TTFT [150]: bench/ttft.py (LLaVA-1.5-7B shape served over HTTP, one image + 40 tokens);
+#   ttft_bytes: the same with the device handoff off (--encoder-device-ring-mb 0), its A/B
 #   T_QWEN_TOWER [150]: bench/qwen_tower.py (Qwen2.5-VL-7B tower, mixed sizes, vs transformers)
 #   T_VIDEO_TTFT [200] VIDEO_SERVE_ARGS ["--max-num-batched-tokens 4096"]: bench/video_ttft.py
 #   (one 30-frame video + 40 tokens over HTTP, Qwen2.5-VL-7B shape; needs PyAV: carry
@@ -126,10 +127,10 @@ if ! python3 -c "import matplotlib" 2>/dev/null && compgen -G ".whl/mpl/*.whl" >
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/mpl/*.whl || echo "WARNING: matplotlib wheels did not install"
 fi
-# mmserve's dist-info, so transformers' probe of the `kernels` import name reads version 0.1.0.
+# mmserve's dist-info (the server reports its version).
 if ! python3 -c "import importlib.metadata as m; m.version('mmserve')" 2>/dev/null; then
     tmpsrc=$(mktemp -d)
-    cp -r pyproject.toml protocol frontend encoder_worker llm_worker kernels "$tmpsrc"/
+    cp -r pyproject.toml protocol frontend encoder_worker llm_worker mmkernels "$tmpsrc"/
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
         --target /tmp/site "$tmpsrc" >/dev/null 2>&1 || echo "WARNING: mmserve metadata not installed"
     rm -rf "$tmpsrc"
@@ -204,6 +205,8 @@ run_stage profile "${T_PROFILE:-90}" 0 "python3 bench/profile_step.py --model $C
 run_stage encoder "${T_ENCODER:-80}" 25 "python3 bench/encoder.py $D $TINY --batch $ENCODER_BATCHES --iters 10 \
     --warmup 2 --budget-s @BUDGET@ --ckpt-dir $ENCODER_CKPT --out $WORK/encoder.json"
 run_stage ttft "${T_TTFT:-150}" 0 "python3 bench/ttft.py $D $TINY ${TTFT_ARGS:-} --budget-s @BUDGET@ --out $WORK/ttft.json"
+run_stage ttft_bytes "${T_TTFT:-150}" 0 "python3 bench/ttft.py $D $TINY ${TTFT_ARGS:-} \
+    --serve-args '--encoder-device-ring-mb 0' --budget-s @BUDGET@ --out $WORK/ttft_bytes.json"
 run_stage decode_reference "${T_DECODE_REF:-90}" 30 "MMSERVE_KERNELS=reference $DEC --batch $REF_BATCHES \
     --context $REF_CONTEXTS --steps $REF_STEPS --warmup 2 --prefill-reps 1 --budget-s @BUDGET@ \
     --out $WORK/decode_reference.json"

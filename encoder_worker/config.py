@@ -27,6 +27,10 @@ class EncoderConfig:
     store_bytes: int = field(default=2 << 30, metadata={
         "flag": "--encoder-store-gb", "unit": 1 << 30,
         "help": "embedding store of each encoder (LRU by bytes), host memory, in GiB"})
+    ring_bytes: int = field(default=256 << 20, metadata={
+        "flag": "--encoder-device-ring-mb", "unit": 1 << 20,
+        "help": "device ring (MiB) through which embeddings reach an engine on the same GPU by "
+                "CUDA IPC, with no host copy on the way; 0: always send the bytes"})
     max_batch_items: int = field(default=32, metadata={
         "flag": "--encoder-max-batch-items", "help": "images per tower forward"})
     max_wait_ms: float = field(default=5.0, metadata={
@@ -70,6 +74,8 @@ class EncoderConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.store_bytes < 0:
             raise ValueError("store_bytes must be >= 0 (0 disables the embedding store)")
+        if self.ring_bytes < 0:
+            raise ValueError("ring_bytes must be >= 0 (0 disables the device ring)")
         if self.max_batch_items < 1:
             raise ValueError("max_batch_items must be >= 1")
         if self.max_wait_ms < 0:

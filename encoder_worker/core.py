@@ -79,11 +79,14 @@ class EncoderCore:
     def encode_batch(self, inputs: list[Inputs]) -> list[torch.Tensor]:
         """One forward over one batch (see `batches`) -> each item's [n, hidden] embedding, on
         the CPU, owning its memory."""
+        return self.to_host(self.encode_batch_device(inputs))
+
+    def encode_batch_device(self, inputs: list[Inputs]) -> list[torch.Tensor]:
+        """`encode_batch` left on the model's device: a graph replay's outputs are its static
+        buffers, valid until the next forward (`to_host` copies them out)."""
         if self.model.packs_variable_sizes:
-            outs = self.model.encode_packed(inputs)
-        else:
-            outs = (self.graphs or self.model).encode(self.to_device(inputs))
-        return self.to_host(outs)
+            return self.model.encode_packed(inputs)
+        return (self.graphs or self.model).encode(self.to_device(inputs))
 
     def encode(self, inputs: list[Inputs]) -> list[torch.Tensor]:
         """Every input's embedding, in order, in as few forwards as `batches` allows."""

@@ -3,7 +3,8 @@
 The busy loop reads aloud as: drain inputs, step (one tower batch). Sockets live on the IO
 threads of ``EncoderIO`` and decoding + preprocessing on a thread pool, so the loop only moves
 queue items and runs the tower. Finished embeddings go to the LRU store, then out to every
-``deliver_to`` address as one zero-copy frame.
+``deliver_to`` address as one zero-copy frame, or, for an engine on this GPU, first of all as a
+slot of the device ring (`encoder_worker/device_ring.py`), before the download to the host.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import queue
 import signal
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -24,6 +26,7 @@ import torch
 from encoder_worker.config import EncoderConfig
 from encoder_worker.core import EncoderCore, Inputs
 from encoder_worker.decode import MediaError
+from encoder_worker.device_ring import make_ring
 from encoder_worker.io_threads import EncoderIO, UserEmbeds
 from encoder_worker.models import load_encoder
 from encoder_worker.registry_client import FLUSH_S, Membership
@@ -33,12 +36,14 @@ from protocol.addresses import host_id, local_inbox_path
 from protocol.codec import tensor_ref
 from protocol.messages import (
     BucketCounts,
+    DeviceRef,
     Embedding,
     EncodeDone,
     EncodeRequest,
     EncoderHeartbeat,
     EncoderStats,
     Shutdown,
+    TensorRef,
 )
 from protocol.registry import ItemFound, ItemLookup
 
@@ -88,6 +93,7 @@ class EncoderProc:
         self.core = EncoderCore(self.model, max_image_pixels=config.max_image_pixels,
                                 min_image_side=config.min_image_side,
                                 cuda_graphs=config.cuda_graphs)
+        self.ring = make_ring(self.model.device, config.ring_bytes)
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="encoder-decode")
         self.running = True
         self.io = EncoderIO(input_addr, self._heartbeat, config.heartbeat_s)
@@ -119,6 +125,8 @@ class EncoderProc:
         self.membership.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.io.close()
+        if self.ring is not None:
+            self.ring.close()
 
     def _batch_due(self, now: float) -> bool:
         """Run the tower now: the batch is full, its oldest item waited long enough, or no
@@ -240,7 +248,9 @@ class EncoderProc:
         for item in group:
             timeline.mark("tower_start", item.key)
         try:
-            outs = self.core.encode_batch([r.pixels for r in group])  # CPU, owned
+            outs = self.core.encode_batch_device([r.pixels for r in group])
+            handed = self._hand_over(group, outs)
+            outs = self.core.to_host(outs)  # CPU, owned
         except Exception:
             ids = [r.request_id for g in group for r in self.waiters.get(g.key, [])]
             log.exception("encoding failed for requests %s", ",".join(ids))
@@ -262,19 +272,56 @@ class EncoderProc:
             seconds = time.monotonic() - item.arrived
             st.item_seconds += seconds
             _observe(st.latency, seconds)  # type: ignore[arg-type]
-            self._publish(item.key, tensor, self.waiters.pop(item.key), cache_hit=False)
+            self._publish(item.key, tensor, self.waiters.pop(item.key), cache_hit=False,
+                          sent=handed.get(item.key, ()))
 
     # -- emit -------------------------------------------------------------------------------
 
+    def _hand_over(self, group: list[_Ready], outs: list[torch.Tensor]) -> dict[str, list[str]]:
+        """Copy each output that an engine on this GPU waits for into the device ring and send
+        that engine the slot, before anything is downloaded: its copy then overlaps ours.
+        Returns, by key, the inboxes served so (the bytes go to the others)."""
+        if self.ring is None:
+            return {}
+        slots: list[tuple[str, torch.Tensor, DeviceRef, list[str]]] = []
+        for item, out in zip(group, outs):
+            dests = [d for d, on_gpu in self._routes(self.waiters[item.key]).items() if on_gpu]
+            ref = self.ring.put(out) if dests else None  # None: no slot free now
+            if ref is not None:
+                slots.append((item.key, out, ref, dests))
+        if not slots:
+            return {}
+        torch.cuda.current_stream(self.ring.device).synchronize()  # the slots are written
+        for key, out, ref, dests in slots:
+            tensor = TensorRef(str(out.dtype).removeprefix("torch."), list(out.shape), frame=0)
+            for dest in dests:
+                self.io.send(dest, Embedding(key, tensor, meta={}, device=ref))
+            self.stats.num_device_handoffs += len(dests)
+        return {key: dests for key, _, _, dests in slots}
+
+    def _routes(self, reqs: list[EncodeRequest]) -> dict[str, bool]:
+        """Each inbox the item goes to (`_route`), and whether it takes a slot of our ring: the
+        inbox is the Unix-socket twin of an engine that runs on our GPU."""
+        routes: dict[str, bool] = {}
+        for r in reqs:
+            for addr in r.deliver_to:
+                dest = _route(r, addr)
+                on_gpu = (self.ring is not None and dest != addr
+                          and self.ring.gpu in r.deliver_gpus.get(dest, ()))
+                routes[dest] = routes.get(dest, False) or on_gpu
+        return routes
+
     def _publish(self, key: str, tensor: torch.Tensor, reqs: list[EncodeRequest],
-                 cache_hit: bool) -> None:
-        """Embedding (+ one zero-copy frame) to each destination once, then EncodeDone each."""
+                 cache_hit: bool, sent: Iterable[str] = ()) -> None:
+        """Embedding (+ one zero-copy frame) to each destination once, except those ``sent``
+        it already (`_hand_over`), then EncodeDone each."""
         ref, buf = tensor_ref(tensor, frame=2)
         emb = Embedding(key, ref, meta={})
         if not cache_hit and reqs[0].geometry is not None:
             self._remember(key, reqs[0].geometry)
         for addr in dict.fromkeys(_route(r, a) for r in reqs for a in r.deliver_to):
-            self.io.send(addr, emb, [buf])  # once per inbox, in order
+            if addr not in sent:
+                self.io.send(addr, emb, [buf])  # once per inbox, in order
         for r in reqs:
             self.io.send(r.reply_to, EncodeDone(key, r.request_id, 200, cache_hit=cache_hit))
 

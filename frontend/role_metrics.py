@@ -151,6 +151,9 @@ def encoder_families(s: EncoderStats, model: str) -> Iterator[Metric]:
                "Embeddings held in the encoders' stores.", s.store_items, model)
     yield _one(counter, "mmserve:encoder_items_encoded",
                "Media items that ran through a vision/audio tower.", s.num_encoded, model)
+    yield _one(counter, "mmserve:encoder_device_handoffs",
+               "Embeddings handed to an engine on the same GPU as a slot of the encoder's device "
+               "ring (CUDA IPC), not as bytes.", s.num_device_handoffs, model)
     yield _one(counter, "mmserve:encoder_errors", "Encode requests answered with an error.",
                s.num_errors, model)
     yield histogram("mmserve:encoder_batch_size", "Media items per tower forward.",

@@ -20,13 +20,15 @@ import uuid
 from collections import deque
 
 import msgspec
+import torch
 import transformers
 
 from llm_worker.config import LLMWorkerConfig
+from llm_worker.device_inbox import make_device_inbox
 from llm_worker.embedding_cache import EmbeddingCache
 from llm_worker.executor import Executor, ExecutorError, StepResult, make_executor
 from llm_worker.executor.supervisor import GroupSupervisor
-from llm_worker.io_threads import EngineIO
+from llm_worker.io_threads import Arrived, EngineIO, HostCopy, Lost
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
@@ -96,6 +98,9 @@ class EngineCore:
         self.req_keys: dict[str, list[str]] = {}  # request -> mm keys it pins
         self.worker_keys: set[str] = set()  # keys the workers hold on the device
         self.pending_free: list[str] = []  # keys to drop from the workers at the next step
+        # Host copies of device embeddings not yet sent to the runner: the cache keeps the
+        # device tensor until then (the runner takes it as it is), the host copy after.
+        self.host_copies: dict[str, torch.Tensor] = {}
         self.errors: list[tuple[str, int, str]] = []  # (request id, status, message) to report
 
     def add_embedding(self, key: str, tensor) -> str | None:
@@ -105,7 +110,31 @@ class EngineCore:
         if not tensor.is_floating_point():
             return f"embedding {key} has dtype {tensor.dtype}, expected a floating type"
         self.embeds.put(key, tensor)
+        self.host_copies.pop(key, None)
         return None
+
+    def add_host_copy(self, key: str, host: torch.Tensor) -> None:
+        """The host copy of device embedding ``key``: it replaces the device tensor in the cache
+        once the runner has that (device memory is not the cache's budget)."""
+        entry = self.embeds.entries.get(key)
+        if entry is None or entry.device.type == "cpu" or entry.shape != host.shape:
+            return  # evicted, or replaced by a later arrival
+        if key in self.worker_keys or key not in self.embeds.refs:
+            self.embeds.put(key, host)
+        else:
+            self.host_copies[key] = host
+
+    def embedding_lost(self, key: str, reason: str) -> None:
+        """An embedding was sent but could not be read: the requests waiting on it fail (503,
+        a retry sends it again) instead of waiting for it forever."""
+        if key in self.embeds:
+            return  # an earlier copy serves them
+        waiting = [rid for rid, keys in self.req_keys.items() if key in keys]
+        for rid in waiting:
+            log.warning("%s fails: embedding %s lost (%s)", rid, key, reason)
+            self.errors.append((rid, 503, f"the embedding of media item {key} was lost on its "
+                                          "way to the decoder; retry the request"))
+        self.abort(waiting)
 
     def _validate_mm(self, msg: GenerateRequest) -> str | None:
         end = 0
@@ -172,6 +201,8 @@ class EngineCore:
 
     def _release(self, request_id: str) -> None:
         for key in self.embeds.unref(self.req_keys.pop(request_id, [])):
+            if key in self.host_copies:
+                self.embeds.put(key, self.host_copies.pop(key))
             if key in self.worker_keys:
                 self.worker_keys.discard(key)
                 self.pending_free.append(key)
@@ -226,6 +257,7 @@ class EngineCore:
         out.freed_embeddings, self.pending_free = self.pending_free, []
         bad: list[str] = []
         tensors = {}
+        in_process = self.executor.local_device is not None
         for rid, n in out.num_scheduled_tokens.items():
             req = self.scheduler.requests[rid]
             start = req.num_computed_tokens - n  # advanced: this step computes [start, start+n)
@@ -241,8 +273,12 @@ class EngineCore:
                                         f"{item.length} positions for it"))
                     bad.append(rid)
                     break
-                tensors[item.key] = tensor.cpu()  # host frames: any executor can send them
+                # Host frames, which any executor can send; an in-process runner takes a
+                # device tensor as it is.
+                tensors[item.key] = tensor if in_process else tensor.cpu()
                 self.worker_keys.add(item.key)
+                if item.key in self.host_copies:  # the runner holds the device tensor now
+                    self.embeds.put(item.key, self.host_copies.pop(item.key))
         if bad:
             # Rare (a uuid reused for different media): drop those requests from this step.
             self.abort(bad)
@@ -251,7 +287,7 @@ class EngineCore:
             out.new_requests = [r for r in out.new_requests if r.request_id not in bad]
             out.cached_requests = [r for r in out.cached_requests if r.request_id not in bad]
         frames: list = []
-        out.embeddings = tensor_frames(tensors, frames)
+        out.embeddings = tensor_frames(tensors, frames, device=in_process)
         return frames
 
     def replace_executor(self, executor: Executor) -> None:
@@ -285,7 +321,9 @@ class EngineCoreProc:
         self.frontends: set[str] = set()  # reply_to addresses that said Hello
         self.owner: dict[str, str] = {}  # request_id -> reply_to
         self.running = True
-        self.io = EngineIO(input_addr, embed_addr)
+        device = self.core.executor.local_device
+        self.io = EngineIO(input_addr, embed_addr,
+                           make_device_inbox(device) if device is not None else None)
         self.inbox, self.outbox, self.receiver = self.io.inbox, self.io.outbox, self.io.receiver
         # Heartbeats come from their own thread: a long step (a big prefill, a first compile) is
         # "busy", not "dead". They carry the busy loop's latest stats (num_steps shows progress)
@@ -397,10 +435,14 @@ class EngineCoreProc:
             pass
 
     def _handle(self, msg) -> None:
-        if isinstance(msg, tuple):  # (key, tensor) from the embedding inbox
+        if isinstance(msg, Arrived):
             err = self.core.add_embedding(*msg)
             if err is not None:
                 log.warning("dropped embedding: %s", err)
+        elif isinstance(msg, HostCopy):
+            self.core.add_host_copy(*msg)
+        elif isinstance(msg, Lost):
+            self.core.embedding_lost(*msg)
         elif isinstance(msg, GenerateRequest):
             if self.supervisor.down:  # fail fast: nothing could run it until the group is back
                 self.outbox.put((msg.reply_to, ErrorMsg(
@@ -445,6 +487,7 @@ class EngineCoreProc:
             hidden_size=self.core.hidden_size,
             embed_local=self.io.embed_local,
             host=host_id() if self.io.embed_local else "",
+            gpus=[self.io.device_inbox.gpu] if self.io.device_inbox is not None else [],
         )
 
     def _emit(self, outputs: list[TokenOutput]) -> None:

@@ -3,8 +3,11 @@
 Requests, aborts and handshakes arrive on the input socket, embeddings on their own inbox (so
 megabytes of tensors never queue ahead of requests), bound on TCP and, for encoders on this
 machine, on a Unix-socket twin. Both receive threads decode frames into one ``inbox`` queue
-(an embedding becomes ``(key, tensor)`` viewing its zmq frame). One send thread drains
-``outbox``: ``(address, message)`` pairs, a PUSH socket per address.
+(an embedding becomes `Arrived`, its tensor viewing the zmq frame). An encoder on the GPU of an
+in-process runner sends a slot of its device ring instead (Unix socket only): the thread copies
+it to our device (`llm_worker/device_inbox.py`), queues that, then a host copy (`HostCopy`) for
+the cache to keep. One send thread drains ``outbox``: ``(address, message)`` pairs, a PUSH
+socket per address.
 
 Each socket is closed by the thread that uses it (zmq sockets are not thread-safe), and `close`
 terminates the context once they have. A context left to the garbage collector could hang it:
@@ -18,9 +21,12 @@ import logging
 import queue
 import shutil
 import threading
+from typing import Any, NamedTuple
 
+import torch
 import zmq
 
+from llm_worker.device_inbox import DeviceInbox, SlotLost
 from protocol import timeline
 from protocol.addresses import private_ipc, tcp
 from protocol.codec import ProtocolError, tensor_from
@@ -30,8 +36,30 @@ from protocol.sockets import Receiver, Sender
 log = logging.getLogger(__name__)
 
 
+class Arrived(NamedTuple):
+    """An embedding for the cache: a view of its zmq frame, or our device copy of a ring slot."""
+
+    key: str
+    tensor: Any
+
+
+class HostCopy(NamedTuple):
+    """The host copy of a device embedding that just `Arrived`, for the cache to keep."""
+
+    key: str
+    tensor: Any
+
+
+class Lost(NamedTuple):
+    """An embedding that was sent but cannot be read: the requests waiting on it fail."""
+
+    key: str
+    reason: str
+
+
 class EngineIO:
-    def __init__(self, input_addr: str, embed_addr: str | None):
+    def __init__(self, input_addr: str, embed_addr: str | None,
+                 device_inbox: DeviceInbox | None = None):
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()  # (address, message); None stops the sender
         self._stop = threading.Event()
@@ -40,18 +68,23 @@ class EngineIO:
         self.receiver = Receiver(self.ctx, input_addr, bind=True)
         self.embed_addr = embed_addr or tcp(input_addr.split("//")[1].rsplit(":", 1)[0])
         self.embed_receiver = Receiver(self.ctx, self.embed_addr, bind=True)
-        # The Unix-socket twin: loopback TCP moves a 4.7 MB image embedding at ~2 GB/s.
+        # The Unix-socket twin: loopback TCP moves a 4.7 MB image embedding at ~2 GB/s. Only
+        # the twin takes device slots: its folder is this user's alone.
         self.embed_local, self._ipc_dir = private_ipc("embeds")
+        self.local_receiver: Receiver | None = None
         try:
-            self.embed_receiver.sock.bind(self.embed_local)
+            self.local_receiver = Receiver(self.ctx, self.embed_local, bind=True)
         except zmq.ZMQError as e:
             log.warning("no Unix-socket embedding inbox (%s): encoders here use TCP", e)
             self.embed_local = ""
-        self._threads = [
-            threading.Thread(target=target, args=args, name=name, daemon=True)
-            for target, args, name in ((self._recv_loop, (self.receiver,), "engine-in"),
-                                       (self._recv_loop, (self.embed_receiver,), "engine-embeds"),
-                                       (self._send_loop, (), "engine-out"))]
+        self.device_inbox = device_inbox if self.local_receiver is not None else None
+        loops = [(self._recv_loop, (self.receiver,), "engine-in"),
+                 (self._recv_loop, (self.embed_receiver,), "engine-embeds"),
+                 (self._send_loop, (), "engine-out")]
+        if self.local_receiver is not None:
+            loops.append((self._recv_loop, (self.local_receiver,), "engine-embeds-local"))
+        self._threads = [threading.Thread(target=target, args=args, name=name, daemon=True)
+                         for target, args, name in loops]
         for t in self._threads:
             t.start()
 
@@ -73,16 +106,32 @@ class EngineIO:
                 continue
             msg, frames = got
             if isinstance(msg, Embedding):
-                try:  # decode the tensor here, off the busy loop; it views the zmq frame
-                    msg = (msg.key, tensor_from(msg.tensor, frames))
-                except ProtocolError as e:
-                    log.warning("dropped embedding %s: %s", msg.key, e)
-                    continue
-                timeline.mark("embedding_received", msg[0])
-            elif isinstance(msg, GenerateRequest):
+                self._on_embedding(msg, frames, receiver)
+                continue
+            if isinstance(msg, GenerateRequest):
                 timeline.mark("request_received", msg.request_id)
             self.inbox.put(msg)
         receiver.close()
+
+    def _on_embedding(self, msg: Embedding, frames: list, receiver: Receiver) -> None:
+        """Decode the tensor here, off the busy loop: a view of its zmq frame, or our copy of
+        the device slot it names (then its host copy follows)."""
+        try:
+            if msg.device is None:
+                tensor = tensor_from(msg.tensor, frames)
+            elif self.device_inbox is None or receiver is not self.local_receiver:
+                raise ProtocolError("a device embedding on an inbox that takes none")
+            else:
+                tensor = self.device_inbox.copy(msg.device, msg.tensor)
+        except (ProtocolError, SlotLost) as e:
+            log.warning("lost embedding %s: %s", msg.key, e)
+            self.inbox.put(Lost(msg.key, str(e)))
+            return
+        timeline.mark("embedding_received", msg.key)
+        self.inbox.put(Arrived(msg.key, tensor))
+        if tensor.device.type != "cpu":
+            with torch.cuda.stream(self.device_inbox.stream):  # type: ignore[union-attr]
+                self.inbox.put(HostCopy(msg.key, tensor.to("cpu")))
 
     def _send_loop(self) -> None:
         senders: dict[str, Sender] = {}

@@ -8,6 +8,9 @@ import socket
 import tempfile
 
 LOOPBACK = "127.0.0.1"
+# Where an encoder's device ring keeps its guard (encoder_worker/device_ring.py), and its name.
+RING_GUARD_DIR = "/dev/shm"
+RING_GUARD_PREFIX = "mmserve-ring-"
 
 
 def free_port(host: str = LOOPBACK) -> int:

@@ -68,35 +68,56 @@ def tensor_ref(tensor: Any, frame: int) -> tuple[TensorRef, memoryview]:
     return TensorRef(dtype=dtype, shape=list(tensor.shape), frame=frame), buf
 
 
-def tensor_frames(tensors: Mapping[str, Any], frames: list[Any]) -> dict[str, TensorRef]:
+def tensor_frames(tensors: Mapping[str, Any], frames: list[Any],
+                  device: bool = False) -> dict[str, TensorRef]:
     """Refs for several (CPU) tensors whose buffers are appended to ``frames``, the extra frames
     of one message (so the first is frame 2 when ``frames`` starts empty). The buffers view the
-    tensors (zero-copy): keep the tensors alive until the message is sent."""
+    tensors (zero-copy): keep the tensors alive until the message is sent. With ``device`` (the
+    frames stay in this process), a device tensor is its own frame."""
     refs = {}
     for key, tensor in tensors.items():
+        if device and tensor.device.type != "cpu":
+            refs[key] = TensorRef(dtype=str(tensor.dtype).removeprefix("torch."),
+                                  shape=list(tensor.shape), frame=2 + len(frames))
+            frames.append(tensor)
+            continue
         refs[key], buf = tensor_ref(tensor, 2 + len(frames))
         frames.append(buf)
     return refs
 
 
-def tensor_from(ref: TensorRef, frames: Sequence[Any]) -> Any:
-    """The torch tensor described by ``ref`` (``frames`` are the message's extra frames).
-
-    Validates dtype, shape and byte count; the tensor shares memory with the frame.
-    """
+def check_tensor_ref(ref: TensorRef) -> tuple[Any, int]:
+    """(torch dtype, element count) of ``ref``; ProtocolError for a dtype or shape that is not."""
     import torch
 
     if ref.dtype not in _DTYPES:
         raise ProtocolError(f"unsupported tensor dtype {ref.dtype!r}")
-    idx = ref.frame - 2
-    if not 0 <= idx < len(frames):
-        raise ProtocolError(f"tensor frame {ref.frame} missing")
     if any(d < 0 for d in ref.shape):
         raise ProtocolError(f"negative dimension in {ref.shape}")
-    dtype = getattr(torch, ref.dtype)
     numel = 1
     for d in ref.shape:
         numel *= d
+    return getattr(torch, ref.dtype), numel
+
+
+def tensor_from(ref: TensorRef, frames: Sequence[Any]) -> Any:
+    """The torch tensor described by ``ref`` (``frames`` are the message's extra frames).
+
+    Validates dtype, shape and byte count; the tensor shares memory with the frame. A frame
+    may be a device tensor itself, handed over in-process (`tensor_frames` with ``device``).
+    """
+    import torch
+
+    dtype, numel = check_tensor_ref(ref)
+    idx = ref.frame - 2
+    if not 0 <= idx < len(frames):
+        raise ProtocolError(f"tensor frame {ref.frame} missing")
+    if isinstance(frames[idx], torch.Tensor):
+        t = frames[idx]
+        if t.dtype != dtype or list(t.shape) != list(ref.shape):
+            raise ProtocolError(f"tensor frame is {t.dtype} {list(t.shape)}, expected "
+                                f"{ref.dtype} {ref.shape}")
+        return t
     buf = memoryview(frames[idx]).cast("B")
     if buf.nbytes != numel * dtype.itemsize:
         raise ProtocolError(f"tensor frame has {buf.nbytes} bytes, expected {numel * dtype.itemsize}")

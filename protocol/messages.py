@@ -182,6 +182,9 @@ class Ready(_Handshake):
     # id): 3x the throughput of loopback TCP for a 4.7 MB image embedding.
     embed_local: str = ""
     host: str = ""
+    # UUIDs of the GPUs the engine's model runs on when its runner is in-process: an encoder on
+    # one of them hands embeddings over on the device (`DeviceRef`), through ``embed_local``.
+    gpus: list[str] = []
 
 
 class Shutdown(_Handshake):
@@ -210,14 +213,41 @@ class EncodeRequest(_Data):
     # is ``deliver_host`` and it can reach the socket (`protocol.addresses.local_inbox_path`).
     deliver_local: dict[str, str] = {}
     deliver_host: str = ""
+    # Unix-socket twin -> UUIDs of the GPUs behind it (`Ready.gpus`): an encoder on one of them
+    # sends a `DeviceRef` there instead of the bytes.
+    deliver_gpus: dict[str, list[str]] = {}
+
+
+class DeviceRef(_Data):
+    """An embedding left on the GPU: bytes ``[start, start + nbytes)`` (absolute positions; the
+    slot is ``start % storage_bytes``) of an encoder's device ring, shared by CUDA IPC. The first
+    eight fields are what `torch.UntypedStorage._share_cuda_` returns for the ring (``device`` is
+    the encoder's index for it: a reader maps ``gpu`` to its own). ``guard`` is the ring's
+    /dev/shm counter of bytes reserved: the slot was not overwritten while that is at most
+    ``start + storage_bytes`` (`encoder_worker/device_ring.py`)."""
+
+    device: int
+    handle: bytes
+    storage_bytes: int
+    storage_offset: int
+    ref_counter: bytes
+    ref_counter_offset: int
+    event: bytes
+    event_sync: bool
+    gpu: str
+    start: int
+    guard: str
 
 
 class Embedding(_Data):
-    """Encoder -> decoder inbox: embeddings of one item; the tensor is frame ``tensor.frame``."""
+    """Encoder -> decoder inbox: embeddings of one item; the tensor is frame ``tensor.frame``,
+    or with ``device`` a slot of the encoder's device ring (then ``tensor`` gives dtype and
+    shape, and no frame is sent)."""
 
     key: str
     tensor: TensorRef  # [num_tokens, hidden]
     meta: dict[str, Any] = {}
+    device: DeviceRef | None = None
 
 
 class EncodeDone(_Data):
@@ -258,6 +288,7 @@ class EncoderStats(_Data):
     num_cache_misses: int = 0  # lookups the store could not answer (the item encodes, or fails)
     batch_size: BucketCounts | None = None  # items per tower forward
     latency: BucketCounts | None = None  # an encoded item's seconds from arrival to publication
+    num_device_handoffs: int = 0  # Embeddings sent as a DeviceRef (CUDA IPC), not as bytes
 
 
 class EncoderHeartbeat(_Data):

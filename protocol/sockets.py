@@ -62,10 +62,14 @@ def open_socket(
     if watch:
         mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         mon.setsockopt(zmq.LINGER, 0)
-    if bind:
-        sock.bind(addr)
-    else:
-        sock.connect(addr)
+    try:
+        if bind:
+            sock.bind(addr)
+        else:
+            sock.connect(addr)
+    except zmq.ZMQError:
+        sock.close(linger=0)  # a socket left open would hang the context's term()
+        raise
     return sock
 
 

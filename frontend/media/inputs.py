@@ -81,6 +81,8 @@ class MediaInputs:
                             geometry=(item.meta or {}).get("geometry"),
                             deliver_local=({engine.embed_addr: engine.embed_local}
                                            if engine.embed_local else {}),
-                            deliver_host=engine.host)
+                            deliver_host=engine.host,
+                            deliver_gpus=({engine.embed_local: engine.gpus}
+                                          if engine.embed_local and engine.gpus else {}))
         assert self.pool is not None
         await self.pool.encode(req, buffers)

@@ -67,6 +67,12 @@ class Executor(ABC):
     def hidden_size(self) -> int:
         """Width of the LM's input embeddings (what media embeddings must match)."""
 
+    @property
+    def local_device(self) -> Any:
+        """The torch device of a runner in this process (it can take device tensors as they
+        are), or None: the workers are other processes."""
+        return None
+
     def check(self) -> None:  # noqa: B027 - an in-process worker cannot die on its own
         """Raise ExecutorError if the group has failed: lets an idle engine notice a dead
         worker before a request is sent to it."""

@@ -29,6 +29,10 @@ class UniExecutor(Executor):
         return self.worker.runner.execute_async(out, frames)
 
     @property
+    def local_device(self) -> Any:
+        return self.worker.runner.device
+
+    @property
     def vocab_size(self) -> int:
         return self.worker.vocab_size
 

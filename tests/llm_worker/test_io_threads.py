@@ -1,16 +1,19 @@
 """The engine's IO threads close their own sockets, and `EngineIO.close` then terminates the
-context: nothing is left for the garbage collector, whose pyzmq `__del__` could hang on them."""
+context: nothing is left for the garbage collector, whose pyzmq `__del__` could hang on them.
+Embeddings arrive decoded; a device slot only where one is taken."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import torch
 import zmq
 
-from llm_worker.io_threads import EngineIO
+from llm_worker.io_threads import Arrived, EngineIO, Lost
 from protocol.addresses import tcp
-from protocol.messages import Hello
+from protocol.codec import tensor_ref
+from protocol.messages import DeviceRef, Embedding, Hello, TensorRef
 from protocol.sockets import Receiver, Sender
 
 
@@ -38,3 +41,34 @@ def test_messages_flow_and_close_ends_threads_sockets_and_context():
     assert not [t.name for t in io._threads if t.is_alive()]  # (other tests' engines may run)
     assert folder is None or not os.path.exists(folder)
 
+
+
+def _device_ref() -> DeviceRef:
+    return DeviceRef(device=0, handle=b"h" * 64, storage_bytes=1 << 20, storage_offset=0,
+                     ref_counter=b"rc", ref_counter_offset=0, event=b"", event_sync=False,
+                     gpu="GPU-x", start=0, guard="/dev/shm/mmserve-ring-test")
+
+
+def test_embeddings_arrive_and_device_slots_are_refused_where_not_taken():
+    """Bytes arrive on either inbox; a device slot arrives as `Lost` on TCP (whoever can reach
+    it), and on the Unix socket of an engine whose runner takes no device tensors (this one)."""
+    io = EngineIO(tcp(), None)
+    ctx = zmq.Context()
+    senders = [Sender(ctx, io.embed_addr)] + ([Sender(ctx, io.embed_local)] if io.embed_local
+                                              else [])
+    try:
+        for s in senders:
+            tensor = torch.arange(6, dtype=torch.float32).view(2, 3)
+            ref, buf = tensor_ref(tensor, frame=2)
+            s.send(Embedding("blake3:bytes", ref), [buf])
+            got = io.inbox.get(timeout=5)
+            assert isinstance(got, Arrived) and torch.equal(got.tensor, tensor)
+            s.send(Embedding("blake3:slot", TensorRef("float32", [2, 3], 0), device=_device_ref()))
+            got = io.inbox.get(timeout=5)
+            assert isinstance(got, Lost) and got.key == "blake3:slot"
+            assert "takes none" in got.reason
+    finally:
+        for s in senders:
+            s.close()
+        ctx.term()
+        io.close()

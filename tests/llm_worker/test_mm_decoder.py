@@ -132,3 +132,45 @@ def test_decoder_loads_no_tower_weights(llava):
     lm = sum(p.numel() for n, p in model.named_parameters()
              if "vision_tower" not in n and "multi_modal_projector" not in n)
     assert ours == lm
+
+
+def test_a_lost_embedding_fails_the_requests_waiting_on_it(llava):
+    """An embedding sent but unreadable (a device slot overwritten, a bad frame) answers its
+    waiting requests 503 instead of leaving them waiting; the others go on."""
+    path, _, model = llava
+    core = EngineCore(LLMWorkerConfig(model=path))
+    hidden = model.config.text_config.hidden_size
+    for rid, key in (("r", "k"), ("o", "k2")):
+        assert core.add_request(GenerateRequest(rid, [5] * 10, Sampling(max_tokens=2), [], "",
+                                                mm_items=[MMItem(key, "image", 2, 4)])) is None
+    assert core.step() == []
+    core.embedding_lost("k", "slot reused")
+    assert [(rid, status) for rid, status, _ in core.errors] == [("r", 503)]
+    assert "r" not in core.scheduler.requests and "o" in core.scheduler.requests
+    assert core.add_embedding("k2", torch.randn(4, hidden)) is None
+    done = []
+    while core.has_work():
+        done += [o.request_id for o in core.step() if o.finish_reason is not None]
+    assert done == ["o"]
+
+
+def test_a_device_embedding_gives_way_to_its_host_copy_once_the_runner_has_it(llava):
+    """The cache holds a device embedding only until the runner takes it (device memory is not
+    the cache's budget); its host copy then serves repeats. ('meta' stands in for CUDA here.)"""
+    path, _, model = llava
+    core = EngineCore(LLMWorkerConfig(model=path))
+    hidden = model.config.text_config.hidden_size
+    assert core.add_request(GenerateRequest("r", [5] * 10, Sampling(max_tokens=2), [], "",
+                                            mm_items=[MMItem("k", "image", 2, 4)])) is None
+    dev, host = torch.empty(4, hidden, device="meta"), torch.randn(4, hidden)
+    assert core.add_embedding("k", dev) is None
+    core.add_host_copy("k", host)
+    assert core.embeds.get("k") is dev and core.host_copies["k"] is host  # not sent yet
+    core.abort(["r"])  # released before a step took it: the host copy takes its place
+    assert core.embeds.get("k") is host and not core.host_copies
+    free, free_host = torch.empty(4, hidden, device="meta"), torch.randn(4, hidden)
+    assert core.add_embedding("free", free) is None
+    core.add_host_copy("free", free_host)  # nobody waits for it: at once
+    assert core.embeds.get("free") is free_host
+    core.add_host_copy("free", torch.randn(3, hidden))  # not a copy of what is held: ignored
+    assert core.embeds.get("free") is free_host

@@ -4,7 +4,7 @@ import msgspec
 import pytest
 import torch
 
-from protocol.codec import ProtocolError, decode, encode, tensor_from, tensor_ref
+from protocol.codec import ProtocolError, decode, encode, tensor_frames, tensor_from, tensor_ref
 from protocol.hashing import content_key, hash_ints, uuid_key
 from protocol.messages import (
     Abort,
@@ -86,6 +86,21 @@ def test_tensor_frame_validation():
     bad = msgspec.structs.replace(ref, dtype="object")
     with pytest.raises(ProtocolError):
         tensor_from(bad, [buf])
+
+
+def test_in_process_frames_keep_device_tensors_as_they_are():
+    """For a runner in the engine's process a device tensor is its own frame ('meta' stands in
+    for CUDA); host tensors still become zero-copy buffers, and without ``device`` everything
+    must be host memory."""
+    dev, host = torch.empty(2, 3, device="meta"), torch.ones(4)
+    frames: list = []
+    refs = tensor_frames({"d": dev, "h": host}, frames, device=True)
+    assert frames[0] is dev and isinstance(frames[1], memoryview)
+    assert tensor_from(refs["d"], frames) is dev and torch.equal(tensor_from(refs["h"], frames), host)
+    with pytest.raises(ProtocolError):
+        tensor_from(msgspec.structs.replace(refs["d"], shape=[3, 2]), frames)
+    with pytest.raises((TypeError, RuntimeError, NotImplementedError)):
+        tensor_frames({"d": dev}, [])
 
 
 def test_keys():
