@@ -16,7 +16,6 @@ import queue
 import signal
 import time
 import uuid
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -249,7 +248,7 @@ class EncoderProc:
             timeline.mark("tower_start", item.key)
         try:
             outs = self.core.encode_batch_device([r.pixels for r in group])
-            handed = self._hand_over(group, outs)
+            self._hand_over(group, outs)
             outs = self.core.to_host(outs)  # CPU, owned
         except Exception:
             ids = [r.request_id for g in group for r in self.waiters.get(g.key, [])]
@@ -272,17 +271,16 @@ class EncoderProc:
             seconds = time.monotonic() - item.arrived
             st.item_seconds += seconds
             _observe(st.latency, seconds)  # type: ignore[arg-type]
-            self._publish(item.key, tensor, self.waiters.pop(item.key), cache_hit=False,
-                          sent=handed.get(item.key, ()))
+            self._publish(item.key, tensor, self.waiters.pop(item.key), cache_hit=False)
 
     # -- emit -------------------------------------------------------------------------------
 
-    def _hand_over(self, group: list[_Ready], outs: list[torch.Tensor]) -> dict[str, list[str]]:
+    def _hand_over(self, group: list[_Ready], outs: list[torch.Tensor]) -> None:
         """Copy each output that an engine on this GPU waits for into the device ring and send
-        that engine the slot, before anything is downloaded: its copy then overlaps ours.
-        Returns, by key, the inboxes served so (the bytes go to the others)."""
+        that engine the slot, before anything is downloaded: its prefill can start while we
+        download. (The bytes follow as for any engine: its cache's host copy.)"""
         if self.ring is None:
-            return {}
+            return
         slots: list[tuple[str, torch.Tensor, DeviceRef, list[str]]] = []
         for item, out in zip(group, outs):
             dests = [d for d, on_gpu in self._routes(self.waiters[item.key]).items() if on_gpu]
@@ -290,14 +288,13 @@ class EncoderProc:
             if ref is not None:
                 slots.append((item.key, out, ref, dests))
         if not slots:
-            return {}
+            return
         torch.cuda.current_stream(self.ring.device).synchronize()  # the slots are written
         for key, out, ref, dests in slots:
             tensor = TensorRef(str(out.dtype).removeprefix("torch."), list(out.shape), frame=0)
             for dest in dests:
                 self.io.send(dest, Embedding(key, tensor, meta={}, device=ref))
             self.stats.num_device_handoffs += len(dests)
-        return {key: dests for key, _, _, dests in slots}
 
     def _routes(self, reqs: list[EncodeRequest]) -> dict[str, bool]:
         """Each inbox the item goes to (`_route`), and whether it takes a slot of our ring: the
@@ -312,16 +309,15 @@ class EncoderProc:
         return routes
 
     def _publish(self, key: str, tensor: torch.Tensor, reqs: list[EncodeRequest],
-                 cache_hit: bool, sent: Iterable[str] = ()) -> None:
-        """Embedding (+ one zero-copy frame) to each destination once, except those ``sent``
-        it already (`_hand_over`), then EncodeDone each."""
+                 cache_hit: bool) -> None:
+        """Embedding (+ one zero-copy frame) to each destination once, then EncodeDone each.
+        An engine `_hand_over` served takes these bytes as its cache's host copy."""
         ref, buf = tensor_ref(tensor, frame=2)
         emb = Embedding(key, ref, meta={})
         if not cache_hit and reqs[0].geometry is not None:
             self._remember(key, reqs[0].geometry)
         for addr in dict.fromkeys(_route(r, a) for r in reqs for a in r.deliver_to):
-            if addr not in sent:
-                self.io.send(addr, emb, [buf])  # once per inbox, in order
+            self.io.send(addr, emb, [buf])  # once per inbox, in order
         for r in reqs:
             self.io.send(r.reply_to, EncodeDone(key, r.request_id, 200, cache_hit=cache_hit))
 

@@ -28,7 +28,7 @@ from llm_worker.device_inbox import make_device_inbox
 from llm_worker.embedding_cache import EmbeddingCache
 from llm_worker.executor import Executor, ExecutorError, StepResult, make_executor
 from llm_worker.executor.supervisor import GroupSupervisor
-from llm_worker.io_threads import Arrived, EngineIO, HostCopy, Lost
+from llm_worker.io_threads import Arrived, EngineIO, Lost
 from llm_worker.kv_blocks import KVBlockManager
 from llm_worker.models import get_model_class, text_config
 from llm_worker.request import Request
@@ -104,29 +104,32 @@ class EngineCore:
         self.errors: list[tuple[str, int, str]] = []  # (request id, status, message) to report
 
     def add_embedding(self, key: str, tensor) -> str | None:
-        """Store an arriving embedding ([num_tokens, hidden], floating); error text if invalid."""
+        """Store an arriving embedding ([num_tokens, hidden], floating); error text if invalid.
+        Bytes that follow a device copy of the same shape are its host copy (`_host_copy`)."""
         if tensor.dim() != 2 or tensor.shape[1] != self.hidden_size or tensor.shape[0] < 1:
             return f"embedding {key} has shape {list(tensor.shape)}, expected [n, {self.hidden_size}]"
         if not tensor.is_floating_point():
             return f"embedding {key} has dtype {tensor.dtype}, expected a floating type"
+        held = self.embeds.entries.get(key)
+        if (held is not None and held.device.type != "cpu" and tensor.device.type == "cpu"
+                and held.shape == tensor.shape):
+            self._host_copy(key, tensor)
+            return None
         self.embeds.put(key, tensor)
         self.host_copies.pop(key, None)
         return None
 
-    def add_host_copy(self, key: str, host: torch.Tensor) -> None:
-        """The host copy of device embedding ``key``: it replaces the device tensor in the cache
-        once the runner has that (device memory is not the cache's budget)."""
-        entry = self.embeds.entries.get(key)
-        if entry is None or entry.device.type == "cpu" or entry.shape != host.shape:
-            return  # evicted, or replaced by a later arrival
+    def _host_copy(self, key: str, host: torch.Tensor) -> None:
+        """The host copy of device embedding ``key`` replaces it in the cache once the runner
+        has the device tensor (device memory is not the cache's budget)."""
         if key in self.worker_keys or key not in self.embeds.refs:
             self.embeds.put(key, host)
         else:
             self.host_copies[key] = host
 
     def embedding_lost(self, key: str, reason: str) -> None:
-        """An embedding was sent but could not be read: the requests waiting on it fail (503,
-        a retry sends it again) instead of waiting for it forever."""
+        """An embedding was sent but its bytes could not be read: the requests waiting on it
+        fail (503, a retry sends it again) instead of waiting for it forever."""
         if key in self.embeds:
             return  # an earlier copy serves them
         waiting = [rid for rid, keys in self.req_keys.items() if key in keys]
@@ -439,8 +442,6 @@ class EngineCoreProc:
             err = self.core.add_embedding(*msg)
             if err is not None:
                 log.warning("dropped embedding: %s", err)
-        elif isinstance(msg, HostCopy):
-            self.core.add_host_copy(*msg)
         elif isinstance(msg, Lost):
             self.core.embedding_lost(*msg)
         elif isinstance(msg, GenerateRequest):

@@ -4,9 +4,9 @@ Requests, aborts and handshakes arrive on the input socket, embeddings on their 
 megabytes of tensors never queue ahead of requests), bound on TCP and, for encoders on this
 machine, on a Unix-socket twin. Both receive threads decode frames into one ``inbox`` queue
 (an embedding becomes `Arrived`, its tensor viewing the zmq frame). An encoder on the GPU of an
-in-process runner sends a slot of its device ring instead (Unix socket only): the thread copies
-it to our device (`llm_worker/device_inbox.py`), queues that, then a host copy (`HostCopy`) for
-the cache to keep. One send thread drains ``outbox``: ``(address, message)`` pairs, a PUSH
+in-process runner sends a slot of its device ring first (Unix socket only), which the thread
+copies to our device (`llm_worker/device_inbox.py`), then the bytes as usual, the host copy the
+cache keeps. One send thread drains ``outbox``: ``(address, message)`` pairs, a PUSH
 socket per address.
 
 Each socket is closed by the thread that uses it (zmq sockets are not thread-safe), and `close`
@@ -23,7 +23,6 @@ import shutil
 import threading
 from typing import Any, NamedTuple
 
-import torch
 import zmq
 
 from llm_worker.device_inbox import DeviceInbox, SlotLost
@@ -37,21 +36,15 @@ log = logging.getLogger(__name__)
 
 
 class Arrived(NamedTuple):
-    """An embedding for the cache: a view of its zmq frame, or our device copy of a ring slot."""
-
-    key: str
-    tensor: Any
-
-
-class HostCopy(NamedTuple):
-    """The host copy of a device embedding that just `Arrived`, for the cache to keep."""
+    """An embedding for the cache: a view of its zmq frame, or our device copy of a ring slot
+    (then the same embedding's bytes arrive next)."""
 
     key: str
     tensor: Any
 
 
 class Lost(NamedTuple):
-    """An embedding that was sent but cannot be read: the requests waiting on it fail."""
+    """An embedding whose bytes cannot be read: the requests waiting on it fail."""
 
     key: str
     reason: str
@@ -115,23 +108,27 @@ class EngineIO:
 
     def _on_embedding(self, msg: Embedding, frames: list, receiver: Receiver) -> None:
         """Decode the tensor here, off the busy loop: a view of its zmq frame, or our copy of
-        the device slot it names (then its host copy follows)."""
+        the device slot it names. The encoder sends the bytes right behind a slot (the cache's
+        host copy), so a slot that cannot be read is dropped; bytes that cannot be are `Lost`."""
+        timeline.mark("embedding_in", msg.key)
         try:
             if msg.device is None:
                 tensor = tensor_from(msg.tensor, frames)
             elif self.device_inbox is None or receiver is not self.local_receiver:
-                raise ProtocolError("a device embedding on an inbox that takes none")
+                log.warning("dropped device embedding %s: this inbox takes none", msg.key)
+                return
             else:
                 tensor = self.device_inbox.copy(msg.device, msg.tensor)
-        except (ProtocolError, SlotLost) as e:
+        except SlotLost as e:
+            log.warning("device embedding %s: %s; waiting for its bytes", msg.key, e)
+            return
+        except ProtocolError as e:
             log.warning("lost embedding %s: %s", msg.key, e)
-            self.inbox.put(Lost(msg.key, str(e)))
+            if msg.device is None:
+                self.inbox.put(Lost(msg.key, str(e)))
             return
         timeline.mark("embedding_received", msg.key)
         self.inbox.put(Arrived(msg.key, tensor))
-        if tensor.device.type != "cpu":
-            with torch.cuda.stream(self.device_inbox.stream):  # type: ignore[union-attr]
-                self.inbox.put(HostCopy(msg.key, tensor.to("cpu")))
 
     def _send_loop(self) -> None:
         senders: dict[str, Sender] = {}

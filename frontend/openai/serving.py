@@ -282,10 +282,10 @@ class OpenAIServing:
             return processor.process(rid, ids, params, self.client.reply_to, param="messages",
                                      mm_items=mm_items)
 
-        reqs = await self.run_cpu(prepare, request_template=req.chat_template is not None)
         media = None
         if items:
-            # Encoding runs beside the engine request, which prefills the text before the first
+            # Encoding starts before the prompt is rendered (the encoder's work is the longer
+            # one) and runs beside the engine request, which prefills the text before the first
             # item meanwhile and takes each embedding as it lands. No token can come before all
             # of them, so a bad item still fails the request as a plain 4xx (`_merge`).
             assert self.client.ready is not None
@@ -298,6 +298,7 @@ class OpenAIServing:
 
             media.add_done_callback(encoded)
         try:
+            reqs = await self.run_cpu(prepare, request_template=req.chat_template is not None)
             prompt_ids = reqs[0].prompt_token_ids
             choices = [(r, SequenceState(self.tokenizer, params, prompt_ids, i, self.token_text))
                        for i, r in enumerate(reqs)]

@@ -49,9 +49,10 @@ def _device_ref() -> DeviceRef:
                      gpu="GPU-x", start=0, guard="/dev/shm/mmserve-ring-test")
 
 
-def test_embeddings_arrive_and_device_slots_are_refused_where_not_taken():
-    """Bytes arrive on either inbox; a device slot arrives as `Lost` on TCP (whoever can reach
-    it), and on the Unix socket of an engine whose runner takes no device tensors (this one)."""
+def test_embeddings_arrive_and_device_slots_are_dropped_where_not_taken():
+    """Bytes arrive on either inbox; a device slot is dropped on TCP (whoever can reach it) and
+    on the Unix socket of an engine whose runner takes no device tensors (this one), since its
+    bytes follow; bytes that are not what their ref says are `Lost` (their requests fail)."""
     io = EngineIO(tcp(), None)
     ctx = zmq.Context()
     senders = [Sender(ctx, io.embed_addr)] + ([Sender(ctx, io.embed_local)] if io.embed_local
@@ -60,13 +61,14 @@ def test_embeddings_arrive_and_device_slots_are_refused_where_not_taken():
         for s in senders:
             tensor = torch.arange(6, dtype=torch.float32).view(2, 3)
             ref, buf = tensor_ref(tensor, frame=2)
+            s.send(Embedding("blake3:slot", TensorRef("float32", [2, 3], 0), device=_device_ref()))
             s.send(Embedding("blake3:bytes", ref), [buf])
             got = io.inbox.get(timeout=5)
-            assert isinstance(got, Arrived) and torch.equal(got.tensor, tensor)
-            s.send(Embedding("blake3:slot", TensorRef("float32", [2, 3], 0), device=_device_ref()))
+            assert isinstance(got, Arrived) and got.key == "blake3:bytes"
+            assert torch.equal(got.tensor, tensor)
+            s.send(Embedding("blake3:short", ref), [bytes(buf)[:-4]])
             got = io.inbox.get(timeout=5)
-            assert isinstance(got, Lost) and got.key == "blake3:slot"
-            assert "takes none" in got.reason
+            assert isinstance(got, Lost) and got.key == "blake3:short" and "bytes" in got.reason
     finally:
         for s in senders:
             s.close()

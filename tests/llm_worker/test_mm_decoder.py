@@ -156,7 +156,8 @@ def test_a_lost_embedding_fails_the_requests_waiting_on_it(llava):
 
 def test_a_device_embedding_gives_way_to_its_host_copy_once_the_runner_has_it(llava):
     """The cache holds a device embedding only until the runner takes it (device memory is not
-    the cache's budget); its host copy then serves repeats. ('meta' stands in for CUDA here.)"""
+    the cache's budget); the bytes the encoder sends behind it then serve repeats. ('meta'
+    stands in for CUDA here.)"""
     path, _, model = llava
     core = EngineCore(LLMWorkerConfig(model=path))
     hidden = model.config.text_config.hidden_size
@@ -164,13 +165,13 @@ def test_a_device_embedding_gives_way_to_its_host_copy_once_the_runner_has_it(ll
                                             mm_items=[MMItem("k", "image", 2, 4)])) is None
     dev, host = torch.empty(4, hidden, device="meta"), torch.randn(4, hidden)
     assert core.add_embedding("k", dev) is None
-    core.add_host_copy("k", host)
+    assert core.add_embedding("k", host) is None
     assert core.embeds.get("k") is dev and core.host_copies["k"] is host  # not sent yet
     core.abort(["r"])  # released before a step took it: the host copy takes its place
     assert core.embeds.get("k") is host and not core.host_copies
     free, free_host = torch.empty(4, hidden, device="meta"), torch.randn(4, hidden)
     assert core.add_embedding("free", free) is None
-    core.add_host_copy("free", free_host)  # nobody waits for it: at once
+    assert core.add_embedding("free", free_host) is None  # nobody waits for it: at once
     assert core.embeds.get("free") is free_host
-    core.add_host_copy("free", torch.randn(3, hidden))  # not a copy of what is held: ignored
-    assert core.embeds.get("free") is free_host
+    other = torch.randn(3, hidden)  # bytes of another shape are a new embedding, as ever
+    assert core.add_embedding("free", other) is None and core.embeds.get("free") is other
