@@ -18,8 +18,8 @@ def test_transformers_hub_kernels_imports_beside_mmkernels():
     code = (
         "import mmkernels, transformers.integrations.hub_kernels, importlib.util\n"
         "assert mmkernels.__file__.endswith('mmkernels/__init__.py')\n"
-        "spec = importlib.util.find_spec('kernels')\n"
-        "assert spec is None or 'mmserve' not in (spec.origin or ''), spec\n"
+        "spec = importlib.util.find_spec('kernels')\n"  # HF's if installed, never a file of ours
+        "assert spec is None or '/site-packages/kernels/' in spec.origin, spec\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
@@ -32,7 +32,7 @@ def test_bench_scripts_do_not_shadow_hf_kernels():
         pytest.skip("Hugging Face's kernels is not installed (transformers < 5.25)")
     code = ("import sys; sys.argv = ['x']; import common, importlib.util\n"
             "origin = importlib.util.find_spec('kernels').origin\n"
-            "assert not origin.endswith('bench/kernels.py'), origin\n")
+            "assert '/site-packages/kernels/' in origin, origin\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO / "bench")
 
 
