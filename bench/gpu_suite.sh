@@ -33,7 +33,9 @@
 #   PROFILE_BATCHES ["1 8 64"] T_PROFILE [90]: bench/profile_step.py (CUDA only)
 #   ENCODER_BATCHES ["1 8 32 64 128"] ENCODER_CKPT [/dev/shm/...] T_ENCODER [80]: bench/encoder.py
 #   T_TTFT [150]: bench/ttft.py (LLaVA-1.5-7B shape served over HTTP, one image + 40 tokens);
-#   ttft_bytes: the same with the device handoff off (--encoder-device-ring-mb 0), its A/B
+#   ttft_bytes: the same with the device handoff off (--encoder-device-ring-mb 0), its A/B;
+#   ttft_profile [T_TTFT_PROFILE 120]: the image variant under py-spy (carry .whl/pyspy/), with
+#   bench/pyspy_summary.py's table below each role's busy loop
 #   T_QWEN_TOWER [150]: bench/qwen_tower.py (Qwen2.5-VL-7B tower, mixed sizes, vs transformers)
 #   T_VIDEO_TTFT [200] VIDEO_SERVE_ARGS ["--max-num-batched-tokens 4096"]: bench/video_ttft.py
 #   (one 30-frame video + 40 tokens over HTTP, Qwen2.5-VL-7B shape; needs PyAV: carry
@@ -123,6 +125,10 @@ if ! python3 -c "import av" 2>/dev/null && [[ -f .whl/av_site.tar.xz ]]; then
     # package, xz-compressed, does.
     mkdir -p /tmp/site && tar xJf .whl/av_site.tar.xz -C /tmp/site || echo "WARNING: av not unpacked"
 fi
+if ! command -v py-spy >/dev/null && compgen -G ".whl/pyspy/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site .whl/pyspy/*.whl || echo "WARNING: py-spy did not install"
+fi
 if ! python3 -c "import matplotlib" 2>/dev/null && compgen -G ".whl/mpl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/mpl/*.whl || echo "WARNING: matplotlib wheels did not install"
@@ -207,6 +213,15 @@ run_stage encoder "${T_ENCODER:-80}" 25 "python3 bench/encoder.py $D $TINY --bat
 run_stage ttft "${T_TTFT:-150}" 0 "python3 bench/ttft.py $D $TINY ${TTFT_ARGS:-} --budget-s @BUDGET@ --out $WORK/ttft.json"
 run_stage ttft_bytes "${T_TTFT:-150}" 0 "python3 bench/ttft.py $D $TINY ${TTFT_ARGS:-} \
     --serve-args '--encoder-device-ring-mb 0' --budget-s @BUDGET@ --out $WORK/ttft_bytes.json"
+# One image variant again under py-spy (every role's threads, sampled without pausing them):
+# where the CPU side of the TTFT goes, for the busy loops and the frontend's handler.
+PYSPY=$(command -v py-spy || echo /tmp/site/bin/py-spy)
+run_stage ttft_profile "${T_TTFT_PROFILE:-120}" 0 "$PYSPY record --subprocesses --threads \
+    --nonblocking --rate 1000 --format raw -o $WORK/ttft_stacks.txt -- python3 bench/ttft.py $D \
+    $TINY --variants image --requests 40 --budget-s @BUDGET@ --out $WORK/ttft_profile.json \
+    && for fn in EngineCoreProc.run EncoderProc.run OpenAIServing.chat EngineIO._recv_loop; do \
+    echo \"== under \$fn\"; python3 bench/pyspy_summary.py $WORK/ttft_stacks.txt --under \$fn \
+    --top 30; done"
 run_stage decode_reference "${T_DECODE_REF:-90}" 30 "MMSERVE_KERNELS=reference $DEC --batch $REF_BATCHES \
     --context $REF_CONTEXTS --steps $REF_STEPS --warmup 2 --prefill-reps 1 --budget-s @BUDGET@ \
     --out $WORK/decode_reference.json"

@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import torch
 
+from protocol import timeline
 from protocol.addresses import RING_GUARD_DIR, RING_GUARD_PREFIX
 from protocol.codec import ProtocolError, check_tensor_ref
 from protocol.messages import DeviceRef, TensorRef
@@ -44,7 +45,7 @@ class DeviceInbox:
         self.stream = torch.cuda.Stream(self.device)
         self._rings: OrderedDict[bytes, tuple[torch.Tensor, memoryview]] = OrderedDict()
 
-    def copy(self, ref: DeviceRef, tensor: TensorRef) -> torch.Tensor:
+    def copy(self, ref: DeviceRef, tensor: TensorRef, key: str = "") -> torch.Tensor:
         """A new tensor on our device holding the slot's bytes as ``tensor`` describes them.
         ProtocolError for a ref that cannot be ours; SlotLost if the slot was overwritten."""
         dtype, numel = check_tensor_ref(tensor)
@@ -59,6 +60,7 @@ class DeviceInbox:
         with torch.cuda.stream(self.stream):
             out.view(-1).view(torch.uint8).copy_(ring[off:off + nbytes])
         self.stream.synchronize()
+        timeline.mark("slot_copied", key)
         # Made on our stream, read on the runner's: the allocator must not reuse it for our next
         # copy while the runner's work on it is still queued.
         out.record_stream(torch.cuda.default_stream(self.device))

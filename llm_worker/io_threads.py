@@ -118,7 +118,7 @@ class EngineIO:
                 log.warning("dropped device embedding %s: this inbox takes none", msg.key)
                 return
             else:
-                tensor = self.device_inbox.copy(msg.device, msg.tensor)
+                tensor = self.device_inbox.copy(msg.device, msg.tensor, msg.key)
         except SlotLost as e:
             log.warning("device embedding %s: %s; waiting for its bytes", msg.key, e)
             return

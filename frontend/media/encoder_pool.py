@@ -159,8 +159,10 @@ class EncoderPool:
             else:
                 item.future.set_exception(EngineUnavailable(msg.message))
 
-    async def encode(self, req: EncodeRequest, buffers: Sequence[Any] = ()) -> EncodeDone:
-        """Send one item to its owner and wait for EncodeDone (re-sent if the owner dies).
+    async def encode(self, req: EncodeRequest, buffers: Sequence[Any] = (),
+                     on_sent: Callable[[], None] | None = None) -> EncodeDone:
+        """Send one item to its owner and wait for EncodeDone (re-sent if the owner dies);
+        ``on_sent`` is called once the first send is out.
 
         A uuid named alone that its owner does not hold is looked for on the other live
         encoders before the 400 stands: a pool change moves keys, not stores, so the encoder
@@ -173,7 +175,7 @@ class EncoderPool:
             live = self.live()
         owner = rendezvous(req.key, live)
         try:
-            return await self._encode_at(req, buffers, owner)
+            return await self._encode_at(req, buffers, owner, on_sent)
         except RequestError:
             if req.data is not None or req.embeds is not None:
                 raise
@@ -184,13 +186,15 @@ class EncoderPool:
                      owner, found[0])
             return await self._encode_at(req, buffers, found[0])
 
-    async def _encode_at(self, req: EncodeRequest, buffers: Sequence[Any], addr: str
-                         ) -> EncodeDone:
+    async def _encode_at(self, req: EncodeRequest, buffers: Sequence[Any], addr: str,
+                         on_sent: Callable[[], None] | None = None) -> EncodeDone:
         item = _InFlight(req, buffers)
         self.inflight[(req.request_id, req.key)] = item
         try:
             await self._send_to(item, addr)
             timeline.mark("encode_sent", f"{req.request_id}|{req.key}")
+            if on_sent is not None:
+                on_sent()
             done = await item.future
             timeline.mark("encode_done", f"{req.request_id}|{req.key}")
             self.delivered[(req.request_id, req.key)] = item

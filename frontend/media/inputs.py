@@ -9,6 +9,7 @@ through here, except the user's own image_embeds, which ride along to the encode
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from frontend.config import FrontendConfig
@@ -51,16 +52,23 @@ class MediaInputs:
         return expand_items(self.placeholders, prompt_ids, items, param, tokenizer)
 
     async def dispatch(self, request_id: str, items: list[ResolvedItem], engine: Ready,
-                       reply_to: str) -> None:
+                       reply_to: str, sent: asyncio.Event | None = None) -> None:
         """Have every item's embedding pushed to ``engine``'s inbox (its Unix socket for an
         encoder on its machine); raises the first failure (RequestError for a bad image or a
-        uuid cache miss, EngineUnavailable)."""
+        uuid cache miss, EngineUnavailable). ``sent`` is set once every item is on its way."""
         if not items:
             return
         if self.pool is None:
             raise EngineUnavailable("this server runs no encoder workers")
         unique = {it.key: it for it in items}  # the same image twice is encoded once
-        await asyncio.gather(*(self._encode(request_id, it, engine, reply_to)
+        left = [len(unique)]
+
+        def one_sent() -> None:
+            left[0] -= 1
+            if left[0] == 0 and sent is not None:
+                sent.set()
+
+        await asyncio.gather(*(self._encode(request_id, it, engine, reply_to, one_sent)
                                for it in unique.values()))
 
     def settle(self, request_id: str) -> None:
@@ -69,7 +77,7 @@ class MediaInputs:
             self.pool.settle(request_id)
 
     async def _encode(self, request_id: str, item: ResolvedItem, engine: Ready,
-                      reply_to: str) -> None:
+                      reply_to: str, on_sent: Callable[[], None]) -> None:
         buffers: list[Any] = []
         embeds = None
         if item.embeds is not None:
@@ -85,4 +93,4 @@ class MediaInputs:
                             deliver_gpus=({engine.embed_local: engine.gpus}
                                           if engine.embed_local and engine.gpus else {}))
         assert self.pool is not None
-        await self.pool.encode(req, buffers)
+        await self.pool.encode(req, buffers, on_sent)

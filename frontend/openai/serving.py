@@ -289,8 +289,9 @@ class OpenAIServing:
             # item meanwhile and takes each embedding as it lands. No token can come before all
             # of them, so a bad item still fails the request as a plain 4xx (`_merge`).
             assert self.client.ready is not None
+            sent = asyncio.Event()
             media = asyncio.create_task(self.media.dispatch(
-                rid, items, self.client.ready, self.client.reply_to), name=f"{rid}-media")
+                rid, items, self.client.ready, self.client.reply_to, sent), name=f"{rid}-media")
             t_encode = time.perf_counter()
 
             def encoded(_: asyncio.Task) -> None:
@@ -298,6 +299,14 @@ class OpenAIServing:
 
             media.add_done_callback(encoded)
         try:
+            if media is not None:
+                # The render thread would hold the GIL while the sends wait for the loop: let
+                # them leave first (or the dispatch fail).
+                waiter = asyncio.ensure_future(sent.wait())
+                try:
+                    await asyncio.wait([waiter, media], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
             reqs = await self.run_cpu(prepare, request_template=req.chat_template is not None)
             prompt_ids = reqs[0].prompt_token_ids
             choices = [(r, SequenceState(self.tokenizer, params, prompt_ids, i, self.token_text))
