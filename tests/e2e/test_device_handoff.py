@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 
 import msgspec
@@ -86,6 +87,15 @@ def _answers(server: Server, n: int) -> list[str]:
     return out
 
 
+def _settled(server: Server, name: str) -> float:
+    """``name`` once the encoder's stats (a heartbeat, every 0.2 s) count all 4 items encoded."""
+    deadline = time.monotonic() + 10
+    while metric(server.base, 'mmserve_encoder_num_encoded{encoder="0"}') < 4:
+        assert time.monotonic() < deadline, "the encoder's stats never counted 4 items"
+        time.sleep(0.1)
+    return metric(server.base, name)
+
+
 def test_serve_on_one_gpu_hands_embeddings_over_on_the_device(tiny_llava):
     """Encoder and engine on one GPU: every image's embedding goes through the ring, and the
     answers equal those of the byte path (--encoder-device-ring-mb 0); different images give
@@ -97,8 +107,7 @@ def test_serve_on_one_gpu_hands_embeddings_over_on_the_device(tiny_llava):
         server = Server(tiny_llava, *common, "--encoder-device-ring-mb", ring, timeout=240)
         try:
             answers[ring] = _answers(server, 4)
-            handoffs[ring] = metric(server.base,
-                                    'mmserve_encoder_num_device_handoffs{encoder="0"}')
+            handoffs[ring] = _settled(server, 'mmserve_encoder_num_device_handoffs{encoder="0"}')
         finally:
             server.stop()
     assert handoffs == {"64": 4, "0": 0}
