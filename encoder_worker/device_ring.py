@@ -15,6 +15,7 @@ took longer than that to copy a slot it was sent.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import time
@@ -24,6 +25,8 @@ import torch
 
 from protocol.addresses import RING_GUARD_DIR, RING_GUARD_PREFIX
 from protocol.messages import DeviceRef
+
+log = logging.getLogger(__name__)
 
 ALIGN = 256  # slot starts: any dtype's view of the ring stays aligned
 
@@ -104,7 +107,12 @@ class DeviceRing:
 
 
 def make_ring(device: torch.device, nbytes: int) -> DeviceRing | None:
-    """The encoder's ring, or None where there is none to make (no CUDA, size 0, no /dev/shm)."""
+    """The encoder's ring, or None where there is none to make (no CUDA, size 0, no /dev/shm,
+    or a GPU that cannot share memory by CUDA IPC: then every engine gets bytes)."""
     if nbytes <= 0 or torch.device(device).type != "cuda" or not os.path.isdir(RING_GUARD_DIR):
         return None
-    return DeviceRing(device, nbytes)
+    try:
+        return DeviceRing(device, nbytes)
+    except (RuntimeError, OSError) as e:
+        log.warning("no device ring (%s): embeddings go as bytes", e)
+        return None

@@ -56,13 +56,13 @@ class DeviceInbox:
         if ref.start < 0 or off + nbytes > size or off % 256:
             raise ProtocolError(f"slot at {ref.start} ({nbytes} bytes) is not in a ring of {size}")
         ring, reserved = self._open(ref)
-        out = torch.empty(tensor.shape, dtype=dtype, device=self.device)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):  # allocated and written in our stream's order
+            out = torch.empty(tensor.shape, dtype=dtype, device=self.device)
             out.view(-1).view(torch.uint8).copy_(ring[off:off + nbytes])
         self.stream.synchronize()
         timeline.mark("slot_copied", key)
-        # Made on our stream, read on the runner's: the allocator must not reuse it for our next
-        # copy while the runner's work on it is still queued.
+        # Made on our stream, read on the runner's: the allocator must not hand its memory to
+        # our next copy while the runner's work on it is still queued.
         out.record_stream(torch.cuda.default_stream(self.device))
         if not intact(reserved[0], ref.start, size):
             raise SlotLost(f"ring slot at {ref.start} was reused before it was copied")
@@ -83,10 +83,14 @@ class DeviceInbox:
             guard = mmap.mmap(fd, 8, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        with torch.cuda.device(self.device):
-            storage = torch.UntypedStorage._new_shared_cuda(
-                self.device.index or 0, ref.handle, ref.storage_bytes, ref.storage_offset,
-                ref.ref_counter, ref.ref_counter_offset, ref.event, ref.event_sync)
+        try:
+            with torch.cuda.device(self.device):
+                storage = torch.UntypedStorage._new_shared_cuda(
+                    self.device.index or 0, ref.handle, ref.storage_bytes, ref.storage_offset,
+                    ref.ref_counter, ref.ref_counter_offset, ref.event, ref.event_sync)
+        except RuntimeError as e:  # not a handle this process can open
+            guard.close()
+            raise ProtocolError(f"cannot open the ring's CUDA IPC handle: {e}") from None
         ring = torch.empty(0, dtype=torch.uint8, device=self.device).set_(
             storage, 0, (ref.storage_bytes,), (1,))
         self._rings[ref.handle] = ring, memoryview(guard).cast("q")

@@ -119,13 +119,17 @@ class EngineIO:
                 return
             else:
                 tensor = self.device_inbox.copy(msg.device, msg.tensor, msg.key)
-        except SlotLost as e:
-            log.warning("device embedding %s: %s; waiting for its bytes", msg.key, e)
-            return
-        except ProtocolError as e:
+        except (SlotLost, ProtocolError) as e:
+            if msg.device is not None:  # its bytes follow
+                log.warning("device embedding %s not taken: %s", msg.key, e)
+                return
             log.warning("lost embedding %s: %s", msg.key, e)
+            self.inbox.put(Lost(msg.key, str(e)))
+            return
+        except Exception:
             if msg.device is None:
-                self.inbox.put(Lost(msg.key, str(e)))
+                raise
+            log.exception("device embedding %s not taken", msg.key)  # a CUDA error; bytes follow
             return
         timeline.mark("embedding_received", msg.key)
         self.inbox.put(Arrived(msg.key, tensor))
