@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -516,6 +517,9 @@ def run_engine_core(config: LLMWorkerConfig, input_addr: str, embed_addr: str | 
     Prometheus metrics there (read from the snapshot the heartbeats carry)."""
     proc = EngineCoreProc(config, input_addr, embed_addr=embed_addr,
                           debug_slow_step_s=debug_slow_step_s)
+    # SIGTERM ends the loop (within a heartbeat period, or when the step in hand is done), so
+    # the finally blocks run: the TP workers stop and the Unix socket's folder goes.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(proc, "running", False))
     if metrics_addr is not None:
         # The names live with the frontend's, so a scrape of any role reads alike.
         from frontend.role_metrics import RoleCollector, serve_role_metrics
