@@ -63,10 +63,30 @@ class RingSpace:
         return start
 
 
+def remove_stale_guards(directory: str = RING_GUARD_DIR) -> list[str]:
+    """Unlink the guards of encoders that died without closing their ring (SIGKILL): the pid in
+    their name is gone. Returns the names removed. (An encoder in another pid namespace that
+    shares this /dev/shm looks dead too: engines that open its ring later take its bytes.)"""
+    removed = []
+    for name in os.listdir(directory):
+        if not name.startswith(RING_GUARD_PREFIX):
+            continue
+        pid = name.removeprefix(RING_GUARD_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:  # another user's, or gone already
+            pass
+    return removed
+
+
 class DeviceRing:
     """The ring on ``device``, its IPC handle and its guard file."""
 
     def __init__(self, device: torch.device, nbytes: int, min_age_s: float = 1.0):
+        remove_stale_guards()
         self.device = torch.device(device)
         self.buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.space = RingSpace(nbytes, min_age_s)

@@ -3,11 +3,14 @@ that the reader's guard check never calls an overwritten slot intact."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
-from encoder_worker.device_ring import ALIGN, RingSpace
+from encoder_worker.device_ring import ALIGN, RingSpace, remove_stale_guards
 from llm_worker.device_inbox import intact
 
 
@@ -57,3 +60,13 @@ def test_guard_never_passes_an_overwritten_slot(seed):
             else:
                 failed += 1
     assert passed_intact and failed  # both sides of the check ran
+
+
+def test_guards_of_dead_encoders_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    names = [f"mmserve-ring-{dead}-7f00", f"mmserve-ring-{os.getpid()}-7f00", "other-file"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"\0" * 8)
+    assert remove_stale_guards(str(tmp_path)) == [names[0]]
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
