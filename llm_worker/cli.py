@@ -35,7 +35,7 @@ def prepare(args: argparse.Namespace) -> Callable[[], object]:
     metrics = metrics_addr(args)
 
     def run() -> None:
-        from llm_worker.engine import run_engine_core
+        from llm_worker.engine_proc import run_engine_core
 
         run_engine_core(config, args.input_addr, args.embed_addr, debug_slow_step_s=slow,
                         metrics_addr=metrics)

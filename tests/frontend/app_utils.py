@@ -18,7 +18,7 @@ from protocol.addresses import tcp
 
 def _engine_main(model: str, addr: str, kwargs: dict) -> None:
     from llm_worker.config import LLMWorkerConfig
-    from llm_worker.engine import run_engine_core
+    from llm_worker.engine_proc import run_engine_core
 
     run_engine_core(LLMWorkerConfig(model=model, **kwargs), addr)
 

@@ -11,7 +11,7 @@ import time
 import zmq
 
 from llm_worker.config import LLMWorkerConfig
-from llm_worker.engine import EngineCoreProc
+from llm_worker.engine_proc import EngineCoreProc
 from protocol.addresses import tcp
 from protocol.messages import (
     GenerateRequest,

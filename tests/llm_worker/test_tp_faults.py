@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from llm_worker.config import LLMWorkerConfig
-from llm_worker.engine import EngineCoreProc
+from llm_worker.engine_proc import EngineCoreProc
 from protocol.addresses import tcp
 from protocol.messages import (
     ErrorMsg,
