@@ -41,6 +41,17 @@ MARKER = "MMSERVE_BENCH_SHAPE.json"
 
 # -- checkpoint --------------------------------------------------------------------------------
 
+def reuse_or_clear(out: Path, marker: str, spec: dict) -> bool:
+    """True when `out` holds a finished build of `spec` (its `marker` file, written last, says
+    so); else False, with `out` made and the marker removed, so a folder left half-written is
+    rebuilt, not reused."""
+    if (out / marker).is_file() and json.loads((out / marker).read_text()) == spec:
+        return True
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).unlink(missing_ok=True)
+    return False
+
+
 def build_checkpoint(out_dir: str | os.PathLike, shape: str = "7b", device: str = "cuda",
                      std: float = 0.02, max_position_embeddings: int = 4096,
                      seed: int = 0) -> Path:
@@ -52,9 +63,8 @@ def build_checkpoint(out_dir: str | os.PathLike, shape: str = "7b", device: str 
 
     out = Path(out_dir)
     spec = dict(SHAPES[shape], std=std, max_position_embeddings=max_position_embeddings, seed=seed)
-    if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == spec:
+    if reuse_or_clear(out, MARKER, spec):
         return out
-    out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     s = SHAPES[shape]

@@ -45,6 +45,7 @@ from common import (
     env_record,
     measure_device,
     resolve_device,
+    reuse_or_clear,
     save_random_llava,
     time_ms,
     write_json,
@@ -72,9 +73,8 @@ def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std:
 
     out, s = Path(out_dir), SHAPES[shape]
     spec = dict(s, std=std, seed=seed)
-    if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == spec:
+    if reuse_or_clear(out, MARKER, spec):
         return out
-    out.mkdir(parents=True, exist_ok=True)
     vision = transformers.CLIPVisionConfig(
         hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], image_size=s["image"],

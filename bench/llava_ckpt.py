@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import save_random_llava, scratch_dir
+from common import reuse_or_clear, save_random_llava, scratch_dir
 
 SHAPES: dict[str, dict[str, int]] = {
     # llava-hf/llava-1.5-7b-hf without its vocabulary: CLIP ViT-L/14-336 + Llama-2-7B
@@ -39,10 +39,8 @@ def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std:
 
     out, s = Path(out_dir), SHAPES[shape]
     spec = dict(s, std=std, seed=seed)
-    if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == spec:
+    if reuse_or_clear(out, MARKER, spec):
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)  # a folder left half-written is rebuilt, not reused
     build_tokenizer(out, chat_template=CHATML_MM_TEMPLATE)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     vision = transformers.CLIPVisionConfig(

@@ -52,7 +52,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, env_record, resolve_device, save_random_bf16, scratch_dir, write_json
+from common import (
+    REPO,
+    env_record,
+    resolve_device,
+    reuse_or_clear,
+    save_random_bf16,
+    scratch_dir,
+    write_json,
+)
 from mm_server import served
 from qwen_tower import VISION_7B, VISION_TINY
 from ttft import (
@@ -118,10 +126,8 @@ def build_checkpoint(out_dir: str | Path, shape: str, device: torch.device, std:
     spec = dict(shape=shape, **s, std=std, seed=seed, image_processor=IMAGE_PROCESSOR,
                 video_processor=VIDEO_PROCESSOR)
     spec = json.loads(json.dumps(spec))  # as the marker reads back (lists, not tuples)
-    if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == spec:
+    if reuse_or_clear(out, MARKER, spec):
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)  # a folder left half-written is rebuilt, not reused
     build_tokenizer(out, chat_template=QWEN2_VL_TEMPLATE)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     tok.add_tokens(QWEN2_VL_TOKENS, special_tokens=True)

@@ -23,7 +23,7 @@ from collections import deque
 
 import torch
 
-from protocol.addresses import RING_GUARD_DIR, RING_GUARD_PREFIX
+from protocol.addresses import RING_GUARD_DIR, RING_GUARD_PREFIX, gpu_uuid
 from protocol.messages import DeviceRef
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class DeviceRing:
         self.device = torch.device(device)
         self.buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.space = RingSpace(nbytes, min_age_s)
-        self.gpu = str(torch.cuda.get_device_properties(self.device).uuid)
+        self.gpu = gpu_uuid(self.device)
         (dev, handle, size, offset, ref_counter, ref_offset, event,
          event_sync) = self.buf.untyped_storage()._share_cuda_()
         self._share = dict(device=dev, handle=handle, storage_bytes=size, storage_offset=offset,

@@ -32,7 +32,7 @@ from encoder_worker.registry_client import FLUSH_S, Membership
 from encoder_worker.store import EmbeddingStore
 from protocol import timeline
 from protocol.addresses import host_id, local_inbox_path
-from protocol.codec import tensor_ref
+from protocol.codec import describe, tensor_ref
 from protocol.messages import (
     BucketCounts,
     DeviceRef,
@@ -42,7 +42,6 @@ from protocol.messages import (
     EncoderHeartbeat,
     EncoderStats,
     Shutdown,
-    TensorRef,
 )
 from protocol.registry import ItemFound, ItemLookup
 
@@ -291,7 +290,7 @@ class EncoderProc:
             return
         torch.cuda.current_stream(self.ring.device).synchronize()  # the slots are written
         for key, out, ref, dests in slots:
-            tensor = TensorRef(str(out.dtype).removeprefix("torch."), list(out.shape), frame=0)
+            tensor = describe(out, frame=0)  # no frame: the slot holds the bytes
             for dest in dests:
                 self.io.send(dest, Embedding(key, tensor, meta={}, device=ref))
             self.stats.num_device_handoffs += len(dests)

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 
 from protocol import timeline
-from protocol.addresses import RING_GUARD_DIR, RING_GUARD_PREFIX
+from protocol.addresses import RING_GUARD_DIR, RING_GUARD_PREFIX, gpu_uuid
 from protocol.codec import ProtocolError, check_tensor_ref
 from protocol.messages import DeviceRef, TensorRef
 
@@ -32,10 +32,6 @@ def intact(reserved: int, start: int, ring_bytes: int) -> bool:
     given the bytes ``reserved`` so far: a write reuses position p only once it reserves past
     p + ring_bytes."""
     return reserved <= start + ring_bytes
-
-
-def gpu_uuid(device: torch.device) -> str:
-    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 class DeviceInbox:

@@ -34,6 +34,14 @@ def host_id() -> str:
         return ""
 
 
+def gpu_uuid(device) -> str:
+    """The UUID of a CUDA device: processes that name the same one share that GPU, whatever
+    CUDA_VISIBLE_DEVICES numbers it in each (the device handoff's routing)."""
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 def private_ipc(name: str) -> tuple[str, str]:
     """(ipc:// address, folder) of a Unix socket in a new folder only this user can enter."""
     folder = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700

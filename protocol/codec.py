@@ -59,13 +59,19 @@ def tensor_ref(tensor: Any, frame: int) -> tuple[TensorRef, memoryview]:
     import torch
 
     tensor = tensor.detach().contiguous()
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if dtype not in _DTYPES:
-        raise ProtocolError(f"unsupported tensor dtype {dtype}")
+    ref = describe(tensor, frame)
     # bfloat16 has no buffer-protocol format: ship the raw bytes as uint8.
     raw = tensor.view(torch.uint8) if tensor.dtype == torch.bfloat16 else tensor
     buf = memoryview(raw.numpy()).cast("B") if raw.numel() else memoryview(b"")
-    return TensorRef(dtype=dtype, shape=list(tensor.shape), frame=frame), buf
+    return ref, buf
+
+
+def describe(tensor: Any, frame: int) -> TensorRef:
+    """The ref of a torch tensor (any device) as frame ``frame``, without its bytes."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise ProtocolError(f"unsupported tensor dtype {dtype}")
+    return TensorRef(dtype=dtype, shape=list(tensor.shape), frame=frame)
 
 
 def tensor_frames(tensors: Mapping[str, Any], frames: list[Any],
@@ -77,8 +83,7 @@ def tensor_frames(tensors: Mapping[str, Any], frames: list[Any],
     refs = {}
     for key, tensor in tensors.items():
         if device and tensor.device.type != "cpu":
-            refs[key] = TensorRef(dtype=str(tensor.dtype).removeprefix("torch."),
-                                  shape=list(tensor.shape), frame=2 + len(frames))
+            refs[key] = describe(tensor, 2 + len(frames))
             frames.append(tensor)
             continue
         refs[key], buf = tensor_ref(tensor, 2 + len(frames))
